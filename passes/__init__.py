@@ -1,0 +1,1 @@
+"""Graph passes of s2h-fx (installed as ``s2h_fx.passes``)."""

@@ -1,0 +1,1 @@
+"""s2h-fx: S2HPruner as a torch.fx compiler pass."""
