@@ -1,0 +1,218 @@
+"""Pass 2: find the groups of channels that must be pruned together.
+
+Reads: ``node.meta["tensor_meta"]`` (from trace_model).
+Writes: ``node.meta[S2H_LAYOUT]`` (which channel ids each tensor carries) and
+``node.meta[S2H_FLOP_REFS]`` (which axis sizes a node's FLOPs scale with).
+Returns: a frozen :class:`GroupingResult`; the graph itself is not changed.
+
+Every op is handled by a coupling rule (``s2h_fx.rules``). Coupled ids form
+classes (union-find); classes linked by a producer or by a block constraint
+form channel groups (``networkx`` connected components). A group is frozen,
+with reasons, when it reaches a model output, touches an op without a rule,
+or is used in a way its channels cannot all follow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import networkx as nx
+import numpy as np
+from torch import fx
+
+from s2h_fx.channels import (
+    S2H_LAYOUT,
+    ChannelGroup,
+    ChannelLayout,
+    Factor,
+    FreezeReason,
+    GroupingResult,
+    SlotKey,
+    SpaceKind,
+)
+from s2h_fx.errors import UnsupportedOpError
+from s2h_fx.rules import RuleContext, lookup_rule
+from s2h_fx.rules.base import _get_attr, describe, iter_layouts
+
+log = logging.getLogger(__name__)
+
+S2H_FLOP_REFS = "s2h_flop_refs"
+
+
+def find_channel_groups(
+    gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False
+) -> GroupingResult:
+    ctx = RuleContext(gm)
+    for node in gm.graph.nodes:
+        node.meta[S2H_LAYOUT] = _visit(ctx, node)
+        node.meta[S2H_FLOP_REFS] = ctx.flop_refs.get(node.name, None)
+    if ctx.unknown:
+        msg = "ops without a coupling rule (their channels are kept whole): " + "; ".join(
+            ctx.unknown
+        )
+        if strict:
+            raise UnsupportedOpError(msg + ". Register a rule with s2h_fx.register_rule.")
+        log.warning(msg)
+    return _build_groups(ctx, gm, divisor)
+
+
+def _visit(ctx: RuleContext, node: fx.Node) -> Any:
+    if node.op == "placeholder":
+        return ctx.blank(node)
+    if node.op == "get_attr":
+        return _attr_layout(ctx, node)
+    if node.op == "output":
+        for arg in node.all_input_nodes:
+            ctx.freeze_layout(arg.meta.get(S2H_LAYOUT), FreezeReason.MODEL_OUTPUT, node)
+        return None
+    rule = lookup_rule(ctx.gm, node)
+    labeled = any(
+        lay.factors for a in node.all_input_nodes for lay in iter_layouts(a.meta.get(S2H_LAYOUT))
+    )
+    if rule is not None:
+        try:
+            return rule(ctx, node)
+        except Exception as exc:  # a rule that cannot read this call is an unknown op
+            log.debug("rule for %s failed: %s", node.format_node(), exc)
+            reason = f"{describe(node)} (rule failed: {exc})"
+    else:
+        reason = describe(node)
+    if labeled:
+        ctx.unknown.append(reason)
+        for a in node.all_input_nodes:
+            ctx.freeze_layout(a.meta.get(S2H_LAYOUT), FreezeReason.UNKNOWN_OP, node)
+    return ctx.blank(node)
+
+
+def _attr_layout(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    tensor = _get_attr(ctx.gm, str(node.target))
+    shape = getattr(tensor, "shape", None)
+    if shape is None:
+        return None
+    factors = tuple(
+        Factor((axis,), ctx.param_ids(str(node.target), axis))
+        for axis, size in enumerate(shape)
+        if size > 1
+    )
+    return ChannelLayout(len(shape), factors)
+
+
+def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> GroupingResult:
+    n = ctx.num_ids
+    root = np.fromiter((ctx.uf[i] for i in range(n)), dtype=np.int64, count=n)
+    space_of = np.repeat(np.arange(len(ctx.spaces)), [s.size for s in ctx.spaces])
+    link = nx.Graph()
+    link.add_nodes_from(np.unique(root).tolist())
+    for s in ctx.spaces:
+        if s.kind is SpaceKind.PRODUCER:
+            nx.add_path(link, np.unique(root[s.offset : s.offset + s.size]).tolist())
+    for blk in ctx.blocks:
+        nx.add_path(link, np.unique(root[blk]).tolist())
+    producer_spaces = {s.index for s in ctx.spaces if s.kind is SpaceKind.PRODUCER}
+    comps = []
+    for comp in nx.connected_components(link):
+        roots = np.array(sorted(comp), dtype=np.int64)
+        in_group = np.isin(root, roots)
+        spaces = np.unique(space_of[in_group])
+        if producer_spaces.intersection(spaces.tolist()):
+            comps.append((int(np.flatnonzero(in_group)[0]), roots))
+    comps.sort()
+    group_of = np.full(n, -1, dtype=np.int64)
+    class_of = np.full(n, -1, dtype=np.int64)
+    reasons: dict[int, list[str]] = defaultdict(list)
+    sizes, atoms = [], []
+    for gi, (_, roots) in enumerate(comps):
+        ids = np.flatnonzero(np.isin(root, roots))
+        # classes in order of first appearance
+        _, first = np.unique(root[ids], return_index=True)
+        ordered = root[ids][np.sort(first)]
+        cls_index = {int(r): k for k, r in enumerate(ordered.tolist())}
+        group_of[ids] = gi
+        class_of[ids] = [cls_index[int(r)] for r in root[ids].tolist()]
+        sizes.append(len(ordered))
+        atoms.append(_atom_size(ctx, root, cls_index, reasons[gi]))
+    for ids, why in ctx.frozen:
+        for g in np.unique(group_of[ids]).tolist():
+            if g >= 0:
+                reasons[g].append(why)
+    _check_uniform(ctx, gm, group_of, class_of, sizes, reasons)
+    groups = []
+    for gi in range(len(comps)):
+        d = _divisor(sizes[gi], atoms[gi], divisor)
+        why = list(dict.fromkeys(reasons[gi]))
+        if not why and sizes[gi] // d < 2:
+            why = [FreezeReason.TOO_SMALL.value + f" ({d})"]
+        members = _members(ctx, group_of, gi)
+        prods = tuple(k for k in ctx.producers if group_of[ctx.slots[k][0]] == gi)
+        groups.append(ChannelGroup(gi, sizes[gi], d, atoms[gi], members, prods, tuple(why)))
+    keep = np.array([g.prunable for g in groups] + [False], dtype=bool)
+    group_of = np.where(keep[group_of], group_of, -1)
+    class_of = np.where(group_of >= 0, class_of, -1)
+    return GroupingResult(
+        tuple(groups), tuple(ctx.spaces), dict(ctx.slots), group_of, class_of,
+        tuple(dict.fromkeys(ctx.unknown)),
+    )
+
+
+def _atom_size(ctx: RuleContext, root: np.ndarray, cls: dict[int, int], why: list[str]) -> int:
+    uf = nx.utils.UnionFind(cls.keys())
+    for blk in ctx.blocks:
+        rs = [int(r) for r in np.unique(root[blk]).tolist()]
+        if rs[0] in cls:
+            uf.union(*rs)
+    sizes = {len(s) for s in uf.to_sets()}
+    if len(sizes) > 1:
+        why.append(FreezeReason.NON_UNIFORM.value + " (blocks of unequal size)")
+        return 1
+    return sizes.pop() if sizes else 1
+
+
+def _divisor(size: int, atom: int, default: int) -> int:
+    units = size // atom
+    d = max(1, default // atom)
+    while units % d:
+        d -= 1
+    return d * atom
+
+
+def _check_uniform(
+    ctx: RuleContext, gm: fx.GraphModule, group_of: np.ndarray, class_of: np.ndarray,
+    sizes: list[int], reasons: dict[int, list[str]],
+) -> None:
+    """Every space and every tensor axis must use all channels of a group equally often."""
+    arrays: list[tuple[np.ndarray, str]] = [
+        (np.arange(s.offset, s.offset + s.size), s.name) for s in ctx.spaces
+    ]
+    for node in gm.graph.nodes:
+        for lay in iter_layouts(node.meta.get(S2H_LAYOUT)):
+            arrays.extend((f.ids.ravel(), node.name) for f in lay.factors)
+    for ids, where in arrays:
+        g = group_of[ids]
+        for gi in np.unique(g[g >= 0]).tolist():
+            counts = np.bincount(class_of[ids[g == gi]], minlength=sizes[gi])
+            if counts.min() != counts.max():
+                reasons[gi].append(f"{FreezeReason.PARTIAL_USE.value} at {where}")
+
+
+def _members(ctx: RuleContext, group_of: np.ndarray, gi: int) -> tuple[str, ...]:
+    names = []
+    for (path, axis), ids in ctx.slots.items():
+        if group_of[ids[0]] != gi:
+            continue
+        owner, _, param = path.rpartition(".")
+        if (path, axis) in ctx.producers:
+            names.append(f"{owner or path}:out")
+        elif param == "bias" and (f"{owner}.weight", 0) in ctx.producers:
+            continue
+        elif param == "weight" and axis == 1 and owner:
+            names.append(f"{owner}:in")
+        else:
+            names.append(owner or path)
+    return tuple(dict.fromkeys(names))
+
+
+def slot_keys(result: GroupingResult) -> list[SlotKey]:
+    return sorted(result.slots)
+

@@ -1,0 +1,115 @@
+"""Pass 1: trace a model with torch.fx and propagate shapes and FLOPs.
+
+Reads: an ``nn.Module`` (or an already traced ``GraphModule``) and example inputs.
+Writes: ``node.meta["tensor_meta"]`` (torch.fx ShapeProp) and
+``node.meta[S2H_FLOPS]``, the FLOPs that ``torch.utils.flop_counter`` counts for
+that node on the example inputs.
+Postcondition: every node ran once on the example inputs; the graph is linted.
+Running it twice on its own output changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
+
+from s2h_fx.channels import S2H_FLOPS
+from s2h_fx.errors import InputError, TraceError
+
+
+class _FlopShapeProp(ShapeProp):
+    """ShapeProp that also records each node's flop_counter FLOPs."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        counter = FlopCounterMode(display=False)
+        try:
+            with counter:
+                result = super().run_node(n)
+        except Exception as exc:  # name the node and the user's line
+            raise InputError(
+                f"running the traced graph on the example inputs failed at node "
+                f"{n.format_node()}{_user_line(n)}: {type(exc).__name__}: {exc}. "
+                "Check that example_inputs have the shapes and dtypes the model expects."
+            ) from exc
+        n.meta[S2H_FLOPS] = float(counter.get_total_flops())
+        return result
+
+
+def _user_line(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
+    return f" ({lines[-1]})" if lines else ""
+
+
+def _source_of_failure(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename and "/s2h_fx/" not in f.filename
+            and "/passes/" not in f.filename]
+    if not user:
+        return ""
+    f = user[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}: {f.line}'
+
+
+def trace_model(
+    model: nn.Module, example_inputs: tuple[Any, ...], *, concrete_args: dict[str, Any] | None = None
+) -> fx.GraphModule:
+    """Trace ``model`` (a copy; the user's model is not touched) and propagate shapes.
+
+    The model is traced in eval mode so that training-only branches (auxiliary
+    heads) are left out; standard ``torch.nn`` layers stay ``call_module`` leaves.
+    """
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        raise InputError(
+            "example_inputs is required: a non-empty tuple of tensors the model is called "
+            "with, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
+        )
+    if isinstance(model, fx.GraphModule):
+        gm = copy.deepcopy(model)
+    else:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+        work = copy.deepcopy(model)
+        was_training = work.training
+        work.eval()
+        try:
+            gm = fx.symbolic_trace(work, concrete_args=concrete_args)
+        except Exception as exc:
+            where = _source_of_failure(exc)
+            raise TraceError(
+                f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
+                + (f"\n  at {where}" if where else "")
+                + "\n  Data-dependent control flow or calls that fx cannot record stop tracing. "
+                "Mark the offending submodule as a leaf (a call_module node), wrap the function "
+                "with torch.fx.wrap, or pass concrete_args for Python-valued arguments."
+            ) from exc
+        gm.train(was_training)
+    propagate(gm, example_inputs)
+    return gm
+
+
+@torch.no_grad()
+def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
+    """(Re)run shape and FLOPs propagation in eval mode, restoring the training flag."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) > len(placeholders):
+        raise InputError(
+            f"{len(example_inputs)} example inputs given but the model takes "
+            f"{len(placeholders)} positional inputs"
+        )
+    was_training = gm.training
+    gm.eval()
+    try:
+        _FlopShapeProp(gm).propagate(*example_inputs)
+    finally:
+        gm.train(was_training)
+    gm.graph.lint()
+    return gm

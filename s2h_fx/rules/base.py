@@ -1,0 +1,213 @@
+"""The coupling-rule registry and the context that rules write into.
+
+A *rule* says how one op moves channel ids from its inputs to its output and
+which ids it couples. Rules are looked up by module type (``call_module``),
+by function (``call_function``) or by method name (``call_method``). Users add
+rules for their own layers with :func:`register_rule`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Union
+
+import numpy as np
+import torch
+from networkx.utils import UnionFind
+from torch import fx, nn
+
+from s2h_fx.channels import (
+    S2H_LAYOUT,
+    ChannelLayout,
+    ChannelSpace,
+    Factor,
+    FreezeReason,
+    SlotKey,
+    SpaceKind,
+)
+
+log = logging.getLogger(__name__)
+
+LayoutValue = Union[ChannelLayout, tuple[Any, ...], None]
+Rule = Callable[["RuleContext", fx.Node], LayoutValue]
+
+MODULE_RULES: dict[type, Rule] = {}
+FUNCTION_RULES: dict[Any, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
+    """Register a coupling rule for module types, functions or method names.
+
+    >>> @register_rule(MyLayer)
+    ... def my_layer(ctx, node): ...
+    """
+
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            if isinstance(t, str):
+                METHOD_RULES[t] = fn
+            elif isinstance(t, type) and issubclass(t, nn.Module):
+                MODULE_RULES[t] = fn
+            else:
+                FUNCTION_RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def lookup_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        for cls in type(mod).__mro__:
+            if cls in MODULE_RULES:
+                return MODULE_RULES[cls]
+        return None
+    if node.op == "call_function":
+        try:
+            return FUNCTION_RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return METHOD_RULES.get(str(node.target))
+    return None
+
+
+def describe(node: fx.Node) -> str:
+    """Short human name of a node and its target, for reasons and errors."""
+    tgt = node.target
+    name = getattr(tgt, "__name__", None) or str(tgt)
+    if node.op == "call_module":
+        return f"{node.name} (module {tgt})"
+    if node.op == "call_method":
+        return f"{node.name} (.{name}())"
+    return f"{node.name} ({name})"
+
+
+class RuleContext:
+    """Mutable state of one channel-dependency analysis (owned by the pass)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.spaces: list[ChannelSpace] = []
+        self.num_ids = 0
+        self.uf = UnionFind()
+        self.slots: dict[SlotKey, np.ndarray] = {}
+        self.producers: list[SlotKey] = []
+        self.frozen: list[tuple[np.ndarray, str]] = []
+        self.blocks: list[np.ndarray] = []  # each array: ids kept or dropped together
+        self.unknown: list[str] = []
+        self.flop_refs: dict[str, tuple[tuple[Factor, int], ...]] = {}
+        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+
+    # ---- reading the graph -------------------------------------------------
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(str(node.target))
+
+    def layout(self, arg: Any) -> ChannelLayout | None:
+        """Layout of a tensor argument; None for non-tensors."""
+        if isinstance(arg, fx.Node):
+            val = arg.meta.get(S2H_LAYOUT)
+            return val if isinstance(val, ChannelLayout) else None
+        return None
+
+    def shape(self, arg: Any) -> tuple[int, ...] | None:
+        if not isinstance(arg, fx.Node):
+            return None
+        tm = arg.meta.get("tensor_meta")
+        shp = getattr(tm, "shape", None)
+        return tuple(int(s) for s in shp) if shp is not None else None
+
+    def blank(self, node: fx.Node) -> LayoutValue:
+        """A layout with no channel labels matching the node's output structure."""
+        return _blank(node.meta.get("tensor_meta"))
+
+    def arg(self, node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+        if len(node.args) > index:
+            return node.args[index]
+        return node.kwargs.get(name, default)
+
+    # ---- writing ---------------------------------------------------------
+    def new_space(self, name: str, size: int, kind: SpaceKind) -> np.ndarray:
+        space = ChannelSpace(len(self.spaces), name, size, self.num_ids, kind)
+        self.spaces.append(space)
+        self.num_ids += size
+        return np.arange(space.offset, space.offset + size, dtype=np.int64)
+
+    def param_ids(self, path: str, axis: int, producer: bool = False) -> np.ndarray:
+        """Ids of one axis of a parameter or buffer; created on first use."""
+        key = (path, axis)
+        if key not in self.slots:
+            tensor = _get_attr(self.gm, path)
+            kind = SpaceKind.PRODUCER if producer else SpaceKind.PARAMETER
+            self.slots[key] = self.new_space(f"{path}[{axis}]", int(tensor.shape[axis]), kind)
+        if producer and key not in self.producers:
+            self.producers.append(key)
+        return self.slots[key]
+
+    def couple(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Make ``a[i]`` and ``b[i]`` the same channel, position by position."""
+        if a.shape != b.shape:
+            raise ValueError(f"cannot couple ids of shapes {a.shape} and {b.shape}")
+        self._edges.append((a.ravel(), b.ravel()))
+        for x, y in zip(a.ravel().tolist(), b.ravel().tolist()):
+            if x != y:
+                self.uf.union(x, y)
+
+    def freeze(self, ids: np.ndarray, reason: FreezeReason, node: fx.Node | None) -> None:
+        if ids.size == 0:
+            return
+        where = f" at {describe(node)}" if node is not None else ""
+        self.frozen.append((ids.ravel(), reason.value + where))
+
+    def freeze_layout(self, layout: LayoutValue, reason: FreezeReason, node: fx.Node) -> None:
+        for lay in iter_layouts(layout):
+            self.freeze(lay.all_ids(), reason, node)
+
+    def block(self, ids: np.ndarray) -> None:
+        """The given ids are kept or dropped as one unit."""
+        if ids.size > 1:
+            self.blocks.append(ids.ravel())
+
+    def flops(self, node: fx.Node, refs: Iterable[tuple[ChannelLayout | None, int]]) -> None:
+        """Declare that the node's FLOPs scale with the sizes of these (layout, axis) pairs."""
+        out = []
+        for lay, axis in refs:
+            f = lay.factor_at(axis) if lay is not None else None
+            if f is not None:
+                out.append((f, f.axes.index(axis)))
+        self.flop_refs[node.name] = tuple(out)
+
+
+def _get_attr(gm: nn.Module, path: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _blank(meta: Any) -> LayoutValue:
+    if meta is None:
+        return None
+    if hasattr(meta, "shape") and hasattr(meta, "dtype"):
+        return ChannelLayout(len(meta.shape))
+    if isinstance(meta, (list, tuple)):
+        return tuple(_blank(m) for m in meta)
+    if isinstance(meta, dict):
+        return tuple(_blank(m) for m in meta.values())
+    return None
+
+
+def iter_layouts(value: Any) -> Iterable[ChannelLayout]:
+    """All ChannelLayouts inside a (nested) layout value."""
+    if isinstance(value, ChannelLayout):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from iter_layouts(v)
+
+
+def node_inputs(node: fx.Node) -> list[fx.Node]:
+    return [n for n in itertools.chain(node.all_input_nodes)]

@@ -1,0 +1,179 @@
+"""Rules for ops that keep channels where they are: activations, pooling,
+element-wise arithmetic (which couples channels), reductions and softmax."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
+from s2h_fx.rules.base import RuleContext, register_rule
+
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ConstantPad2d,
+)
+
+_POINTWISE_FUNCTIONS: list[Any] = [
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.hardswish, F.hardsigmoid, F.leaky_relu,
+    F.elu, F.selu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate, F.pad,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp,
+    operator.neg, operator.pos, torch.nn.functional.relu_, torch.square, torch.sqrt,
+]
+_POINTWISE_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp",
+    "clamp_", "contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type",
+    "type_as", "detach", "square", "sqrt", "hardswish", "hardsigmoid", "softplus",
+]
+
+try:  # torchvision's stochastic depth multiplies by a per-sample scalar
+    from torchvision.ops import stochastic_depth
+
+    _POINTWISE_FUNCTIONS.append(stochastic_depth)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@register_rule(*_ACTIVATION_MODULES, *_POINTWISE_FUNCTIONS, *_POINTWISE_METHODS)
+def pointwise(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """Channels stay on their axes; other axes may change size (pooling, padding)."""
+    src = node.args[0] if node.args else None
+    lay = ctx.layout(src)
+    out_shape = ctx.shape(node)
+    if lay is None or out_shape is None:
+        return ctx.blank(node)  # type: ignore[return-value]
+    in_shape = ctx.shape(src)
+    assert in_shape is not None
+    kept = []
+    for f in lay.factors:
+        if len(out_shape) == len(in_shape) and all(out_shape[a] == in_shape[a] for a in f.axes):
+            kept.append(f)
+        else:
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+    return ChannelLayout(len(out_shape), tuple(kept))
+
+
+def join(
+    ctx: RuleContext,
+    node: fx.Node,
+    operands: list[tuple[ChannelLayout, tuple[int, ...]]],
+    out_shape: tuple[int, ...],
+) -> tuple[Factor, ...]:
+    """Broadcast operands to ``out_shape``; couple factors that meet on the same axes.
+
+    Returns the output's factors. Factors meeting a full-size operand whose channels
+    are not tracked are frozen, as are factors that overlap on different axes.
+    """
+    nd = len(out_shape)
+    shifted: list[tuple[list[Factor], tuple[int, ...]]] = []
+    for lay, shp in operands:
+        off = nd - len(shp)
+        fs = [Factor(tuple(a + off for a in f.axes), f.ids) for f in lay.factors]
+        full = tuple(1 if k < off else shp[k - off] for k in range(nd))
+        shifted.append((fs, full))
+    out: list[Factor] = []
+    for i, (fs, _) in enumerate(shifted):
+        for f in fs:
+            ok = True
+            for j, (gs, full) in enumerate(shifted):
+                if j == i:
+                    continue
+                same = [g for g in gs if g.axes == f.axes]
+                clash = [g for g in gs if g.axes != f.axes and set(g.axes) & set(f.axes)]
+                if same:
+                    if j > i:
+                        ctx.couple(f.ids, same[0].ids)
+                elif clash:
+                    for g in clash:
+                        ctx.freeze(g.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+                    ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+                    ok = False
+                elif any(full[a] == out_shape[a] and out_shape[a] > 1 for a in f.axes):
+                    ctx.freeze(f.ids, FreezeReason.UNTRACKED_OPERAND, node)
+            taken = {a for g in out for a in g.axes}
+            if ok and not (set(f.axes) & taken) and all(
+                out_shape[a] == f.ids.shape[k] for k, a in enumerate(f.axes)
+            ):
+                out.append(f)
+    return tuple(out)
+
+
+def _tensor_operands(ctx: RuleContext, node: fx.Node) -> list[tuple[ChannelLayout, tuple[int, ...]]]:
+    ops = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        lay, shp = ctx.layout(a), ctx.shape(a)
+        if lay is not None and shp is not None:
+            ops.append((lay, shp))
+    return ops
+
+
+@register_rule(
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
+    operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    torch.maximum, torch.minimum, torch.where,
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum",
+)
+def elementwise(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    out_shape = ctx.shape(node)
+    if out_shape is None:
+        return None
+    return ChannelLayout(len(out_shape), join(ctx, node, _tensor_operands(ctx, node), out_shape))
+
+
+def _dims(arg: Any, ndim: int) -> tuple[int, ...] | None:
+    if arg is None:
+        return None
+    if isinstance(arg, int):
+        arg = (arg,)
+    return tuple(sorted(d % ndim for d in arg))
+
+
+@register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+def reduction(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    src = node.args[0]
+    lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
+    if lay is None or shp is None or out_shape is None:
+        return ctx.blank(node)  # type: ignore[return-value]
+    dims = _dims(ctx.arg(node, 1, "dim"), len(shp))
+    if dims is None:
+        dims = tuple(range(len(shp)))
+    keep = bool(ctx.arg(node, 2, "keepdim", False))
+    out = []
+    for f in lay.factors:
+        if set(f.axes) & set(dims):
+            ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
+            continue
+        axes = f.axes if keep else tuple(a - sum(d < a for d in dims) for a in f.axes)
+        out.append(Factor(axes, f.ids))
+    return ChannelLayout(len(out_shape), tuple(out))
+
+
+@register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, "softmax",
+               "log_softmax")
+def softmax(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    src = node.args[0]
+    lay, shp = ctx.layout(src), ctx.shape(src)
+    if lay is None or shp is None:
+        return ctx.blank(node)  # type: ignore[return-value]
+    if node.op == "call_module":
+        dim = ctx.module(node).dim  # type: ignore[union-attr]
+    else:
+        dim = ctx.arg(node, 1, "dim")
+    dim = len(shp) - 1 if dim is None else int(dim) % len(shp)
+    f = lay.factor_at(dim)
+    if f is not None:
+        ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
+    return ChannelLayout(len(shp), lay.factors)
+

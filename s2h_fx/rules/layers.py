@@ -1,0 +1,290 @@
+"""Rules for layers with weights: convolutions, linear, embedding, normalisation,
+PReLU, as modules and as functions over bare parameters (``F.conv2d(x, self.w)``)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch.nn.functional as F
+from torch import fx, nn
+
+from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
+from s2h_fx.rules.base import LayoutValue, RuleContext, register_rule
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NORM_C = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+           nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _single(ctx: RuleContext, node: fx.Node, lay: ChannelLayout | None, axis: int) -> Factor | None:
+    """The factor on ``axis`` if it lies on that axis alone; others are frozen."""
+    if lay is None:
+        return None
+    f = lay.factor_at(axis)
+    if f is not None and f.axes != (axis,):
+        ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+        return None
+    return f
+
+
+def _rest(lay: ChannelLayout | None, axis: int) -> tuple[Factor, ...]:
+    return () if lay is None else tuple(f for f in lay.factors if axis not in f.axes)
+
+
+def conv_like(
+    ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None,
+    groups: int, transposed: bool = False,
+) -> ChannelLayout | None:
+    """Shared logic of convolutions given the qualified names of weight and bias."""
+    lay, out_shape = ctx.layout(x), ctx.shape(node)
+    if out_shape is None:
+        return None
+    fin = _single(ctx, node, lay, 1)
+    for f in _rest(lay, 1):
+        ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+    in_axis, out_axis = (0, 1) if transposed else (1, 0)
+    out = ctx.param_ids(weight, out_axis, producer=True)
+    if bias is not None:
+        ctx.couple(ctx.param_ids(bias, 0), out)
+    if groups == 1:
+        if fin is not None:
+            ctx.couple(ctx.param_ids(weight, in_axis), fin.ids)
+    elif transposed:
+        ctx.freeze(out, FreezeReason.GROUPED_CONV, node)
+        if fin is not None:
+            ctx.freeze(fin.ids, FreezeReason.GROUPED_CONV, node)
+    else:
+        cin = int(ctx.shape(x)[1])  # type: ignore[index]
+        kin, kout = cin // groups, out.size // groups
+        if kin != kout or fin is None:
+            reason = FreezeReason.GROUPED_CONV if fin is not None else FreezeReason.UNTRACKED_OPERAND
+            ctx.freeze(out, reason, node)
+            if fin is not None:
+                ctx.freeze(fin.ids, reason, node)
+        else:
+            ctx.couple(fin.ids, out)
+            for j in range(groups):
+                ctx.block(out[j * kout : (j + 1) * kout])
+    res = ChannelLayout(len(out_shape), (Factor((1,), out),))
+    refs = [(res, a) for a in range(len(out_shape))]
+    if groups == 1:
+        refs.append((lay, 1))  # type: ignore[arg-type]
+    ctx.flops(node, refs)
+    return res
+
+
+@register_rule(*_CONV, *_CONV_T)
+def conv_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    m = ctx.module(node)
+    t = str(node.target)
+    bias = f"{t}.bias" if getattr(m, "bias", None) is not None else None
+    return conv_like(ctx, node, node.args[0], f"{t}.weight", bias, int(m.groups),  # type: ignore[arg-type]
+                     transposed=isinstance(m, _CONV_T))
+
+
+def _attr_path(arg: Any) -> str | None:
+    return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+
+
+@register_rule(F.conv1d, F.conv2d, F.conv3d)
+def conv_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    w, b = _attr_path(ctx.arg(node, 1, "weight")), ctx.arg(node, 2, "bias")
+    groups = int(ctx.arg(node, 6, "groups", 1))
+    if w is None or (b is not None and _attr_path(b) is None):
+        return unknown_weights(ctx, node)
+    return conv_like(ctx, node, node.args[0], w, _attr_path(b), groups)
+
+
+def unknown_weights(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """A weighted op whose weights are computed in the graph: keep everything it touches."""
+    for a in node.all_input_nodes:
+        ctx.freeze_layout(a.meta.get("s2h_layout"), FreezeReason.UNKNOWN_OP, node)
+    ctx.unknown.append(f"{node.name}: weights computed in the graph")
+    return ctx.blank(node)
+
+
+def linear_like(
+    ctx: RuleContext, node: fx.Node, x: Any, weight: str, bias: str | None
+) -> LayoutValue:
+    lay, out_shape = ctx.layout(x), ctx.shape(node)
+    if out_shape is None or lay is None:
+        return ctx.blank(node)
+    last = lay.ndim - 1
+    fin = _single(ctx, node, lay, last)
+    out = ctx.param_ids(weight, 0, producer=True)
+    if bias is not None:
+        ctx.couple(ctx.param_ids(bias, 0), out)
+    if fin is not None:
+        ctx.couple(ctx.param_ids(weight, 1), fin.ids)
+    res = ChannelLayout(len(out_shape), _rest(lay, last) + (Factor((last,), out),))
+    ctx.flops(node, [(res, a) for a in range(len(out_shape))] + [(lay, last)])
+    return res
+
+
+@register_rule(nn.Linear)
+def linear_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    m, t = ctx.module(node), str(node.target)
+    bias = f"{t}.bias" if m.bias is not None else None  # type: ignore[union-attr]
+    return linear_like(ctx, node, node.args[0], f"{t}.weight", bias)
+
+
+@register_rule(F.linear)
+def linear_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    w, b = _attr_path(ctx.arg(node, 1, "weight")), ctx.arg(node, 2, "bias")
+    if w is None or (b is not None and _attr_path(b) is None):
+        return unknown_weights(ctx, node)
+    return linear_like(ctx, node, node.args[0], w, _attr_path(b))
+
+
+@register_rule(nn.Embedding)
+def embedding(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    out_shape = ctx.shape(node)
+    if out_shape is None:
+        return None
+    lay = ctx.layout(node.args[0])
+    if lay is not None:
+        ctx.freeze_layout(lay, FreezeReason.CHANNEL_INDEXING, node)
+    out = ctx.param_ids(f"{node.target}.weight", 1, producer=True)
+    return ChannelLayout(len(out_shape), (Factor((len(out_shape) - 1,), out),))
+
+
+def per_channel_params(
+    ctx: RuleContext, node: fx.Node, x: Any, axis: int, params: list[str], block: int = 1
+) -> LayoutValue:
+    """Parameters of shape (C,) that follow the channels on ``axis`` of ``x``."""
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.blank(node)
+    axis = axis % lay.ndim
+    f = _single(ctx, node, lay, axis)
+    if f is not None:
+        for p in params:
+            ctx.couple(ctx.param_ids(p, 0), f.ids)
+        if block > 1:
+            for j in range(0, f.ids.size, block):
+                ctx.block(f.ids[j : j + block])
+    return ChannelLayout(lay.ndim, tuple(g for g in lay.factors if g is f or axis not in g.axes))
+
+
+def _present(ctx: RuleContext, node: fx.Node, names: list[str]) -> list[str]:
+    m = ctx.module(node)
+    return [f"{node.target}.{n}" for n in names if getattr(m, n, None) is not None]
+
+
+@register_rule(*_NORM_C)
+def batch_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    names = _present(ctx, node, ["weight", "bias", "running_mean", "running_var"])
+    return per_channel_params(ctx, node, node.args[0], 1, names)
+
+
+@register_rule(nn.GroupNorm)
+def group_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    m = ctx.module(node)
+    names = _present(ctx, node, ["weight", "bias"])
+    k = m.num_channels // m.num_groups  # type: ignore[operator]
+    return per_channel_params(ctx, node, node.args[0], 1, names, block=k)
+
+
+@register_rule(nn.PReLU)
+def prelu_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    m = ctx.module(node)
+    names = _present(ctx, node, ["weight"]) if m.num_parameters > 1 else []  # type: ignore[operator]
+    return per_channel_params(ctx, node, node.args[0], 1, names)
+
+
+def layer_norm_like(
+    ctx: RuleContext, node: fx.Node, x: Any, normalized: tuple[int, ...], params: list[str]
+) -> LayoutValue:
+    lay = ctx.layout(x)
+    if lay is None:
+        return ctx.blank(node)
+    n = len(normalized)
+    if n == 1:
+        return per_channel_params(ctx, node, x, -1, params)
+    stats = set(range(lay.ndim - n, lay.ndim))
+    for f in lay.factors:
+        if set(f.axes) & stats:
+            ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
+    return lay
+
+
+@register_rule(nn.LayerNorm)
+def layer_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    m = ctx.module(node)
+    names = _present(ctx, node, ["weight", "bias"])
+    return layer_norm_like(ctx, node, node.args[0], tuple(m.normalized_shape), names)  # type: ignore[arg-type]
+
+
+def _attr_params(ctx: RuleContext, node: fx.Node, slots: list[tuple[int, str]]) -> list[str] | None:
+    """Qualified names of parameter args; None if one is computed in the graph."""
+    out = []
+    for i, name in slots:
+        a = ctx.arg(node, i, name)
+        if a is None:
+            continue
+        p = _attr_path(a)
+        if p is None:
+            return None
+        out.append(p)
+    return out
+
+
+@register_rule(F.layer_norm)
+def layer_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    params = _attr_params(ctx, node, [(2, "weight"), (3, "bias")])
+    if params is None:
+        return unknown_weights(ctx, node)
+    shape = ctx.arg(node, 1, "normalized_shape")
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return layer_norm_like(ctx, node, node.args[0], shape, params)
+
+
+@register_rule(F.batch_norm)
+def batch_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    params = _attr_params(
+        ctx, node, [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
+    )
+    if params is None:
+        return unknown_weights(ctx, node)
+    return per_channel_params(ctx, node, node.args[0], 1, params)
+
+
+@register_rule(F.group_norm)
+def group_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    params = _attr_params(ctx, node, [(2, "weight"), (3, "bias")])
+    if params is None:
+        return unknown_weights(ctx, node)
+    shape = ctx.shape(node.args[0])
+    groups = int(ctx.arg(node, 1, "num_groups"))
+    k = shape[1] // groups if shape else 1
+    return per_channel_params(ctx, node, node.args[0], 1, params, block=k)
+
+
+@register_rule(operator.matmul, "matmul", "bmm", "mm")
+def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """(..., M, K) @ (..., K, N): K is contracted, so its channels couple."""
+    a, b = node.args[0], node.args[1]
+    la, lb, out_shape = ctx.layout(a), ctx.layout(b), ctx.shape(node)
+    if la is None or lb is None or out_shape is None or la.ndim < 2 or lb.ndim < 2:
+        return unknown_weights(ctx, node)
+    ka, kb = _single(ctx, node, la, la.ndim - 1), _single(ctx, node, lb, lb.ndim - 2)
+    if ka is not None and kb is not None:
+        ctx.couple(ka.ids, kb.ids)
+    elif ka is not None or kb is not None:
+        ctx.freeze((ka or kb).ids, FreezeReason.UNTRACKED_OPERAND, node)  # type: ignore[union-attr]
+    nd = len(out_shape)
+    out = [Factor((nd - 2,), f.ids) for f in [_single(ctx, node, la, la.ndim - 2)] if f]
+    out += [Factor((nd - 1,), f.ids) for f in [_single(ctx, node, lb, lb.ndim - 1)] if f]
+    for lay in (la, lb):
+        for f in lay.factors:
+            if any(x < lay.ndim - 2 for x in f.axes):
+                ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+    res = ChannelLayout(nd, tuple(out))
+    ctx.flops(node, [(res, x) for x in range(nd)] + [(la, la.ndim - 1)])
+    return res
+
+
+_ = np  # numpy is used by callers through Factor ids

@@ -1,0 +1,286 @@
+"""Rules for ops that move channels between axes or positions: permute,
+reshape/view/flatten, cat/stack, split/chunk, and indexing."""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from s2h_fx.channels import ChannelLayout, Factor, FreezeReason, SpaceKind
+from s2h_fx.rules.base import LayoutValue, RuleContext, register_rule
+from s2h_fx.rules.elementwise import join
+
+
+def _permuted(lay: ChannelLayout, perm: list[int]) -> ChannelLayout:
+    """Output axis k is input axis perm[k]."""
+    return ChannelLayout(
+        lay.ndim, tuple(Factor(tuple(perm.index(a) for a in f.axes), f.ids) for f in lay.factors)
+    )
+
+
+@register_rule(torch.permute, "permute")
+def permute(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    lay = ctx.layout(node.args[0])
+    if lay is None:
+        return ctx.blank(node)
+    dims: Any = node.args[1:] if node.op == "call_method" else ctx.arg(node, 1, "dims")
+    if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if dims is None:
+        dims = node.kwargs["dims"]
+    return _permuted(lay, [int(d) % lay.ndim for d in dims])
+
+
+@register_rule(torch.transpose, torch.swapaxes, "transpose", "swapaxes", "t", torch.t)
+def transpose(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    lay = ctx.layout(node.args[0])
+    if lay is None:
+        return ctx.blank(node)
+    perm = list(range(lay.ndim))
+    if len(node.args) >= 3:
+        a, b = int(node.args[1]) % lay.ndim, int(node.args[2]) % lay.ndim
+    else:
+        a, b = 0, max(lay.ndim - 1, 0)
+    perm[a], perm[b] = perm[b], perm[a]
+    return _permuted(lay, perm)
+
+
+@register_rule(builtins.getattr)
+def getattr_rule(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    lay = ctx.layout(node.args[0])
+    if lay is None or node.args[1] not in ("T", "mT"):
+        return ctx.blank(node)
+    perm = list(range(lay.ndim))
+    if node.args[1] == "T":
+        perm = perm[::-1]
+    else:
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+    return _permuted(lay, perm)
+
+
+def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of source axes with runs of destination axes of equal element count."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                gi.append(i)
+                pi *= src[i]
+            else:
+                j += 1
+                gj.append(j)
+                pj *= dst[j]
+        groups.append((gi, gj))
+        i, j = i + 1, j + 1
+    if groups:  # trailing size-1 axes join the last run
+        groups[-1][0].extend(range(i, len(src)))
+        groups[-1][1].extend(range(j, len(dst)))
+    else:
+        groups.append((list(range(len(src))), list(range(len(dst)))))
+    return groups
+
+
+@register_rule(
+    torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
+    "view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as",
+    nn.Flatten, nn.Unflatten,
+)
+def reshape(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    src = node.args[0]
+    lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
+    if lay is None or shp is None or out_shape is None:
+        return ctx.blank(node)
+    out: list[Factor] = []
+    for gi, gj in reshape_groups(shp, out_shape):
+        inside = [f for f in lay.factors if set(f.axes) & set(gi)]
+        if not inside:
+            continue
+        f = inside[0]
+        if len(inside) > 1 or not set(f.axes) <= set(gi):
+            for g in inside:
+                ctx.freeze(g.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+            continue
+        out.extend(_reshape_factor(ctx, f, gi, gj, shp, out_shape))
+    return ChannelLayout(len(out_shape), tuple(out))
+
+
+def _reshape_factor(
+    ctx: RuleContext, f: Factor, gi: list[int], gj: list[int],
+    shp: tuple[int, ...], out_shape: tuple[int, ...],
+) -> list[Factor]:
+    order = sorted(f.axes)
+    ids = np.transpose(f.ids, [f.axes.index(a) for a in order])
+    expand = [shp[a] if a in f.axes else 1 for a in gi]
+    arr = np.broadcast_to(ids.reshape(expand), [shp[a] for a in gi])
+    arr = arr.reshape([out_shape[b] for b in gj])
+    axes = []
+    for t in range(arr.ndim):
+        if arr.shape[t] > 1 and not np.all(arr == arr.take([0], axis=t)):
+            axes.append(t)
+    arr = arr[tuple(slice(None) if t in axes else 0 for t in range(arr.ndim))]
+    if arr.ndim > 1:
+        # a channel axis split in several: keep the layout rectangular by making
+        # every slice along the leading axes the same channels as the first one
+        lead = arr.reshape(-1, arr.shape[-1])
+        for row in lead[1:]:
+            ctx.couple(row, lead[0])
+    return [Factor(tuple(gj[t] for t in axes), np.ascontiguousarray(arr))] if axes else []
+
+
+def _cat_operands(ctx: RuleContext, node: fx.Node) -> list[Any]:
+    tensors = ctx.arg(node, 0, "tensors")
+    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+
+
+@register_rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    out_shape = ctx.shape(node)
+    if out_shape is None:
+        return ctx.blank(node)
+    nd = len(out_shape)
+    dim = int(ctx.arg(node, 1, "dim", 0)) % nd
+    pieces, rest = [], []
+    for t in _cat_operands(ctx, node):
+        lay, shp = ctx.layout(t), ctx.shape(t)
+        if lay is None or shp is None:
+            return ctx.blank(node)
+        f = lay.factor_at(dim)
+        if f is not None and f.axes != (dim,):
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+            f = None
+        pieces.append((f, shp[dim]))
+        others = tuple(g for g in lay.factors if dim not in g.axes)
+        rest.append((ChannelLayout(len(shp), others), shp[:dim] + (1,) + shp[dim + 1 :]))
+    joined = join(ctx, node, rest, out_shape[:dim] + (1,) + out_shape[dim + 1 :])
+    if all(f is None for f, _ in pieces):
+        return ChannelLayout(nd, joined)
+    parts = []
+    for f, size in pieces:
+        if f is None:  # untracked positions get ids of their own, frozen
+            f = Factor((dim,), ctx.new_space(f"{node.name}:untracked", size, SpaceKind.PARAMETER))
+            ctx.freeze(f.ids, FreezeReason.UNTRACKED_OPERAND, node)
+        parts.append(f.ids)
+    return ChannelLayout(nd, joined + (Factor((dim,), np.concatenate(parts)),))
+
+
+@register_rule(torch.stack)
+def stack(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    out_shape = ctx.shape(node)
+    if out_shape is None:
+        return ctx.blank(node)
+    dim = int(ctx.arg(node, 1, "dim", 0)) % len(out_shape)
+    ops = []
+    for t in _cat_operands(ctx, node):
+        lay, shp = ctx.layout(t), ctx.shape(t)
+        if lay is None or shp is None:
+            return ctx.blank(node)
+        fs = tuple(Factor(tuple(a + (a >= dim) for a in f.axes), f.ids) for f in lay.factors)
+        ops.append((ChannelLayout(len(out_shape), fs), shp[:dim] + (1,) + shp[dim:]))
+    return ChannelLayout(len(out_shape), join(ctx, node, ops, out_shape))
+
+
+@register_rule(torch.split, torch.chunk, torch.tensor_split, torch.unbind,
+               "split", "chunk", "tensor_split", "unbind")
+def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    src = node.args[0]
+    lay, shp = ctx.layout(src), ctx.shape(src)
+    metas = node.meta.get("tensor_meta")
+    if lay is None or shp is None or not isinstance(metas, (list, tuple)):
+        return ctx.blank(node)
+    name = getattr(node.target, "__name__", node.target)
+    default = 0
+    dim = ctx.arg(node, 1 if name == "unbind" else 2, "dim", default)
+    dim = int(dim) % len(shp)
+    f = lay.factor_at(dim)
+    if f is not None and f.axes != (dim,):
+        ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+        f = None
+    others = tuple(g for g in lay.factors if dim not in g.axes)
+    outs: list[Any] = []
+    start = 0
+    for m in metas:
+        if name == "unbind":
+            if f is not None:
+                ctx.freeze(f.ids[start : start + 1], FreezeReason.CHANNEL_INDEXING, node)
+            fs = tuple(Factor(tuple(a - (a > dim) for a in g.axes), g.ids) for g in others)
+            outs.append(ChannelLayout(len(shp) - 1, fs))
+            start += 1
+            continue
+        size = int(m.shape[dim])
+        piece = () if f is None else (Factor((dim,), f.ids[start : start + size]),)
+        outs.append(ChannelLayout(len(shp), others + piece))
+        start += size
+    return tuple(outs)
+
+
+@register_rule(operator.getitem)
+def getitem(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    src, idx = node.args[0], node.args[1]
+    val = src.meta.get("s2h_layout") if isinstance(src, fx.Node) else None
+    if isinstance(val, tuple):
+        return val[idx] if isinstance(idx, int) else ctx.blank(node)
+    lay, shp = ctx.layout(src), ctx.shape(src)
+    if lay is None or shp is None:
+        return ctx.blank(node)
+    return index_layout(ctx, node, lay, shp, idx)
+
+
+def index_layout(
+    ctx: RuleContext, node: fx.Node, lay: ChannelLayout, shp: tuple[int, ...], idx: Any
+) -> LayoutValue:
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
+        ctx.freeze_layout(lay, FreezeReason.CHANNEL_INDEXING, node)
+        return ctx.blank(node)
+    consumed = sum(isinstance(i, (int, slice)) for i in items)
+    expanded: list[Any] = []
+    for i in items:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (len(shp) - consumed))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (len(shp) - sum(isinstance(i, (int, slice)) for i in expanded)))
+    mapping: dict[int, int] = {}
+    out_axis = in_axis = 0
+    dropped: set[int] = set()
+    slices: dict[int, slice] = {}
+    for i in expanded:
+        if i is None:
+            out_axis += 1
+        elif isinstance(i, int):
+            dropped.add(in_axis)
+            in_axis += 1
+        else:
+            mapping[in_axis] = out_axis
+            slices[in_axis] = i
+            in_axis += 1
+            out_axis += 1
+    out = []
+    for f in lay.factors:
+        if set(f.axes) & dropped:
+            ctx.freeze(f.ids, FreezeReason.CHANNEL_INDEXING, node)
+            continue
+        sl = [slices[a] for a in f.axes]
+        if any(s.step not in (None, 1) for s in sl):
+            ctx.freeze(f.ids, FreezeReason.CHANNEL_INDEXING, node)
+            continue
+        full = all(s.indices(shp[a])[:2] == (0, shp[a]) for s, a in zip(sl, f.axes))
+        if not full and len(f.axes) > 1:
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+            continue
+        out.append(Factor(tuple(mapping[a] for a in f.axes), f.ids[tuple(sl)]))
+    return ChannelLayout(out_axis, tuple(f for f in out if f.ids.size > 0))
+
+
+@register_rule("size", "dim", "numel", "nelement", torch.numel)
+def metadata(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """Shape queries: no tensor flows out, so no channels either."""
+    return ctx.blank(node)
