@@ -39,6 +39,7 @@ from s2h_fx.rules.base import _get_attr, describe, iter_layouts
 log = logging.getLogger(__name__)
 
 S2H_FLOP_REFS = "s2h_flop_refs"
+S2H_MIXING = "s2h_mixing"  # tuple of arg indices whose channels the node sums over
 
 
 def find_channel_groups(
@@ -48,6 +49,7 @@ def find_channel_groups(
     for node in gm.graph.nodes:
         node.meta[S2H_LAYOUT] = _visit(ctx, node)
         node.meta[S2H_FLOP_REFS] = ctx.flop_refs.get(node.name, None)
+        node.meta[S2H_MIXING] = ctx.mixing.get(node.name, ())
     if ctx.unknown:
         msg = "ops without a coupling rule (their channels are kept whole): " + "; ".join(
             ctx.unknown
@@ -122,7 +124,7 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
     group_of = np.full(n, -1, dtype=np.int64)
     class_of = np.full(n, -1, dtype=np.int64)
     reasons: dict[int, list[str]] = defaultdict(list)
-    sizes, atoms = [], []
+    sizes, atoms, atom_maps = [], [], []
     for gi, (_, roots) in enumerate(comps):
         ids = np.flatnonzero(np.isin(root, roots))
         # classes in order of first appearance
@@ -132,7 +134,9 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         group_of[ids] = gi
         class_of[ids] = [cls_index[int(r)] for r in root[ids].tolist()]
         sizes.append(len(ordered))
-        atoms.append(_atom_size(ctx, root, cls_index, reasons[gi]))
+        size, atom_of = _atoms(ctx, root, cls_index, reasons[gi])
+        atoms.append(size)
+        atom_maps.append(atom_of)
     for ids, why in ctx.frozen:
         for g in np.unique(group_of[ids]).tolist():
             if g >= 0:
@@ -152,21 +156,28 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
     class_of = np.where(group_of >= 0, class_of, -1)
     return GroupingResult(
         tuple(groups), tuple(ctx.spaces), dict(ctx.slots), group_of, class_of,
-        tuple(dict.fromkeys(ctx.unknown)),
+        tuple(dict.fromkeys(ctx.unknown)), tuple(atom_maps),
     )
 
 
-def _atom_size(ctx: RuleContext, root: np.ndarray, cls: dict[int, int], why: list[str]) -> int:
+def _atoms(
+    ctx: RuleContext, root: np.ndarray, cls: dict[int, int], why: list[str]
+) -> tuple[int, np.ndarray]:
+    """Atom size and, per class, the atom it belongs to (atoms are kept or dropped whole)."""
     uf = nx.utils.UnionFind(cls.keys())
     for blk in ctx.blocks:
         rs = [int(r) for r in np.unique(root[blk]).tolist()]
         if rs[0] in cls:
             uf.union(*rs)
-    sizes = {len(s) for s in uf.to_sets()}
+    sets = sorted(uf.to_sets(), key=lambda s: min(cls[r] for r in s))
+    atom_of = np.zeros(len(cls), dtype=np.int64)
+    for k, members in enumerate(sets):
+        atom_of[[cls[r] for r in members]] = k
+    sizes = {len(s) for s in sets}
     if len(sizes) > 1:
         why.append(FreezeReason.NON_UNIFORM.value + " (blocks of unequal size)")
-        return 1
-    return sizes.pop() if sizes else 1
+        return 1, np.arange(len(cls))
+    return (sizes.pop() if sizes else 1), atom_of
 
 
 def _divisor(size: int, atom: int, default: int) -> int:

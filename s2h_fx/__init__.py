@@ -1,1 +1,24 @@
-"""s2h-fx: S2HPruner as a torch.fx compiler pass."""
+"""s2h-fx: prune PyTorch networks as a torch.fx compiler pass (S2HPruner)."""
+
+from s2h_fx.channels import ChannelGroup, GroupingResult
+from s2h_fx.config import PruneConfig
+from s2h_fx.errors import (
+    BudgetError,
+    InputError,
+    InvariantError,
+    NoPrunableChannelsError,
+    S2HError,
+    TraceError,
+    UnsupportedOpError,
+)
+from s2h_fx.pruner import Pruner, prune_graph
+from s2h_fx.rules import register_rule
+from s2h_fx.surgery import register_surgery
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError", "ChannelGroup", "GroupingResult", "InputError", "InvariantError",
+    "NoPrunableChannelsError", "PruneConfig", "Pruner", "S2HError", "TraceError",
+    "UnsupportedOpError", "prune_graph", "register_rule", "register_surgery",
+]

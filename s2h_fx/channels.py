@@ -123,7 +123,7 @@ class GroupingResult:
     group_of_id: np.ndarray  # -1: not in a prunable group (always kept)
     class_of_id: np.ndarray  # class index inside its group, -1 outside
     unknown_ops: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    atom_of_class: tuple[np.ndarray, ...] = field(default=())  # per group
 
     @property
     def prunable(self) -> tuple[ChannelGroup, ...]:

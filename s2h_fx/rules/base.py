@@ -100,6 +100,7 @@ class RuleContext:
         self.blocks: list[np.ndarray] = []  # each array: ids kept or dropped together
         self.unknown: list[str] = []
         self.flop_refs: dict[str, tuple[tuple[Factor, int], ...]] = {}
+        self.mixing: dict[str, tuple[int, ...]] = {}  # node -> args whose channels it mixes
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
 
     # ---- reading the graph -------------------------------------------------
@@ -170,6 +171,10 @@ class RuleContext:
         """The given ids are kept or dropped as one unit."""
         if ids.size > 1:
             self.blocks.append(ids.ravel())
+
+    def mixes(self, node: fx.Node, *arg_indices: int) -> None:
+        """Declare that the node sums over the channels of these args (a mask site)."""
+        self.mixing[node.name] = arg_indices
 
     def flops(self, node: fx.Node, refs: Iterable[tuple[ChannelLayout | None, int]]) -> None:
         """Declare that the node's FLOPs scale with the sizes of these (layout, axis) pairs."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import numpy as np
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -72,6 +71,7 @@ def conv_like(
     refs = [(res, a) for a in range(len(out_shape))]
     if groups == 1:
         refs.append((lay, 1))  # type: ignore[arg-type]
+        ctx.mixes(node, 0)
     ctx.flops(node, refs)
     return res
 
@@ -121,6 +121,7 @@ def linear_like(
         ctx.couple(ctx.param_ids(weight, 1), fin.ids)
     res = ChannelLayout(len(out_shape), _rest(lay, last) + (Factor((last,), out),))
     ctx.flops(node, [(res, a) for a in range(len(out_shape))] + [(lay, last)])
+    ctx.mixes(node, 0)
     return res
 
 
@@ -284,7 +285,6 @@ def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
                 ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
     res = ChannelLayout(nd, tuple(out))
     ctx.flops(node, [(res, x) for x in range(nd)] + [(la, la.ndim - 1)])
+    ctx.mixes(node, 0, 1)
     return res
 
-
-_ = np  # numpy is used by callers through Factor ids

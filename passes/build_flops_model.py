@@ -1,0 +1,121 @@
+"""Pass: the FLOPs of the network as a function of the groups' widths.
+
+Reads: ``node.meta[S2H_FLOPS]`` (trace_model), ``node.meta[S2H_LAYOUT]`` and
+``node.meta[S2H_FLOP_REFS]`` (find_channel_groups), and the GroupingResult.
+Returns: a :class:`FlopsModel`; the graph is not changed.
+
+Each node's FLOPs, as ``torch.utils.flop_counter`` counts them on the example
+inputs, are scaled by the ratio of new to old size of the axes the node's rule
+declared (output axes and the contracted axis). An axis size is affine in the
+widths, so the model is a sum of products of affine terms: exact for the
+emitted graph and differentiable in the widths (the budget loss uses it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from s2h_fx.channels import S2H_FLOPS, S2H_LAYOUT, ChannelLayout, Factor, GroupingResult
+from s2h_fx.passes.find_channel_groups import S2H_FLOP_REFS  # noqa: I001
+
+
+@dataclass(frozen=True)
+class AxisSize:
+    """Size of one axis: ``full + sum(coef * (width[g] - size[g]))``."""
+
+    full: float
+    coefs: tuple[tuple[int, float], ...]
+
+    def at(self, widths: dict[int, Any], sizes: dict[int, int]) -> Any:
+        value: Any = self.full
+        for g, c in self.coefs:
+            value = value + c * (widths[g] - sizes[g])
+        return value
+
+
+@dataclass(frozen=True)
+class FlopTerm:
+    node: str
+    base: float
+    axes: tuple[AxisSize, ...]
+
+    @property
+    def groups(self) -> frozenset[int]:
+        return frozenset(g for a in self.axes for g, _ in a.coefs)
+
+    def at(self, widths: dict[int, Any], sizes: dict[int, int]) -> Any:
+        value: Any = self.base
+        for a in self.axes:
+            value = value * (a.at(widths, sizes) / a.full)
+        return value
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    terms: tuple[FlopTerm, ...]
+    constant: float  # FLOPs of nodes whose sizes do not depend on any width
+    sizes: dict[int, int]  # full width of each prunable group
+
+    @property
+    def total(self) -> float:
+        return self.constant + sum(t.base for t in self.terms)
+
+    def __call__(self, widths: dict[int, Any]) -> Any:
+        w = {**self.sizes, **widths}
+        value: Any = self.constant
+        for t in self.terms:
+            value = value + t.at(w, self.sizes)
+        return value
+
+    def ratio(self, widths: dict[int, Any]) -> Any:
+        return self(widths) / self.total
+
+
+def build_flops_model(gm: fx.GraphModule, grouping: GroupingResult) -> FlopsModel:
+    sizes = {g.index: g.size for g in grouping.prunable}
+    terms, constant = [], 0.0
+    for node in gm.graph.nodes:
+        base = float(node.meta.get(S2H_FLOPS, 0.0))
+        if base == 0.0:
+            continue
+        refs = node.meta.get(S2H_FLOP_REFS)
+        if refs is None:
+            out = node.meta.get(S2H_LAYOUT)
+            refs = _all_axes(out) if isinstance(out, ChannelLayout) else ()
+        axes = tuple(a for a in (_axis_size(f, t, grouping, sizes) for f, t in refs) if a.coefs)
+        if axes:
+            terms.append(FlopTerm(node.name, base, axes))
+        else:
+            constant += base
+    return FlopsModel(tuple(terms), constant, sizes)
+
+
+def _all_axes(lay: ChannelLayout) -> tuple[tuple[Factor, int], ...]:
+    return tuple((f, t) for f in lay.factors for t in range(len(f.axes)))
+
+
+def axis_extent(ids: np.ndarray, axis: int, kept: np.ndarray) -> int:
+    """How many indices along ``axis`` of a factor still hold a kept channel."""
+    mask = kept[ids]
+    other = tuple(k for k in range(ids.ndim) if k != axis)
+    return int(np.count_nonzero(mask.any(axis=other) if other else mask))
+
+
+def _axis_size(f: Factor, t: int, grouping: GroupingResult, sizes: dict[int, int]) -> AxisSize:
+    full = f.ids.shape[t]
+    groups = np.unique(grouping.group_of_id[f.ids])
+    coefs = []
+    for g in groups[groups >= 0].tolist():
+        kept = grouping.group_of_id != g
+        dropped = full - axis_extent(f.ids, t, kept)
+        if dropped:
+            coefs.append((g, dropped / sizes[g]))
+    return AxisSize(float(full), tuple(coefs))
+
+
+_ = math

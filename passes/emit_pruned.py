@@ -1,0 +1,81 @@
+"""Pass 5b: emit the physically pruned graph from a SurgeryPlan.
+
+Reads: the masked GraphModule (insert_masks) and a SurgeryPlan (plan_surgery).
+Returns: a new ``GraphModule`` (the input is not changed): mask nodes and mask
+modules dropped, every planned parameter/buffer sliced, every module's width
+attributes updated through the surgery registry, planned arguments rewritten.
+Postcondition: linted, recompiled; running it on its own output with an empty
+plan changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from s2h_fx.channels import S2H_MASK_SITE
+from s2h_fx.surgery import apply_surgery
+from s2h_fx.passes.plan_surgery import SurgeryPlan  # noqa: I001
+
+
+def slice_tensor(t: torch.Tensor, cuts: tuple[tuple[int, torch.Tensor], ...]) -> torch.Tensor:
+    for axis, index in cuts:
+        t = t.index_select(axis, index.to(t.device))
+    return t
+
+
+def emit_pruned(gm: fx.GraphModule, plan: SurgeryPlan, *, share: bool = False) -> fx.GraphModule:
+    """Build the pruned graph. With ``share=True`` untouched tensors are shared with
+    ``gm`` instead of copied (for a skeleton run through ``functional_call``)."""
+    memo: dict[int, Any] = {}
+    if share:
+        for t in list(gm.parameters()) + list(gm.buffers()):
+            memo[id(t)] = t
+    new = copy.deepcopy(gm, memo)
+    graph = new.graph
+    for node in list(graph.nodes):
+        if S2H_MASK_SITE in node.meta:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    for name in [n for n, _ in new.named_children() if n.startswith("s2h_mask_g")]:
+        delattr(new, name)
+    by_name = {n.name: n for n in graph.nodes}
+    for name, (target, args, kwargs) in plan.rewrites.items():
+        node = by_name[name]
+        remap = lambda n: by_name[n.name]  # noqa: E731  (plan nodes -> this graph's nodes)
+        node.target = target
+        node.args, node.kwargs = fx.map_arg(args, remap), fx.map_arg(kwargs, remap)
+    touched: set[str] = set()
+    for path, cuts in plan.params.items():
+        owner_path, _, attr = path.rpartition(".")
+        owner = new.get_submodule(owner_path) if owner_path else new
+        old = getattr(owner, attr)
+        with torch.no_grad():
+            value = slice_tensor(old, cuts).clone()
+        if isinstance(old, nn.Parameter):
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = value
+        else:
+            setattr(owner, attr, value)
+        touched.add(owner_path)
+    first_input = _first_inputs(graph)
+    for owner_path in sorted(touched):
+        if owner_path:
+            apply_surgery(new.get_submodule(owner_path), plan.shapes.get(first_input.get(owner_path, "")))
+    graph.eliminate_dead_code()
+    graph.lint()
+    new.recompile()
+    return new
+
+
+def _first_inputs(graph: fx.Graph) -> dict[str, str]:
+    """Module path -> name of the node that feeds its first call."""
+    out: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.args and isinstance(node.args[0], fx.Node):
+            out.setdefault(str(node.target), node.args[0].name)
+    return out

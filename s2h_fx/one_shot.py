@@ -1,0 +1,100 @@
+"""One-shot widths: L1 importance per channel and a global greedy choice that
+meets a FLOPs budget (the no-training baseline that S2H training must beat)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from s2h_fx.channels import GroupingResult
+from s2h_fx.errors import BudgetError
+from s2h_fx.rules.base import _get_attr
+from s2h_fx.passes.build_flops_model import FlopsModel  # noqa: I001
+
+log = logging.getLogger(__name__)
+
+
+def class_importance(model: nn.Module, grouping: GroupingResult) -> dict[int, np.ndarray]:
+    """Per class: L1 norm of its producers' weights, each producer normalised to mean 1."""
+    out = {}
+    for g in grouping.prunable:
+        acc = np.zeros(g.size)
+        for path, axis in g.producers:
+            w = _get_attr(model, path).detach().float().abs()
+            l1 = w.sum(dim=[d for d in range(w.dim()) if d != axis]).cpu().numpy()
+            l1 = l1 / (l1.mean() + 1e-12)
+            cls = grouping.class_of_id[grouping.slots[(path, axis)]]
+            np.add.at(acc, cls, l1 / np.bincount(cls, minlength=g.size)[cls])
+        out[g.index] = acc / max(len(g.producers), 1)
+    return out
+
+
+def keep_top(grouping: GroupingResult, importance: dict[int, np.ndarray],
+             widths: dict[int, int]) -> dict[int, np.ndarray]:
+    """The most important whole atoms of each group, as sorted class indices."""
+    keep = {}
+    for g, w in widths.items():
+        atom_of = grouping.atom_of_class[g]
+        atom = grouping.groups[g].atom
+        score = np.bincount(atom_of, weights=importance[g])
+        top = np.argsort(-score, kind="stable")[: w // atom]
+        keep[g] = np.flatnonzero(np.isin(atom_of, top))
+    return keep
+
+
+def choose_widths(
+    flops: FlopsModel, grouping: GroupingResult, importance: dict[int, np.ndarray], budget: float
+) -> dict[int, int]:
+    """Greedy: repeatedly shrink the group that loses least importance per FLOP saved."""
+    groups = {g.index: g for g in grouping.prunable}
+    widths = {g: grp.size for g, grp in groups.items()}
+    target = budget * flops.total
+    floor = flops({g: grp.divisor for g, grp in groups.items()})
+    if floor > target + 1e-6 * flops.total:
+        frozen = flops({g: 0 for g in groups})
+        raise BudgetError(
+            f"budget {budget:g} asks for {target:.4g} FLOPs, but the smallest network the "
+            f"groups allow costs {floor:.4g} ({floor / flops.total:.3f} of the full "
+            f"{flops.total:.4g}); the frozen part alone costs {frozen:.4g} "
+            f"({frozen / flops.total:.3f}). Raise the budget or freeze fewer channels."
+        )
+    # per group: atom importances in the order they would be dropped
+    order = {}
+    for g, grp in groups.items():
+        score = np.bincount(grouping.atom_of_class[g], weights=importance[g])
+        order[g] = np.sort(score)
+    terms_of: dict[int, list[Any]] = {g: [] for g in groups}
+    for t in flops.terms:
+        for g in t.groups:
+            terms_of[g].append(t)
+    current = flops(widths)
+
+    def score(g: int) -> float:
+        grp = groups[g]
+        if widths[g] - grp.divisor < grp.divisor:
+            return np.inf
+        trial = {**flops.sizes, **widths}
+        before = sum(t.at(trial, flops.sizes) for t in terms_of[g])
+        trial[g] -= grp.divisor
+        saved = before - sum(t.at(trial, flops.sizes) for t in terms_of[g])
+        if saved <= 0:
+            return np.inf
+        dropped = (grp.size - widths[g]) // grp.atom
+        cost = order[g][dropped : dropped + grp.divisor // grp.atom].sum()
+        return float(cost / saved)
+
+    scores = {g: score(g) for g in groups}
+    neighbours = {g: {h for t in terms_of[g] for h in t.groups} for g in groups}
+    while current > target:
+        g = min(scores, key=lambda k: (scores[k], k))
+        if not np.isfinite(scores[g]):
+            break
+        widths[g] -= groups[g].divisor
+        current = flops(widths)
+        for h in neighbours[g] | {g}:
+            scores[h] = score(h)
+    log.info("one-shot widths: %.4f of full FLOPs (budget %.4f)", current / flops.total, budget)
+    return widths
