@@ -30,7 +30,6 @@ from s2h_fx.channels import (
     FreezeReason,
     GroupingResult,
     SlotKey,
-    SpaceKind,
 )
 from s2h_fx.errors import UnsupportedOpError
 from s2h_fx.rules import RuleContext, lookup_rule
@@ -107,12 +106,12 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
     space_of = np.repeat(np.arange(len(ctx.spaces)), [s.size for s in ctx.spaces])
     link = nx.Graph()
     link.add_nodes_from(np.unique(root).tolist())
-    for s in ctx.spaces:
-        if s.kind is SpaceKind.PRODUCER:
-            nx.add_path(link, np.unique(root[s.offset : s.offset + s.size]).tolist())
+    producer_spaces = {int(space_of[ctx.slots[k][0]]) for k in ctx.producers}
+    for si in sorted(producer_spaces):
+        s = ctx.spaces[si]
+        nx.add_path(link, np.unique(root[s.offset : s.offset + s.size]).tolist())
     for blk in ctx.blocks:
         nx.add_path(link, np.unique(root[blk]).tolist())
-    producer_spaces = {s.index for s in ctx.spaces if s.kind is SpaceKind.PRODUCER}
     comps = []
     for comp in nx.connected_components(link):
         roots = np.array(sorted(comp), dtype=np.int64)
@@ -145,7 +144,7 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
     groups = []
     for gi in range(len(comps)):
         d = _divisor(sizes[gi], atoms[gi], divisor)
-        why = list(dict.fromkeys(reasons[gi]))
+        why = _summarise(reasons[gi])
         if not why and sizes[gi] // d < 2:
             why = [FreezeReason.TOO_SMALL.value + f" ({d})"]
         members = _members(ctx, group_of, gi)
@@ -158,6 +157,22 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         tuple(groups), tuple(ctx.spaces), dict(ctx.slots), group_of, class_of,
         tuple(dict.fromkeys(ctx.unknown)), tuple(atom_maps),
     )
+
+
+def _summarise(reasons: list[str], limit: int = 3) -> list[str]:
+    """'<reason> at a, b, c (+n more)' for each distinct reason."""
+    where: dict[str, list[str]] = defaultdict(list)
+    for r in reasons:
+        text, _, loc = r.partition(" at ")
+        if loc and loc not in where[text]:
+            where[text].append(loc)
+        else:
+            where.setdefault(text, [])
+    out = []
+    for text, locs in where.items():
+        more = f" (+{len(locs) - limit} more)" if len(locs) > limit else ""
+        out.append(text + (" at " + ", ".join(locs[:limit]) + more if locs else ""))
+    return out
 
 
 def _atoms(
@@ -213,11 +228,12 @@ def _members(ctx: RuleContext, group_of: np.ndarray, gi: int) -> tuple[str, ...]
         if group_of[ids[0]] != gi:
             continue
         owner, _, param = path.rpartition(".")
+        weight = f"{owner}.weight"
         if (path, axis) in ctx.producers:
             names.append(f"{owner or path}:out")
-        elif param == "bias" and (f"{owner}.weight", 0) in ctx.producers:
+        elif param == "bias" and any(k[0] == weight for k in ctx.producers):
             continue
-        elif param == "weight" and axis == 1 and owner:
+        elif param == "weight" and owner and _get_attr(ctx.gm, path).dim() >= 2:
             names.append(f"{owner}:in")
         else:
             names.append(owner or path)
