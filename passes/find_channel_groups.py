@@ -225,7 +225,7 @@ def _check_uniform(
 def _members(ctx: RuleContext, group_of: np.ndarray, gi: int) -> tuple[str, ...]:
     names = []
     for (path, axis), ids in ctx.slots.items():
-        if group_of[ids[0]] != gi:
+        if gi not in group_of[ids]:
             continue
         owner, _, param = path.rpartition(".")
         weight = f"{owner}.weight"

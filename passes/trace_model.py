@@ -23,6 +23,27 @@ from s2h_fx.channels import S2H_FLOPS
 from s2h_fx.errors import InputError, TraceError
 
 
+def _default_leaves() -> tuple[type, ...]:
+    leaves: list[type] = []
+    try:  # reads self.training at call time: tracing through it would bake the mode in
+        from torchvision.ops import StochasticDepth
+
+        leaves.append(StochasticDepth)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(leaves)
+
+
+# Modules kept as call_module leaves beside torch.nn's own layers. Extend to keep
+# a module of yours whole (it then needs a coupling rule to be pruned through).
+LEAF_MODULES: list[type] = list(_default_leaves())
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, tuple(LEAF_MODULES)) or super().is_leaf_module(m, qualname)
+
+
 class _FlopShapeProp(ShapeProp):
     """ShapeProp that also records each node's flop_counter FLOPs."""
 
@@ -81,7 +102,8 @@ def trace_model(
         was_training = work.training
         work.eval()
         try:
-            gm = fx.symbolic_trace(work, concrete_args=concrete_args)
+            graph = _Tracer().trace(work, concrete_args=concrete_args)
+            gm = fx.GraphModule(work, graph, type(work).__name__)
         except Exception as exc:
             where = _source_of_failure(exc)
             raise TraceError(

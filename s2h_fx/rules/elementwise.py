@@ -38,15 +38,16 @@ _POINTWISE_METHODS = [
     "type_as", "detach", "square", "sqrt", "hardswish", "hardsigmoid", "softplus",
 ]
 
+_POINTWISE_EXTRA: list[Any] = []
 try:  # torchvision's stochastic depth multiplies by a per-sample scalar
-    from torchvision.ops import stochastic_depth
+    from torchvision.ops import StochasticDepth, stochastic_depth
 
-    _POINTWISE_FUNCTIONS.append(stochastic_depth)
+    _POINTWISE_EXTRA += [StochasticDepth, stochastic_depth]
 except ImportError:  # pragma: no cover
     pass
 
 
-@register_rule(*_ACTIVATION_MODULES, *_POINTWISE_FUNCTIONS, *_POINTWISE_METHODS)
+@register_rule(*_ACTIVATION_MODULES, *_POINTWISE_FUNCTIONS, *_POINTWISE_METHODS, *_POINTWISE_EXTRA)
 def pointwise(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     """Channels stay on their axes; other axes may change size (pooling, padding)."""
     src = node.args[0] if node.args else None

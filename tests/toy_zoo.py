@@ -1,0 +1,255 @@
+"""Small models, one per coupling pattern the channel-dependency pass must handle."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cbr(cin: int, cout: int, **kw: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(cout),
+                         nn.ReLU())
+
+
+class Residual(nn.Module):
+    """add, sub and mul joins of a residual stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.a, self.b, self.c = cbr(16, 16), cbr(16, 16), cbr(16, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.a(x)
+        x = self.b(x) - x
+        x = x * torch.sigmoid(self.c(x))
+        return self.head(x).mean((2, 3))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel scaling by an N x C x 1 x 1 gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 32)
+        self.fc1, self.fc2 = nn.Conv2d(32, 16, 1), nn.Conv2d(16, 32, 1)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+        x = x * s
+        return self.head(x.mean((2, 3)))
+
+
+class CatSplit(nn.Module):
+    """cat of two producers, split back on their boundaries, slicing, and a chunk
+    whose halves are multiplied together (which ties channel i to channel i + C/2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.a, self.b = cbr(16, 16), cbr(16, 24)
+        self.c = cbr(40, 16)
+        self.d = cbr(16, 16)
+        self.e = cbr(24, 16)
+        self.g = cbr(16, 32)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        p, q = torch.split(y, [16, 24], dim=1)
+        r = y[:, 16:]
+        u, v = self.g(x).chunk(2, dim=1)
+        return self.head(self.d(p) + self.e(q * r) + self.c(y) + u * v)
+
+
+class Grouped(nn.Module):
+    """Depthwise (MobileNet) and grouped (ResNeXt) convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 32)
+        self.dw = cbr(32, 32, groups=32)
+        self.pw = cbr(32, 64)
+        self.gc = cbr(64, 64, groups=4)
+        self.out = nn.Conv2d(64, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.gc(self.pw(self.dw(self.stem(x))))).mean((2, 3))
+
+
+class Norms(nn.Module):
+    """LayerNorm channels-last through permute, GroupNorm, PReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.ln = nn.LayerNorm(32)
+        self.fc = nn.Linear(32, 32)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 32)
+        self.act = nn.PReLU(32)
+        self.head = nn.Conv2d(32, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x).permute(0, 2, 3, 1)
+        x = self.fc(self.ln(x)).permute(0, 3, 1, 2)
+        x = self.act(self.gn(self.conv2(x)))
+        return self.head(x)
+
+
+class FlattenHead(nn.Module):
+    """Flatten/view into a linear head after pooling that leaves 2 x 2, and spatial mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = cbr(3, 16)
+        self.g = cbr(16, 24)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(24 * 4, 32)
+        self.fc2 = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.f(x)
+        a = self.pool(self.g(h)).view(x.shape[0], 24 * 4)
+        b = torch.flatten(h.mean(dim=(2, 3), keepdim=True), 1)
+        return self.out(F.relu(self.fc(a) + self.fc2(b)))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet-style channel shuffle (view / transpose / reshape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 32)
+        self.a = cbr(32, 32)
+        self.b = cbr(32, 32)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(self.stem(x))
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(self.b(x))
+
+
+class BareParams(nn.Module):
+    """Parameters used directly: F.conv2d / F.linear weights and a layer scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(24, 3, 3, 3) * 0.2)
+        self.b1 = nn.Parameter(torch.randn(24) * 0.1)
+        self.gamma = nn.Parameter(torch.rand(24, 1, 1) + 0.5)
+        self.w2 = nn.Parameter(torch.randn(16, 24) * 0.2)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.w1, self.b1, padding=1)) * self.gamma
+        x = F.relu(F.linear(x.mean((2, 3)), self.w2))
+        return self.out(x)
+
+
+class Shared(nn.Module):
+    """One conv module called twice (shared weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.shared = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(self.shared(x))
+        x = F.relu(self.shared(x))
+        return self.head(x)
+
+
+class MultiOutput(nn.Module):
+    """A dict of outputs: every output keeps its width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = cbr(3, 16)
+        self.mid = cbr(16, 16)
+        self.cls = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.mid(self.body(x))
+        return {"features": f, "logits": self.cls(f.mean((2, 3)))}
+
+
+class Layers1d3d(nn.Module):
+    """Conv1d, ConvTranspose1d, Embedding, Linear over sequences; Conv3d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.c1 = nn.Conv1d(16, 24, 3, padding=1)
+        self.bn = nn.BatchNorm1d(24)
+        self.ct = nn.ConvTranspose1d(24, 16, 2, stride=2)
+        self.fc = nn.Linear(16, 7)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens).transpose(1, 2)
+        x = self.ct(F.relu(self.bn(self.c1(x))))
+        return self.fc(F.relu(x).mean(2))
+
+
+class Conv3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv3d(2, 16, 3, padding=1)
+        self.bn = nn.BatchNorm3d(16)
+        self.b = nn.Conv3d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.bn(self.a(x))))
+
+
+def _opaque(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(1)
+
+
+torch.fx.wrap("_opaque")
+
+
+class Unknown(nn.Module):
+    """An op without a coupling rule: the groups it touches are frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 16), cbr(16, 16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(_opaque(self.a(x))))
+
+
+def image(n: int = 2, c: int = 3, s: int = 16) -> torch.Tensor:
+    return torch.randn(n, c, s, s)
+
+
+# name -> (model factory, example inputs factory)
+TOY_ZOO = {
+    "residual": (Residual, image),
+    "squeeze_excite": (SqueezeExcite, image),
+    "cat_split": (CatSplit, image),
+    "grouped": (Grouped, image),
+    "norms": (Norms, image),
+    "flatten_head": (FlattenHead, lambda: image(s=8)),
+    "shuffle": (Shuffle, image),
+    "bare_params": (BareParams, image),
+    "shared": (Shared, image),
+    "multi_output": (MultiOutput, image),
+    "layers_1d": (Layers1d3d, lambda: torch.randint(0, 50, (2, 12))),
+    "conv3d": (Conv3d, lambda: torch.randn(2, 2, 6, 6, 6)),
+    "unknown_op": (Unknown, image),
+}
