@@ -235,8 +235,10 @@ def _members(ctx: RuleContext, group_of: np.ndarray, gi: int) -> tuple[str, ...]
             continue
         elif param == "weight" and owner and _get_attr(ctx.gm, path).dim() >= 2:
             names.append(f"{owner}:in")
+        elif not owner:  # a bare parameter of the model itself
+            names.append(f"{path}[{axis}]")
         else:
-            names.append(owner or path)
+            names.append(owner)
     return tuple(dict.fromkeys(names))
 
 

@@ -70,7 +70,8 @@ def random_keep(pruner: s2h_fx.Pruner, seed: int) -> tuple[dict[int, int], dict[
 
 def rel_err(a: Any, b: Any) -> float:
     """max |a - b| / max |b| over all tensors of two outputs of the same structure."""
-    la, lb = tree_leaves(a), tree_leaves(b)
+    la = [t.detach() for t in tree_leaves(a)]
+    lb = [t.detach() for t in tree_leaves(b)]
     assert len(la) == len(lb) and len(la) > 0
     num = max(float((x - y).abs().max()) for x, y in zip(la, lb))
     den = max(float(y.abs().max()) for y in lb)

@@ -1,0 +1,163 @@
+"""Each rule that freezes a group, on a model that triggers it: the group is frozen
+and the reason says why. Plus strict mode and a user-registered rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import s2h_fx
+from helpers import rel_err
+from s2h_fx.channels import FreezeReason
+from s2h_fx.passes import find_channel_groups, trace_model
+from s2h_fx.rules import RuleContext, register_rule
+from s2h_fx.rules.elementwise import pointwise
+from toy_zoo import cbr
+
+
+class Probe(nn.Module):
+    """stem (the group under test) -> op -> conv -> head."""
+
+    def __init__(self, op, cin: int = 16, cout: int = 16) -> None:
+        super().__init__()
+        self.stem, self.op = cbr(3, cout), op
+        self.body = cbr(cin, 16)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.op(self.stem(x), x)))
+
+
+def _stem_group(op, cin: int = 16, cout: int = 16) -> s2h_fx.ChannelGroup:
+    model = Probe(op, cin, cout)
+    result = find_channel_groups(trace_model(model, (torch.randn(2, 3, 8, 8),)))
+    return next(g for g in result.groups if "stem.0:out" in g.members)
+
+
+CASES = {
+    FreezeReason.UNTRACKED_OPERAND: (lambda h, x: h + x.mean(1, keepdim=True).expand_as(h) * 0
+                                     + torch.ones_like(h), 16, 16),
+    FreezeReason.CHANNEL_REDUCTION: (lambda h, x: h * h.sum(1, keepdim=True), 16, 16),
+    FreezeReason.CHANNEL_INDEXING: (lambda h, x: h[:, ::2], 8, 16),
+    FreezeReason.PARTIAL_USE: (lambda h, x: h[:, :8], 8, 16),
+    FreezeReason.IRREGULAR_LAYOUT: (lambda h, x: F.pad(h, (0, 0, 0, 0, 1, 1)), 18, 16),
+    FreezeReason.TOO_SMALL: (lambda h, x: h, 6, 6),
+}
+
+
+@pytest.mark.parametrize("reason", list(CASES), ids=lambda r: r.name)
+def test_freeze_reason(reason: FreezeReason) -> None:
+    op, cin, cout = CASES[reason]
+    group = _stem_group(op, cin, cout)
+    assert not group.prunable
+    assert any(reason.value in why for why in group.frozen), group.frozen
+
+
+def test_softmax_over_channels_is_a_reduction() -> None:
+    group = _stem_group(lambda h, x: h.softmax(dim=1))
+    assert any(FreezeReason.CHANNEL_REDUCTION.value in w for w in group.frozen)
+
+
+def test_spatial_ops_do_not_freeze() -> None:
+    group = _stem_group(lambda h, x: F.max_pool2d(h, 2) * h.mean((2, 3), keepdim=True))
+    assert group.prunable
+
+
+def test_grouped_conv_with_multiplier_is_frozen() -> None:
+    model = nn.Sequential(cbr(3, 16), nn.Conv2d(16, 32, 3, groups=16), nn.ReLU(),
+                          nn.Conv2d(32, 2, 1))
+    result = find_channel_groups(trace_model(model, (torch.randn(2, 3, 8, 8),)))
+    group = next(g for g in result.groups if "0.0:out" in g.members)
+    assert any(FreezeReason.GROUPED_CONV.value in w for w in group.frozen)
+
+
+def _opaque_a(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x) * 2
+
+
+def _opaque_b(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(1)
+
+
+fx.wrap("_opaque_a")
+fx.wrap("_opaque_b")
+
+
+class TwoUnknown(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = cbr(3, 16), cbr(16, 16), nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(_opaque_b(self.b(_opaque_a(self.a(x)))))
+
+
+def test_unknown_ops_reported_together_and_strict_raises(caplog) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING"):
+        result = find_channel_groups(trace_model(TwoUnknown(), (x,)))
+    assert len(result.unknown_ops) == 2
+    warnings = [r for r in caplog.records if "without a coupling rule" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "_opaque_a" in warnings[0].getMessage() and "_opaque_b" in warnings[0].getMessage()
+    with pytest.raises(s2h_fx.UnsupportedOpError, match="_opaque_a.*_opaque_b"):
+        s2h_fx.prune_graph(TwoUnknown(), 0.9, example_inputs=(x,), strict=True)
+
+
+def test_user_rule_makes_an_op_prunable() -> None:
+    """A flip over channels reverses ids (and commutes with pruning): a user rule says so."""
+    x = torch.randn(2, 3, 8, 8)
+    before = find_channel_groups(trace_model(TwoUnknown(), (x,)))
+    assert sum(g.prunable for g in before.groups) == 0
+
+    from s2h_fx.channels import ChannelLayout, Factor
+    from s2h_fx.rules.base import FUNCTION_RULES
+
+    @register_rule(_opaque_b, _opaque_a)
+    def flip_or_roll(ctx: RuleContext, node: fx.Node) -> ChannelLayout:
+        lay = ctx.layout(node.args[0])
+        f = lay.factor_at(1)
+        ids = f.ids[::-1] if node.target is _opaque_b else f.ids
+        return ChannelLayout(lay.ndim, (Factor((1,), ids.copy()),))
+
+    try:
+        model = TwoUnknown().eval()
+        pruner = s2h_fx.prune_graph(model, 0.6, example_inputs=(x,))
+        assert len(pruner.grouping.prunable) == 2
+        pruner.eval()
+        pruned = pruner.export()
+        assert rel_err(pruner(x), pruned(x)) < 1e-5
+        assert rel_err(pruner.soft_forward(x), pruned(x)) < 1e-5  # masked emulation agrees
+    finally:
+        FUNCTION_RULES.pop(_opaque_a), FUNCTION_RULES.pop(_opaque_b)
+
+
+class Blocky(nn.Module):
+    """A user layer kept whole (a leaf) whose rule declares blocks of unequal size."""
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return h * 2
+
+
+def test_blocks_of_unequal_size_freeze() -> None:
+    @register_rule(Blocky)
+    def blocky(ctx: RuleContext, node: fx.Node):
+        lay = ctx.layout(node.args[0])
+        ids = lay.factor_at(1).ids
+        ctx.block(ids[:8])  # one block of 8 ...
+        ctx.block(ids[12:16])  # ... and one of 4: atoms of unequal size
+        return pointwise(ctx, node)
+
+    from s2h_fx.passes.trace_model import LEAF_MODULES
+    from s2h_fx.rules.base import MODULE_RULES
+
+    LEAF_MODULES.append(Blocky)
+    try:
+        group = _stem_group(Blocky())
+        reason = " ".join(group.frozen)
+        assert FreezeReason.NON_UNIFORM.value in reason
+    finally:
+        MODULE_RULES.pop(Blocky)
+        LEAF_MODULES.remove(Blocky)

@@ -1,0 +1,102 @@
+"""Golden grouping tables for the toy zoo: each group's channel count, members and
+(for frozen groups) the reason. A change in grouping must show up here."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import build
+from s2h_fx.passes import find_channel_groups, trace_model
+
+OUT = "reaches a model output"
+GOLDEN: dict[str, list[tuple[int, list[str], str | None]]] = {
+    "residual": [
+        (16, ["a.0:in", "a.0:out", "a.1", "b.0:in", "b.0:out", "b.1", "c.0:in", "c.0:out", "c.1",
+              "head:in", "stem.0:out", "stem.1"], None),
+        (4, ["head:out"], OUT),
+    ],
+    "squeeze_excite": [
+        (32, ["fc1:in", "fc2:out", "head:in", "stem.0:out", "stem.1"], None),
+        (16, ["fc1:out", "fc2:in"], None),
+        (5, ["head:out"], OUT),
+    ],
+    "cat_split": [
+        (16, ["a.0:in", "b.0:in", "g.0:in", "stem.0:out", "stem.1"], None),
+        (16, ["a.0:out", "a.1", "c.0:in", "d.0:in"], None),
+        (24, ["b.0:out", "b.1", "c.0:in", "e.0:in"], None),
+        # g's two halves are multiplied: channel i and i + 16 are one class
+        (16, ["c.0:out", "c.1", "d.0:out", "d.1", "e.0:out", "e.1", "g.0:out", "g.1", "head:in"],
+         None),
+        (3, ["head:out"], OUT),
+    ],
+    "grouped": [
+        (32, ["dw.0:out", "dw.1", "pw.0:in", "stem.0:out", "stem.1"], None),
+        (64, ["gc.0:out", "gc.1", "out:in", "pw.0:out", "pw.1"], None),
+        (8, ["out:out"], OUT),
+    ],
+    "norms": [
+        (32, ["conv1:out", "fc:in", "ln"], None),
+        (32, ["conv2:in", "fc:out"], None),
+        (32, ["act", "conv2:out", "gn", "head:in"], None),
+        (6, ["head:out"], OUT),
+    ],
+    "flatten_head": [
+        (16, ["f.0:out", "f.1", "fc2:in", "g.0:in"], None),
+        (24, ["fc:in", "g.0:out", "g.1"], None),
+        (32, ["fc2:out", "fc:out", "out:in"], None),
+        (10, ["out:out"], OUT),
+    ],
+    "shuffle": [
+        (32, ["a.0:in", "stem.0:out", "stem.1"], None),
+        # the shuffle interleaves the two halves of a: channel i pairs with i + 16
+        (16, ["a.0:out", "a.1", "b.0:in"], None),
+        (32, ["b.0:out", "b.1", "head:in"], None),
+        (4, ["head:out"], OUT),
+    ],
+    "bare_params": [
+        (24, ["b1[0]", "gamma[0]", "w1:out", "w2[1]"], None),
+        (16, ["out:in", "w2:out"], None),
+        (3, ["out:out"], OUT),
+    ],
+    "shared": [
+        (16, ["head:in", "shared:in", "shared:out", "stem.0:out", "stem.1"], None),
+        (4, ["head:out"], OUT),
+    ],
+    "multi_output": [
+        (16, ["body.0:out", "body.1", "mid.0:in"], None),
+        (16, ["cls:in", "mid.0:out", "mid.1"], OUT),
+        (5, ["cls:out"], OUT),
+    ],
+    "layers_1d": [
+        (16, ["c1:in", "emb:out"], None),
+        (24, ["bn", "c1:out", "ct:in"], None),
+        (16, ["ct:out", "fc:in"], None),
+        (7, ["fc:out"], OUT),
+    ],
+    "conv3d": [
+        (16, ["a:out", "b:in", "bn"], None),
+        (3, ["b:out"], OUT),
+    ],
+    "unknown_op": [
+        (16, ["a.0:out", "a.1"], "op has no coupling rule"),
+        (16, ["b.0:out", "b.1", "c:in"], None),
+        (4, ["c:out"], OUT),
+    ],
+}
+DIVISORS = {("grouped", 1): 16, ("norms", 2): 8}  # atoms: conv groups of 16, GN groups of 8
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_groups(name: str) -> None:
+    model, inputs = build(name)
+    result = find_channel_groups(trace_model(model, inputs))
+    got = []
+    for g in result.groups:
+        reason = None if g.prunable else g.frozen[0].split(" at ")[0]
+        got.append((g.size, sorted(g.members), reason))
+    assert got == GOLDEN[name]
+    for (model_name, index), divisor in DIVISORS.items():
+        if model_name == name:
+            assert result.groups[index].divisor == divisor
+    printed = str(result)
+    assert "prunable" in printed and all(f"{g.index} " in printed for g in result.groups)
