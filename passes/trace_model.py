@@ -10,7 +10,9 @@ Running it twice on its own output changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import traceback
 from typing import Any
 
@@ -47,15 +49,24 @@ class _Tracer(fx.Tracer):
 class _FlopShapeProp(ShapeProp):
     """ShapeProp that also records each node's flop_counter FLOPs."""
 
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # our error already names the node
+
     def run_node(self, n: fx.Node) -> Any:
         counter = FlopCounterMode(display=False)
         try:
-            with counter:
+            # ShapeProp prints a raw traceback before re-raising; we raise a clear error instead
+            with counter, contextlib.redirect_stderr(io.StringIO()):
                 result = super().run_node(n)
         except Exception as exc:  # name the node and the user's line
+            root: BaseException = exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            first = (str(root).strip().splitlines() or [""])[0]
             raise InputError(
                 f"running the traced graph on the example inputs failed at node "
-                f"{n.format_node()}{_user_line(n)}: {type(exc).__name__}: {exc}. "
+                f"{n.format_node()}{_user_line(n)}: {type(root).__name__}: {first}. "
                 "Check that example_inputs have the shapes and dtypes the model expects."
             ) from exc
         n.meta[S2H_FLOPS] = float(counter.get_total_flops())
