@@ -1,0 +1,115 @@
+"""Per-pass structural tests: each pass alone, on small graphs; every pass run twice
+changes nothing; plans are printable."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import s2h_fx
+from helpers import build, rel_err
+from s2h_fx.channels import S2H_MASK_SITE
+from s2h_fx.passes import (
+    build_flops_model,
+    emit_pruned,
+    find_channel_groups,
+    insert_masks,
+    plan_surgery,
+    trace_model,
+)
+from s2h_fx.passes.insert_masks import mask_name
+
+
+def _prepared(name: str = "cat_split"):
+    model, inputs = build(name)
+    gm = trace_model(model.eval(), inputs)
+    return model, inputs, gm
+
+
+def test_trace_twice_changes_nothing() -> None:
+    model, inputs, gm = _prepared()
+    again = trace_model(gm, inputs)
+    assert again.code == gm.code
+    assert again is not gm
+    assert rel_err(again(*inputs), model(*inputs)) == 0
+
+
+def test_trace_keeps_nn_layers_as_leaves_and_records_flops() -> None:
+    _, _, gm = _prepared("residual")
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"stem.0", "stem.1", "stem.2", "head"} <= targets
+    conv = next(n for n in gm.graph.nodes if n.target == "stem.0")
+    assert conv.meta["s2h_flops"] > 0 and tuple(conv.meta["tensor_meta"].shape) == (2, 16, 16, 16)
+
+
+def test_grouping_is_pure_and_repeatable() -> None:
+    _, _, gm = _prepared()
+    code = gm.code
+    first = find_channel_groups(gm)
+    second = find_channel_groups(gm)
+    assert gm.code == code
+    assert str(first) == str(second)
+    assert np.array_equal(first.group_of_id, second.group_of_id)
+    assert build_flops_model(gm, first) == build_flops_model(gm, second)
+
+
+def test_insert_masks_places_one_module_per_group_before_mixing_ops() -> None:
+    _, inputs, gm = _prepared()
+    grouping = find_channel_groups(gm)
+    out_before = gm(*inputs)
+    masked = insert_masks(gm, grouping)
+    masks = [n for n in masked.graph.nodes if S2H_MASK_SITE in n.meta]
+    assert {n.target for n in masks} == {mask_name(g.index) for g in grouping.prunable}
+    for n in masks:  # every mask feeds a conv/linear, directly or through another mask
+        user = next(iter(n.users))
+        while S2H_MASK_SITE in user.meta:
+            user = next(iter(user.users))
+        assert user.op == "call_module" and "conv" in type(masked.get_submodule(user.target)).__name__.lower()
+    # c.0 reads the cat of a and b: two masks in front of it
+    c_in = next(n for n in masked.graph.nodes if n.target == "c.0").args[0]
+    assert S2H_MASK_SITE in c_in.meta and S2H_MASK_SITE in c_in.args[0].meta
+    assert rel_err(masked(*inputs), out_before) == 0  # all masks at 1: same function
+    count = len(masks)
+    insert_masks(masked, grouping)
+    assert sum(S2H_MASK_SITE in n.meta for n in masked.graph.nodes) == count
+
+
+def test_plan_is_printable_and_emission_drops_masks() -> None:
+    _, inputs, gm = _prepared()
+    grouping = find_channel_groups(gm)
+    masked = insert_masks(gm, grouping)
+    keep = {g.index: np.arange(g.divisor) for g in grouping.prunable}
+    plan = plan_surgery(masked, grouping, keep)
+    text = str(plan)
+    assert "slice a.0.weight" in text and "keep 8 channels" in text
+    emitted = emit_pruned(masked, plan)
+    assert not any(S2H_MASK_SITE in n.meta for n in emitted.graph.nodes)
+    assert not any(name.startswith("s2h_mask") for name, _ in emitted.named_modules())
+    assert emitted.get_submodule("a.0").out_channels == 8
+    assert emitted.get_submodule("c.0").in_channels == 16  # cat of a (8) and b (8)
+    # the chunk of g became a split with the new halves
+    # g keeps 8 classes of 2 channels each (i and i + 16): 16 channels, halves of 8
+    assert ".split([8, 8], 1)" in emitted.code and ".chunk(" not in emitted.code
+    assert masked.get_submodule("a.0").out_channels == 16  # the input graph is untouched
+
+
+def test_pipeline_twice_changes_nothing() -> None:
+    """Pruning an emitted graph again at budget 1 gives the same graph and outputs."""
+    model, inputs = build("cat_split")
+    pruner = s2h_fx.prune_graph(model.eval(), 0.7, example_inputs=inputs)
+    first = pruner.export()
+    again = s2h_fx.prune_graph(first, 1.0, example_inputs=inputs).export()
+    assert again.code == first.code
+    assert rel_err(again(*inputs), first(*inputs)) == 0
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in first.parameters())
+
+
+def test_one_shot_widths_meet_budget_and_prefer_important_channels() -> None:
+    model, inputs = build("residual")
+    with torch.no_grad():  # make channels 0..7 of the stream far more important
+        for conv in (model.stem[0], model.a[0], model.b[0], model.c[0]):
+            conv.weight[8:] *= 0.01
+    pruner = s2h_fx.prune_graph(model.eval(), 0.5, example_inputs=inputs)
+    assert pruner.flops_ratio() <= 0.5
+    assert pruner.widths == {0: 8}
+    assert list(pruner.plan.keep[0]) == list(range(8))
