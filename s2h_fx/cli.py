@@ -165,7 +165,7 @@ def _check_output(path: Path) -> None:
 
 def _export_program(pruned: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
     """torch.export with a dynamic batch dimension, or a static one where the model fixes it."""
-    x2 = x[:1].expand(2, *x.shape[1:]).contiguous()  # a batch of 1 would specialize to 1
+    x2 = x if len(x) > 1 else torch.cat([x, x])  # a batch of 1 would specialize to 1
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     try:
         return torch.export.export(pruned, (x2,), dynamic_shapes=({0: batch},))
@@ -185,17 +185,33 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same directory, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _save(pruned: nn.Module, x: torch.Tensor, path: Path) -> None:
+    try:
+        if path.suffix == ".pt2":
+            program = _export_program(pruned, x)
+            _write_atomic(path, lambda f: torch.export.save(program, f))
+            hint = f"torch.export.load({str(path)!r}).module()"
+        else:
+            # The tracer class is pickled by reference; without it loading needs only torch.
+            pruned._tracer_cls = None  # type: ignore[assignment]
+            _write_atomic(path, lambda f: torch.save(pruned, f))
+            hint = f"torch.load({str(path)!r}, weights_only=False)"
+    except OSError as exc:
+        raise CliError(f"could not write {path}: {exc}") from exc
+    print(f"wrote {path} ({SAVE_FORMATS[path.suffix]}); load it with {hint}")
 
 
 # ---- commands --------------------------------------------------------------
@@ -235,26 +251,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save(pruned: nn.Module, x: torch.Tensor, path: Path) -> None:
-    if path.suffix == ".pt2":
-        program = _export_program(pruned, x)
-        _write_atomic(path, lambda f: torch.export.save(program, f))
-        hint = f"torch.export.load({str(path)!r}).module()"
-    else:
-        _write_atomic(path, lambda f: torch.save(pruned, f))
-        hint = f"torch.load({str(path)!r}, weights_only=False)"
-    print(f"wrote {path} ({SAVE_FORMATS[path.suffix]}); load it with {hint}")
-
-
 # ---- entry point -----------------------------------------------------------
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (so captured output works)."""
 
     def __init__(self) -> None:
         logging.Handler.__init__(self)
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
