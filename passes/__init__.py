@@ -3,7 +3,7 @@
 The pipeline, in order (each a pure function over a GraphModule):
 """
 
-from s2h_fx.passes.trace_model import trace_model  # 1. torch.fx trace + shapes + per-node FLOPs
+from s2h_fx.passes.trace_model import trace_model  # noqa: I001  1. torch.fx trace + shapes + per-node FLOPs
 from s2h_fx.passes.find_channel_groups import find_channel_groups  # 2. coupled channel groups
 from s2h_fx.passes.build_flops_model import build_flops_model  # FLOPs as a function of widths
 from s2h_fx.passes.insert_masks import insert_masks  # 3. one ChannelMask per group at mixing sites

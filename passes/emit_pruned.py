@@ -17,8 +17,8 @@ import torch
 from torch import fx, nn
 
 from s2h_fx.channels import S2H_MASK_SITE
-from s2h_fx.surgery import apply_surgery
 from s2h_fx.passes.plan_surgery import SurgeryPlan  # noqa: I001
+from s2h_fx.surgery import apply_surgery
 
 
 def slice_tensor(t: torch.Tensor, cuts: tuple[tuple[int, torch.Tensor], ...]) -> torch.Tensor:

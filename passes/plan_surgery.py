@@ -22,8 +22,8 @@ from torch import fx
 
 from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE, ChannelLayout, GroupingResult
 from s2h_fx.errors import InvariantError
-from s2h_fx.rules.base import iter_layouts
 from s2h_fx.passes.build_flops_model import axis_extent  # noqa: I001
+from s2h_fx.rules.base import iter_layouts
 
 
 @dataclass(frozen=True, eq=False)

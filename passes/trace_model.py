@@ -114,6 +114,9 @@ def trace_model(
         work.eval()
         try:
             graph = _Tracer().trace(work, concrete_args=concrete_args)
+            # pickling a GraphModule stores its graph's tracer class by reference: keep ours
+            # out so that a saved pruned model loads without s2h-fx installed
+            graph._tracer_cls = None
             gm = fx.GraphModule(work, graph, type(work).__name__)
         except Exception as exc:
             where = _source_of_failure(exc)

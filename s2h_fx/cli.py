@@ -205,8 +205,6 @@ def _save(pruned: nn.Module, x: torch.Tensor, path: Path) -> None:
             _write_atomic(path, lambda f: torch.export.save(program, f))
             hint = f"torch.export.load({str(path)!r}).module()"
         else:
-            # The tracer class is pickled by reference; without it loading needs only torch.
-            pruned._tracer_cls = None  # type: ignore[assignment]
             _write_atomic(path, lambda f: torch.save(pruned, f))
             hint = f"torch.load({str(path)!r}, weights_only=False)"
     except OSError as exc:

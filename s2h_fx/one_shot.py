@@ -11,8 +11,8 @@ from torch import nn
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.errors import BudgetError
-from s2h_fx.rules.base import _get_attr
 from s2h_fx.passes.build_flops_model import FlopsModel  # noqa: I001
+from s2h_fx.rules.base import _get_attr
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def choose_widths(
         )
     # per group: atom importances in the order they would be dropped
     order = {}
-    for g, grp in groups.items():
+    for g in groups:
         score = np.bincount(grouping.atom_of_class[g], weights=importance[g])
         order[g] = np.sort(score)
     terms_of: dict[int, list[Any]] = {g: [] for g in groups}

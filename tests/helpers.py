@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import s2h_fx
+
 from toy_zoo import TOY_ZOO
 
 # torchvision models of the numerical ladder, at a small input

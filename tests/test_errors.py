@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 import s2h_fx
+
 from toy_zoo import Residual, cbr
 
 X = torch.randn(2, 3, 16, 16)

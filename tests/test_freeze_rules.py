@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import s2h_fx
-from helpers import rel_err
 from s2h_fx.channels import FreezeReason
 from s2h_fx.passes import find_channel_groups, trace_model
 from s2h_fx.rules import RuleContext, register_rule
 from s2h_fx.rules.elementwise import pointwise
+
+from helpers import rel_err
 from toy_zoo import cbr
 
 

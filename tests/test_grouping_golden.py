@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import build
 from s2h_fx.passes import find_channel_groups, trace_model
+
+from helpers import build
 
 OUT = "reaches a model output"
 GOLDEN: dict[str, list[tuple[int, list[str], str | None]]] = {

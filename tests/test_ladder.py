@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import s2h_fx
+
 from helpers import (
     LAYER_NORM_OVER_PRUNED,
     TV_MODELS,

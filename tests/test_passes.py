@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 import s2h_fx
-from helpers import build, rel_err
 from s2h_fx.channels import S2H_MASK_SITE
 from s2h_fx.passes import (
     build_flops_model,
@@ -18,6 +17,8 @@ from s2h_fx.passes import (
     trace_model,
 )
 from s2h_fx.passes.insert_masks import mask_name
+
+from helpers import build, rel_err
 
 
 def _prepared(name: str = "cat_split"):
@@ -113,3 +114,16 @@ def test_one_shot_widths_meet_budget_and_prefer_important_channels() -> None:
     assert pruner.flops_ratio() <= 0.5
     assert pruner.widths == {0: 8}
     assert list(pruner.plan.keep[0]) == list(range(8))
+
+
+def test_exported_graph_pickles_without_s2h_fx(tmp_path) -> None:
+    model, inputs = build("residual")
+    pruned = s2h_fx.prune_graph(model.eval(), 0.5, example_inputs=inputs).export()
+    path = tmp_path / "pruned.pt"
+    torch.save(pruned, path)
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        assert not any(b"s2h_fx" in z.read(n) for n in z.namelist() if n.endswith(".pkl"))
+    loaded = torch.load(path, weights_only=False)
+    assert rel_err(loaded(*inputs), pruned(*inputs)) == 0

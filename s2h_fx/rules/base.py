@@ -30,7 +30,7 @@ from s2h_fx.channels import (
 
 log = logging.getLogger(__name__)
 
-LayoutValue = Union[ChannelLayout, tuple[Any, ...], None]
+LayoutValue = Union[ChannelLayout, tuple[Any, ...], None]  # noqa: UP007 (runtime alias, py3.10)
 Rule = Callable[["RuleContext", fx.Node], LayoutValue]
 
 MODULE_RULES: dict[type, Rule] = {}
