@@ -4,7 +4,8 @@ Reads: an ``nn.Module`` (or an already traced ``GraphModule``) and example input
 Writes: ``node.meta["tensor_meta"]`` (torch.fx ShapeProp) and
 ``node.meta[S2H_FLOPS]``, the FLOPs that ``torch.utils.flop_counter`` counts for
 that node on the example inputs.
-Postcondition: every node ran once on the example inputs; the graph is linted.
+Postcondition: dead code is eliminated (its FLOPs are not the network's); every
+node ran once on the example inputs; the graph is linted.
 Running it twice on its own output changes nothing.
 """
 
@@ -128,6 +129,8 @@ def trace_model(
                 "with torch.fx.wrap, or pass concrete_args for Python-valued arguments."
             ) from exc
         gm.train(was_training)
+    gm.graph.eliminate_dead_code()  # results nobody uses are not part of the network
+    gm.recompile()
     propagate(gm, example_inputs)
     return gm
 
