@@ -136,10 +136,10 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         size, atom_of = _atoms(ctx, root, cls_index, reasons[gi])
         atoms.append(size)
         atom_maps.append(atom_of)
-    for ids, why in ctx.frozen:
+    for ids, reason in ctx.frozen:
         for g in np.unique(group_of[ids]).tolist():
             if g >= 0:
-                reasons[g].append(why)
+                reasons[g].append(reason)
     _check_uniform(ctx, gm, group_of, class_of, sizes, reasons)
     groups = []
     for gi in range(len(comps)):

@@ -66,7 +66,7 @@ def plan_surgery(
         if not grp.prunable or len(classes) == 0 or len(classes) > grp.size:
             raise InvariantError(f"group {g}: cannot keep {len(classes)} of {grp.size} channels")
     kept = kept_ids(grouping, keep)
-    params = {}
+    params: dict[str, tuple[tuple[int, torch.Tensor], ...]] = {}
     for (path, axis), ids in grouping.slots.items():
         sel = kept[ids]
         if not sel.all():
@@ -106,6 +106,7 @@ def _shape_of(arg: Any, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] |
 def _rewrite(
     node: fx.Node, shapes: dict[str, tuple[int, ...]], kept: np.ndarray
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    args: tuple[Any, ...]
     t, args, kwargs = node.target, tuple(node.args), dict(node.kwargs)
     out = shapes.get(node.name)
     if node.op == "call_method" and t in ("view", "reshape") and out is not None:

@@ -32,7 +32,7 @@ class ChannelMask(nn.Module):
         return site
 
     def site_index(self, site: int) -> torch.Tensor:
-        return getattr(self, f"site{site}")  # type: ignore[no-any-return]
+        return getattr(self, f"site{site}")
 
     def forward(self, x: torch.Tensor, site: int) -> torch.Tensor:
         vals = torch.cat([self.values, self.values.new_ones(1)])

@@ -64,8 +64,8 @@ def choose_widths(
     # per group: atom importances in the order they would be dropped
     order = {}
     for g in groups:
-        score = np.bincount(grouping.atom_of_class[g], weights=importance[g])
-        order[g] = np.sort(score)
+        atom_score = np.bincount(grouping.atom_of_class[g], weights=importance[g])
+        order[g] = np.sort(atom_score)
     terms_of: dict[int, list[Any]] = {g: [] for g in groups}
     for t in flops.terms:
         for g in t.groups:

@@ -166,7 +166,9 @@ class Pruner(nn.Module):
 
 
 def _named_tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    out = [(n, p) for n, p in gm.named_parameters() if not n.startswith("s2h_mask")]
+    out: list[tuple[str, torch.Tensor]] = [
+        (n, p) for n, p in gm.named_parameters() if not n.startswith("s2h_mask")
+    ]
     out += [(n, b) for n, b in gm.named_buffers() if not n.startswith("s2h_mask")]
     return out
 

@@ -4,7 +4,7 @@ element-wise arithmetic (which couples channels), reductions and softmax."""
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +169,7 @@ def softmax(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     if lay is None or shp is None:
         return ctx.blank(node)  # type: ignore[return-value]
     if node.op == "call_module":
-        dim = ctx.module(node).dim  # type: ignore[union-attr]
+        dim = cast("int | None", ctx.module(node).dim)  # nn.Softmax / nn.LogSoftmax
     else:
         dim = ctx.arg(node, 1, "dim")
     dim = len(shp) - 1 if dim is None else int(dim) % len(shp)

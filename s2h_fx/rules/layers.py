@@ -4,7 +4,7 @@ PReLU, as modules and as functions over bare parameters (``F.conv2d(x, self.w)``
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch.nn.functional as F
 from torch import fx, nn
@@ -127,8 +127,8 @@ def linear_like(
 
 @register_rule(nn.Linear)
 def linear_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
-    m, t = ctx.module(node), str(node.target)
-    bias = f"{t}.bias" if m.bias is not None else None  # type: ignore[union-attr]
+    m, t = cast(nn.Linear, ctx.module(node)), str(node.target)
+    bias = f"{t}.bias" if m.bias is not None else None
     return linear_like(ctx, node, node.args[0], f"{t}.weight", bias)
 
 
@@ -183,16 +183,16 @@ def batch_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
 
 @register_rule(nn.GroupNorm)
 def group_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
-    m = ctx.module(node)
+    m = cast(nn.GroupNorm, ctx.module(node))
     names = _present(ctx, node, ["weight", "bias"])
-    k = m.num_channels // m.num_groups  # type: ignore[operator]
+    k = m.num_channels // m.num_groups
     return per_channel_params(ctx, node, node.args[0], 1, names, block=k)
 
 
 @register_rule(nn.PReLU)
 def prelu_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
-    m = ctx.module(node)
-    names = _present(ctx, node, ["weight"]) if m.num_parameters > 1 else []  # type: ignore[operator]
+    m = cast(nn.PReLU, ctx.module(node))
+    names = _present(ctx, node, ["weight"]) if m.num_parameters > 1 else []
     return per_channel_params(ctx, node, node.args[0], 1, names)
 
 

@@ -43,7 +43,8 @@ def transpose(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         return ctx.blank(node)
     perm = list(range(lay.ndim))
     if len(node.args) >= 3:
-        a, b = int(node.args[1]) % lay.ndim, int(node.args[2]) % lay.ndim
+        args: tuple[Any, ...] = node.args
+        a, b = int(args[1]) % lay.ndim, int(args[2]) % lay.ndim
     else:
         a, b = 0, max(lay.ndim - 1, 0)
     perm[a], perm[b] = perm[b], perm[a]
