@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import s2h_fx
+
 from helpers import count_flops, random_keep, rel_err
 
 
