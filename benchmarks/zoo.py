@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 TOLERANCE = 1e-5      # max relative error for "exported == hard network"
 TP_TRIALS = 6         # bisection trials for Torch-Pruning's pruning_ratio
-TP_RATIO_TOL = 0.005  # stop bisecting when |tp ratio - target| is below this
+TP_RATIO_TOL = 0.01   # stop bisecting when |tp ratio - target| is below this
 TP_MAX_RATIO = 0.95   # upper end of the pruning_ratio search
 
 Row = dict[str, Any]
@@ -210,24 +210,39 @@ def bisect_tp(trial: Callable[[float], tuple[float, Any]], target: float) -> tup
     return best[1], best[2]
 
 
-def measure_tp(model: nn.Module, x: torch.Tensor, target: float, dense: tuple[int, Any]) -> Row:
-    """Torch-Pruning at the FLOPs ratio ``target``; failures are recorded, not raised."""
-    row: Row = {"tp_ok": False, "tp_target": target}
+def measure_tp(model: nn.Module, x: torch.Tensor, target: float, dense: tuple[int, Any],
+               on_trial: Callable[[Row], None] | None = None) -> Row:
+    """Torch-Pruning at the FLOPs ratio ``target``; failures are recorded, not raised.
+
+    After each trial the row holds the closest trial so far and goes to
+    ``on_trial``, so a timeout in the middle of the bisection still reports it.
+    """
+    row: Row = {"tp_ok": False, "tp_target": target, "tp_trials": 0}
     try:
         classifier = find_classifier(model, x)
         row["tp_ignored"] = classifier
 
-        def trial(ratio: float) -> tuple[float, Any]:
+        def trial(ratio: float) -> tuple[float, Row]:
             pruned, seconds = tp_trial(model, x, ratio, classifier)
             flops, out = count_flops(pruned, x)
-            return flops / dense[0], (seconds, out)
+            result = {"tp_pruning_ratio": ratio, "tp_flops_ratio": flops / dense[0],
+                      "tp_seconds": seconds, "tp_ok": shapes(out) == shapes(dense[1]),
+                      "tp_shapes": shapes(out)}
+            row["tp_trials"] += 1
+            best = row.get("tp_flops_ratio")
+            if best is None or abs(result["tp_flops_ratio"] - target) < abs(best - target):
+                row.update(result)
+            if on_trial is not None:
+                on_trial(row)
+            return result["tp_flops_ratio"], result
 
-        ratio, (tp_flops_ratio, (seconds, out)) = bisect_tp(trial, target)
-        row.update(tp_pruning_ratio=ratio, tp_flops_ratio=tp_flops_ratio, tp_seconds=seconds)
-        row["tp_ok"] = shapes(out) == shapes(dense[1])
+        _, (_, result) = bisect_tp(trial, target)
+        row.update(result)
+        shape = row.pop("tp_shapes")
         if not row["tp_ok"]:
-            row["tp_error"] = f"output shape {shapes(out)} != dense {shapes(dense[1])}"
+            row["tp_error"] = f"output shape {shape} != dense {shapes(dense[1])}"
     except Exception as exc:
+        row.pop("tp_shapes", None)
         row["tp_error"] = short_error(exc)
     return row
 
@@ -244,8 +259,12 @@ def empty_row(name: str) -> Row:
 
 
 def measure_model(name: str, budget: float, input_size: tuple[int, ...], seed: int = 0,
-                  on_stage: Callable[[Row], None] | None = None) -> Row:
-    """Everything for one model. ``on_stage`` gets the row after s2h-fx (for timeouts)."""
+                  on_stage: Callable[[Row, str], None] | None = None) -> Row:
+    """Everything for one model.
+
+    ``on_stage(row, stage)`` gets the partial row after s2h-fx (stage "s2h") and
+    after each Torch-Pruning trial (stage "tp"), so a timeout keeps what was measured.
+    """
     row = empty_row(name)
     row.update(input_size=list(input_size), budget=budget)
     try:
@@ -258,9 +277,10 @@ def measure_model(name: str, budget: float, input_size: tuple[int, ...], seed: i
     row["dense_flops"] = dense[0]
     row.update(measure_s2h(model, x, budget, dense))
     if on_stage is not None:
-        on_stage(row)
+        on_stage(row, "s2h")
     target = row["flops_ratio"] if row["flops_ratio"] is not None else budget
-    row.update(measure_tp(model, x, target, dense))
+    on_trial = None if on_stage is None else (lambda r: on_stage({**row, **r}, "tp"))
+    row.update(measure_tp(model, x, target, dense, on_trial))
     return row
 
 
@@ -279,7 +299,7 @@ def run_one(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     size = args.input_size or default_input_size(args.one)
     row = measure_model(args.one, args.budget, size, args.seed,
-                        on_stage=lambda r: write_row(args.row_file, r, "s2h"))
+                        on_stage=lambda r, stage: write_row(args.row_file, r, stage))
     write_row(args.row_file, row, "done")
     return 0
 
@@ -307,10 +327,13 @@ def run_subprocess(name: str, args: argparse.Namespace, threads: int) -> Row:
             with open(row_file) as f:
                 row.update(json.load(f))
         stage = row.pop("stage", None)
-        if failure and stage is None:
-            row.update(error=failure, tp_error="not run")
+        if failure and stage is None:  # died before s2h-fx finished: traced is unknown
+            row.update(traced=None, error=failure, tp_error="not run")
         elif failure and stage == "s2h":
             row["tp_error"] = failure
+        elif failure and stage == "tp":
+            row["tp_error"] = (f"{failure} after {row.get('tp_trials')} bisection trial(s); "
+                               "the closest one is shown")
         row["wall_seconds"] = time.perf_counter() - t0
         return row
 
@@ -415,6 +438,7 @@ def summary_record(rows: list[Row], args: argparse.Namespace) -> Row:
         "input_size": args.input_size, "timeout_s": args.timeout, "jobs": args.jobs,
         "seed": args.seed, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "torch_pruning": tp.__version__, "s2h_fx": s2h_fx.__version__,
+        "s2h_fx_path": str(Path(s2h_fx.__file__).parent),
         "python": platform.python_version(), "machine": platform.machine(),
         "cpu_count": os.cpu_count(), "line": summary_line(rows),
     }
