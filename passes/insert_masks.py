@@ -5,7 +5,8 @@ and the GroupingResult. Writes: ``call_module`` nodes ``s2h_mask_g{i}(x, site)``
 in front of every argument that a conv/linear/matmul sums over, for each
 prunable group whose channels that argument carries; inserted nodes carry
 ``node.meta[S2H_MASK_SITE]`` and copy their input's meta.
-Postcondition: with every mask value at 1 the graph computes what it did before.
+Postcondition: with every mask value at 1 (``use_fixed`` with the default ones) the
+graph computes what it did before; new masks start at full hard width.
 Running it twice changes nothing (already masked arguments are skipped).
 """
 
@@ -36,7 +37,7 @@ def mask_name(group: int) -> str:
 def insert_masks(gm: fx.GraphModule, grouping: GroupingResult) -> fx.GraphModule:
     for g in grouping.prunable:
         if not hasattr(gm, mask_name(g.index)):
-            gm.add_submodule(mask_name(g.index), ChannelMask(g.index, g.size))
+            gm.add_submodule(mask_name(g.index), ChannelMask(g.index, g.size, g.divisor))
     for node in list(gm.graph.nodes):
         for i in node.meta.get(S2H_MIXING, ()):
             arg = node.args[i] if i < len(node.args) else None

@@ -126,9 +126,13 @@ def _rewrite(
         if src is not None:
             return (args[0], list(src[-n:]), *args[2:]), kwargs
     if t is F.group_norm:
-        src, old = _shape_of(args[0], shapes), args[0].meta["tensor_meta"].shape
-        if src is not None:
-            return (args[0], int(args[1]) * src[1] // int(old[1]), *args[2:]), kwargs
+        src, tm = _shape_of(args[0], shapes), args[0].meta.get("tensor_meta")
+        groups = args[1] if len(args) > 1 else kwargs.get("num_groups")
+        if src is not None and tm is not None and groups is not None:
+            new = int(groups) * src[1] // int(tm.shape[1])
+            if len(args) > 1:
+                return (args[0], new, *args[2:]), kwargs
+            return args, {**kwargs, "num_groups": new}
     return None
 
 

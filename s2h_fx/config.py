@@ -37,3 +37,35 @@ class PruneConfig:
         object.__setattr__(self, "budget", float(b))
         if not isinstance(self.divisor, int) or self.divisor < 1:
             raise ValueError(f"divisor must be a positive integer, got {self.divisor!r}")
+
+
+@dataclass(frozen=True)
+class S2HConfig:
+    """Hyper-parameters of S2H training (DESIGN.md section 3).
+
+    ``temperature``: T of the width softmax. ``resource_weight``: lambda_R of the
+    resource loss. ``kd_weight``: weight of both distillation terms.
+    ``mask_lr``: step size of the mask optimiser. ``tolerance``: FLOPs-ratio band
+    around the budget inside which the task gradient leads the mask update.
+    ``balance_cap``: how far the resource gradient may outweigh the task gradient.
+    ``fix_importance``: keep the channel order from the start instead of
+    recomputing it after every mask step.
+    """
+
+    temperature: float = 1.0
+    resource_weight: float = 1.0
+    kd_weight: float = 1.0
+    mask_lr: float = 0.05
+    tolerance: float = 0.005
+    balance_cap: float = 10.0
+    fix_importance: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "mask_lr", "tolerance", "balance_cap"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not value > 0:
+                raise ValueError(f"S2HConfig.{name} must be a positive number, got {value!r}")
+        for name in ("resource_weight", "kd_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or float(value) < 0 or math.isnan(value):
+                raise ValueError(f"S2HConfig.{name} must be >= 0, got {value!r}")

@@ -1,5 +1,6 @@
-"""One-shot widths: L1 importance per channel and a global greedy choice that
-meets a FLOPs budget (the no-training baseline that S2H training must beat)."""
+"""One-shot widths: a global greedy choice that meets a FLOPs budget, dropping the
+channels that cost least L1 importance per FLOP saved (the no-training baseline
+that S2H training must beat; also the final projection after training)."""
 
 from __future__ import annotations
 
@@ -7,50 +8,23 @@ import logging
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.errors import BudgetError
 from s2h_fx.passes.build_flops_model import FlopsModel  # noqa: I001
-from s2h_fx.rules.base import _get_attr
 
 log = logging.getLogger(__name__)
 
 
-def class_importance(model: nn.Module, grouping: GroupingResult) -> dict[int, np.ndarray]:
-    """Per class: L1 norm of its producers' weights, each producer normalised to mean 1."""
-    out = {}
-    for g in grouping.prunable:
-        acc = np.zeros(g.size)
-        for path, axis in g.producers:
-            w = _get_attr(model, path).detach().float().abs()
-            l1 = w.sum(dim=[d for d in range(w.dim()) if d != axis]).cpu().numpy()
-            l1 = l1 / (l1.mean() + 1e-12)
-            cls = grouping.class_of_id[grouping.slots[(path, axis)]]
-            np.add.at(acc, cls, l1 / np.bincount(cls, minlength=g.size)[cls])
-        out[g.index] = acc / max(len(g.producers), 1)
-    return out
-
-
-def keep_top(grouping: GroupingResult, importance: dict[int, np.ndarray],
-             widths: dict[int, int]) -> dict[int, np.ndarray]:
-    """The most important whole atoms of each group, as sorted class indices."""
-    keep = {}
-    for g, w in widths.items():
-        atom_of = grouping.atom_of_class[g]
-        atom = grouping.groups[g].atom
-        score = np.bincount(atom_of, weights=importance[g])
-        top = np.argsort(-score, kind="stable")[: w // atom]
-        keep[g] = np.flatnonzero(np.isin(atom_of, top))
-    return keep
-
-
 def choose_widths(
-    flops: FlopsModel, grouping: GroupingResult, importance: dict[int, np.ndarray], budget: float
+    flops: FlopsModel, grouping: GroupingResult, importance: dict[int, np.ndarray], budget: float,
+    start: dict[int, int] | None = None,
 ) -> dict[int, int]:
-    """Greedy: repeatedly shrink the group that loses least importance per FLOP saved."""
+    """Greedy: repeatedly shrink the group that loses least importance per FLOP saved,
+    from ``start`` (default: full widths) until the FLOPs fit the budget."""
     groups = {g.index: g for g in grouping.prunable}
     widths = {g: grp.size for g, grp in groups.items()}
+    widths.update(start or {})
     target = budget * flops.total
     floor = flops({g: grp.divisor for g, grp in groups.items()})
     if floor > target + 1e-6 * flops.total:
@@ -82,7 +56,7 @@ def choose_widths(
         saved = before - sum(t.at(trial, flops.sizes) for t in terms_of[g])
         if saved <= 0:
             return np.inf
-        dropped = (grp.size - widths[g]) // grp.atom
+        dropped = (grp.size - widths[g]) // grp.atom  # atoms are dropped least important first
         cost = order[g][dropped : dropped + grp.divisor // grp.atom].sum()
         return float(cost / saved)
 

@@ -73,7 +73,7 @@ def test_ladder(name: str, train: bool) -> None:
         with torch.no_grad():
             out = emitted(*inputs)
             hard = pruner.hard_forward(*inputs)
-            masked = pruner.soft_forward(*inputs)
+            masked = pruner.masked_forward(*inputs)
         assert rel_err(hard, out) < TOL, f"seed {seed}: emitted != hard"
         if name not in LAYER_NORM_OVER_PRUNED:
             assert rel_err(masked, out) < EMULATION_TOL, f"seed {seed}: emitted != masked emulation"

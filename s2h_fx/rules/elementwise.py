@@ -172,7 +172,9 @@ def softmax(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
         dim = cast("int | None", ctx.module(node).dim)  # nn.Softmax / nn.LogSoftmax
     else:
         dim = ctx.arg(node, 1, "dim")
-    dim = len(shp) - 1 if dim is None else int(dim) % len(shp)
+    if dim is None:  # torch's implicit softmax dim
+        dim = 0 if len(shp) in (0, 1, 3) else 1
+    dim = int(dim) % len(shp)
     f = lay.factor_at(dim)
     if f is not None:
         ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
