@@ -43,6 +43,7 @@ class ChannelMask(nn.Module):
         self.temperature = temperature
         self.num_sites = 0
         self.use_fixed = False
+        self.straight_through = False  # forward the hard keep, backward the relaxed mask
         self.logits = nn.Parameter(torch.zeros(size // divisor))
         self.register_buffer("rank", torch.arange(size))
         self.register_buffer("fixed", torch.ones(size))
@@ -98,8 +99,18 @@ class ChannelMask(nn.Module):
                            self.divisor, self.size)
         return e + (hard - e.detach())
 
+    def hard_values(self) -> torch.Tensor:
+        """1 for the classes the hard network keeps now (rank < n), else 0."""
+        n = self.hard_width().detach()
+        return (self.rank < n).to(self.logits.dtype)
+
     def values(self) -> torch.Tensor:
-        return self.fixed if self.use_fixed else self.soft_values()
+        if self.use_fixed:
+            return self.fixed
+        soft = self.soft_values()
+        if self.straight_through:
+            return self.hard_values() + (soft - soft.detach())
+        return soft
 
     def kept(self, width: int) -> np.ndarray:
         """Sorted class indices of the ``width`` most important classes."""

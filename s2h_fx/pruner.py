@@ -259,38 +259,51 @@ class Pruner(nn.Module):
 
     def losses(
         self, outputs: tuple[torch.Tensor, torch.Tensor], target: Any,
-        task_loss: Any = F.cross_entropy,
+        task_loss: Any = F.cross_entropy, *, decoupled: bool = True,
     ) -> dict[str, torch.Tensor]:
         """The four S2H terms, coefficients included: "task" L = task_loss(soft, target),
-        "resource" R, "kd_hard" G_h = KL(sg(soft) || hard), "kd_soft" G_s = KL(sg(hard) || soft)."""
+        "resource" R, "kd_hard" G_h = KL(sg(soft) || hard), "kd_soft" G_s = KL(sg(hard) || soft).
+
+        ``decoupled=False`` (an ablation) drops the stop-gradients: both KL terms then
+        reach everything, as with a plain ``sum(losses.values()).backward()``."""
         soft, hard = outputs
         if not isinstance(soft, torch.Tensor) or not isinstance(hard, torch.Tensor):
             raise TypeError("losses() needs logits tensors; for structured outputs compute the "
                             "terms yourself and pass them to backward()")
         log_s, log_h = F.log_softmax(soft.float(), -1), F.log_softmax(hard.float(), -1)
+        sg = (lambda t: t.detach()) if decoupled else (lambda t: t)
         kd = self.s2h.kd_weight
         resource, _ = self.resource_loss()
         return {
             "task": task_loss(soft, target),
             "resource": resource,
-            "kd_hard": kd * F.kl_div(log_h, log_s.detach(), log_target=True, reduction="batchmean"),
-            "kd_soft": kd * F.kl_div(log_s, log_h.detach(), log_target=True, reduction="batchmean"),
+            "kd_hard": kd * F.kl_div(log_h, sg(log_s), log_target=True, reduction="batchmean"),
+            "kd_soft": kd * F.kl_div(log_s, sg(log_h), log_target=True, reduction="batchmean"),
         }
 
-    def backward(self, losses: dict[str, torch.Tensor], grad_scaler: Any = None) -> None:
+    def backward(
+        self, losses: dict[str, torch.Tensor], grad_scaler: Any = None, *, decoupled: bool = True
+    ) -> None:
         """Decoupled backward: theta.grad += d(L + G_h)/dtheta; u.grad += d(L + G_s + R)/du.
 
         G_s never reaches the weights and G_h never reaches the masks. With a
         ``torch.amp.GradScaler`` the weight gradients are scaled as usual.
+        ``decoupled=False`` (an ablation): every term reaches everything.
         """
         scale = (lambda t: grad_scaler.scale(t)) if grad_scaler is not None else (lambda t: t)
         weights, logits = self.weight_parameters(), self.mask_parameters()
         before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in logits]
-        torch.autograd.backward(scale(losses["task"] + losses["kd_hard"]),
-                                inputs=weights + logits, retain_graph=True)
+        first = losses["task"] + losses["kd_hard"]
+        if not decoupled:
+            first = first + losses["kd_soft"]
+        torch.autograd.backward(scale(first), inputs=weights + logits, retain_graph=True)
         task = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b
                 for p, b in zip(logits, before)]
-        extra = torch.autograd.grad(scale(losses["kd_soft"]), logits, allow_unused=True)
+        if decoupled:
+            extra: tuple[Any, ...] = torch.autograd.grad(
+                scale(losses["kd_soft"]), logits, allow_unused=True)
+        else:
+            extra = (None,) * len(logits)
         res_grads = torch.autograd.grad(losses["resource"], logits, allow_unused=True)
         inv = 1.0 / float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
         task = [(t + (e if e is not None else 0)) * inv for t, e in zip(task, extra)]
