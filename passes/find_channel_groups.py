@@ -34,6 +34,7 @@ from s2h_fx.channels import (
 from s2h_fx.errors import UnsupportedOpError
 from s2h_fx.rules import RuleContext, lookup_rule
 from s2h_fx.rules.base import _get_attr, describe, iter_layouts
+from s2h_fx.rules.sizes import S2H_SIZE_DEPS, check_size_uses, size_deps
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ def find_channel_groups(
 ) -> GroupingResult:
     ctx = RuleContext(gm)
     for node in gm.graph.nodes:
+        node.meta[S2H_SIZE_DEPS] = size_deps(ctx, node)
         node.meta[S2H_LAYOUT] = _visit(ctx, node)
+        check_size_uses(ctx, node)
         node.meta[S2H_FLOP_REFS] = ctx.flop_refs.get(node.name, None)
         node.meta[S2H_MIXING] = ctx.mixing.get(node.name, ())
     if ctx.unknown:
@@ -136,6 +139,12 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         size, atom_of = _atoms(ctx, root, cls_index, reasons[gi])
         atoms.append(size)
         atom_maps.append(atom_of)
+    for deps, sized, user in ctx.size_checks:
+        used = set(np.unique(group_of[deps]).tolist()) - {-1}
+        own = set(np.unique(group_of[sized]).tolist()) - {-1} if sized is not None else set()
+        if used != own:
+            ids = deps if sized is None else np.concatenate([deps, sized])
+            ctx.freeze(ids, FreezeReason.SIZE_AS_VALUE, user)
     for ids, reason in ctx.frozen:
         for g in np.unique(group_of[ids]).tolist():
             if g >= 0:

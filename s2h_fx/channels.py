@@ -37,6 +37,7 @@ class FreezeReason(enum.Enum):
     GROUPED_CONV = "grouped convolution with unequal in/out channels per group"
     NON_UNIFORM = "coupled channels do not pair up one-to-one"
     TOO_SMALL = "no smaller width is allowed by its divisor"
+    SIZE_AS_VALUE = "its channel count is used as a value (not as the size of these channels)"
 
 
 @dataclass(frozen=True, eq=False)

@@ -45,7 +45,37 @@ CASES = {
     FreezeReason.PARTIAL_USE: (lambda h, x: h[:, :8], 8, 16),
     FreezeReason.IRREGULAR_LAYOUT: (lambda h, x: F.pad(h, (0, 0, 0, 0, 1, 1)), 18, 16),
     FreezeReason.TOO_SMALL: (lambda h, x: h, 6, 6),
+    # the channel count as a scale (it would change with the width)
+    FreezeReason.SIZE_AS_VALUE: (lambda h, x: h * h.size(1) ** -0.5, 16, 16),
 }
+# reasons tested elsewhere in this file or in the golden tables
+ELSEWHERE = {FreezeReason.UNKNOWN_OP, FreezeReason.MODEL_OUTPUT, FreezeReason.GROUPED_CONV,
+             FreezeReason.NON_UNIFORM}
+
+
+def test_every_reason_has_a_negative_test() -> None:
+    assert set(CASES) | ELSEWHERE == set(FreezeReason)
+
+
+class SizeAsSize(nn.Module):
+    """c = x.size(1) reused as the size of the same channels: the reshape adapts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 16), nn.Conv1d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        n, c, _, _ = h.shape
+        return self.b(h.reshape(n, c, -1))
+
+
+def test_channel_count_used_as_its_own_size_stays_prunable() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    pruner = s2h_fx.prune_graph(SizeAsSize().eval(), 0.7, example_inputs=(x,))
+    assert pruner.grouping.prunable and pruner.widths[0] < 16
+    pruner.eval()
+    assert rel_err(pruner(x), pruner.export()(x)) < 1e-5
 
 
 @pytest.mark.parametrize("reason", list(CASES), ids=lambda r: r.name)

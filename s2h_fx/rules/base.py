@@ -101,6 +101,8 @@ class RuleContext:
         self.unknown: list[str] = []
         self.flop_refs: dict[str, tuple[tuple[Factor, int], ...]] = {}
         self.mixing: dict[str, tuple[int, ...]] = {}  # node -> args whose channels it mixes
+        # (ids a size value depends on, ids of the axis it sizes or None, the using node)
+        self.size_checks: list[tuple[np.ndarray, np.ndarray | None, fx.Node]] = []
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
 
     # ---- reading the graph -------------------------------------------------

@@ -1,0 +1,97 @@
+"""Channel counts that flow as Python values: ``c = x.size(1)`` then ``y.view(n, c, -1)``.
+
+A size read from a channel axis changes when that axis is pruned. Where it is
+used as the size of the same channels in a reshape, the graph adapts by itself;
+used anywhere else (the size of other channels, a scale, a new tensor) it
+would silently change meaning, so those channels are frozen.
+
+``node.meta[S2H_SIZE_DEPS]``: for a node holding sizes, the channel ids its value
+depends on (an array), or a tuple of those for a tuple of sizes; None otherwise.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from s2h_fx.channels import ChannelLayout
+from s2h_fx.rules.base import RuleContext
+
+S2H_SIZE_DEPS = "s2h_size_deps"
+
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+               operator.mod, operator.pow, operator.neg, builtins.int, builtins.max, builtins.min}
+_RESHAPES = {"view", "reshape", torch.reshape}
+
+
+def _axis_ids(lay: ChannelLayout, axis: int) -> np.ndarray:
+    f = lay.factor_at(axis)
+    return f.ids.ravel() if f is not None else np.zeros(0, dtype=np.int64)
+
+
+def _deps(arg: Any) -> Any:
+    return arg.meta.get(S2H_SIZE_DEPS) if isinstance(arg, fx.Node) else None
+
+
+def size_deps(ctx: RuleContext, node: fx.Node) -> Any:
+    """The channel ids a size-valued node depends on (see module docstring)."""
+    t = node.target
+    if (node.op == "call_method" and t == "size") or (t is builtins.getattr
+                                                       and node.args[1] == "shape"):
+        lay, shp = ctx.layout(node.args[0]), ctx.shape(node.args[0])
+        if lay is None or shp is None:
+            return None
+        per_axis = tuple(_axis_ids(lay, a) for a in range(len(shp)))
+        dim = ctx.arg(node, 1, "dim") if node.op == "call_method" else None
+        return per_axis if dim is None else per_axis[int(dim) % len(shp)]
+    if t is operator.getitem and isinstance(_deps(node.args[0]), tuple):
+        idx = node.args[1]
+        return _deps(node.args[0])[idx] if isinstance(idx, int) else None
+    if node.op == "call_function" and t in _ARITHMETIC:
+        parts = [d for a in node.args if isinstance(d := _deps(a), np.ndarray)]
+        return np.concatenate(parts) if parts else None
+    return None
+
+
+def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
+    """Record, for the group pass, every use of a channel count by this node."""
+    if node.meta.get(S2H_SIZE_DEPS) is not None:
+        return  # arithmetic on sizes: it propagates, it does not use
+    sizes: list[Any] = []
+    if node.target in _RESHAPES:
+        rest = node.args[1:]
+        sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    out = node.meta.get("s2h_layout")
+    for j, arg in enumerate(sizes):
+        deps = _deps(arg)
+        if isinstance(deps, np.ndarray) and deps.size:
+            factor = _axis_ids(out, j) if isinstance(out, ChannelLayout) else None
+            ctx.size_checks.append((deps, factor, node))
+    counted = {id(a) for a in sizes}
+    for arg in _flat(node.args) + _flat(tuple(node.kwargs.values())):
+        if id(arg) in counted:
+            continue
+        deps = _deps(arg)
+        if isinstance(deps, np.ndarray) and deps.size:
+            ctx.size_checks.append((deps, None, node))
+        elif isinstance(deps, tuple):
+            for d in deps:
+                if d.size:
+                    ctx.size_checks.append((d, None, node))
+
+
+def _flat(args: Any) -> list[Any]:
+    out: list[Any] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out.extend(_flat(a))
+        elif isinstance(a, dict):
+            out.extend(_flat(tuple(a.values())))
+        else:
+            out.append(a)
+    return out
