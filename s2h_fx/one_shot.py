@@ -72,3 +72,32 @@ def choose_widths(
             scores[h] = score(h)
     log.info("one-shot widths: %.4f of full FLOPs (budget %.4f)", current / flops.total, budget)
     return widths
+
+
+def grow_widths(
+    flops: FlopsModel, grouping: GroupingResult, importance: dict[int, np.ndarray],
+    ranks: dict[int, np.ndarray], ceiling: float, start: dict[int, int],
+) -> dict[int, int]:
+    """Greedy inverse of :func:`choose_widths`: while the FLOPs stay within ``ceiling``
+    (a fraction of the full FLOPs), give back the channels that add the most
+    importance per FLOP."""
+    groups = {g.index: g for g in grouping.prunable}
+    widths = dict(start)
+    limit = ceiling * flops.total
+    while True:
+        best, best_score = None, 0.0
+        current = flops(widths)
+        for g, grp in groups.items():
+            if widths[g] + grp.divisor > grp.size:
+                continue
+            trial = {**widths, g: widths[g] + grp.divisor}
+            cost = flops(trial)
+            if cost > limit or cost <= current:
+                continue
+            nxt = (ranks[g] >= widths[g]) & (ranks[g] < widths[g] + grp.divisor)
+            score = float(importance[g][nxt].sum()) / (cost - current)
+            if score > best_score:
+                best, best_score = g, score
+        if best is None:
+            return widths
+        widths[best] += groups[best].divisor

@@ -20,7 +20,7 @@ from s2h_fx.errors import InputError, InvariantError, NoPrunableChannelsError
 from s2h_fx.importance import Importance, keep_from_ranks, rank_with_first
 from s2h_fx.mask_optim import MaskOptimizer
 from s2h_fx.masks import ChannelMask
-from s2h_fx.one_shot import choose_widths
+from s2h_fx.one_shot import choose_widths, grow_widths
 from s2h_fx.passes import (  # noqa: I001
     build_flops_model,
     emit_pruned,
@@ -368,19 +368,28 @@ class Pruner(nn.Module):
                     live.copy_(getattr(m, buf))
         return used
 
-    def project(self) -> bool:
-        """If the hard network is above budget (plus tolerance), shrink the widths that
-        cost least importance per FLOP until it fits. Returns whether it changed."""
+    def project(self, floor_margin: float = 0.03) -> bool:
+        """Bring the hard network's FLOPs ratio into [budget - floor_margin, budget +
+        tolerance]: above it, shrink the widths that cost least importance per FLOP;
+        far below it, give back the channels that add most. Returns whether it changed."""
         ratio = float(self.flops_ratio())
-        if ratio <= self.config.budget + self.s2h.tolerance:
+        budget, tol = self.config.budget, self.s2h.tolerance
+        if budget - floor_margin <= ratio <= budget + tol:
             return False
-        scores = self.importance.scores(self.graph_module)
-        widths = choose_widths(self.flops_model, self.grouping,
-                               {g: s.numpy() for g, s in scores.items()}, self.config.budget,
-                               start=self.widths)
+        scores = {g: s.numpy() for g, s in self.importance.scores(self.graph_module).items()}
+        if ratio > budget + tol:
+            widths = choose_widths(self.flops_model, self.grouping, scores, budget,
+                                   start=self.widths)
+        else:
+            ranks = {g: r.cpu().numpy() for g, r in self._ranks().items()}
+            widths = grow_widths(self.flops_model, self.grouping, scores, ranks, budget,
+                                 start=self.widths)
         self.set_widths(widths, keep_from_ranks(self._ranks(), widths))
-        log.warning("hard network at %.4f of the FLOPs, above budget %.4f: projected to %.4f",
-                    ratio, self.config.budget, float(self.flops_ratio()))
+        after = float(self.flops_ratio())
+        log.warning("hard network at %.4f of the FLOPs, budget %.4f: projected to %.4f%s",
+                    ratio, budget, after,
+                    "" if budget - floor_margin <= after <= budget + tol else
+                    " (the groups' widths cannot land inside the band)")
         return True
 
     def export(self) -> fx.GraphModule:

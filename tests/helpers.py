@@ -44,7 +44,7 @@ def build(name: str) -> tuple[nn.Module, tuple[Any, ...]]:
         model = torchvision.models.googlenet(weights=None, num_classes=10, aux_logits=False,
                                              init_weights=False)
     _randomise_bn(model)
-    return no_dropout(model), (torch.randn(2, 3, 64, 64),)
+    return no_dropout(model), (torch.randn(2, 3, 32, 32),)
 
 
 def _randomise_bn(model: nn.Module) -> None:

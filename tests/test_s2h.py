@@ -161,3 +161,65 @@ def test_state_dict_round_trip() -> None:
     pruner.eval()
     fresh.eval()
     assert rel_err(fresh(x), pruner(x)) == 0
+
+
+@pytest.mark.parametrize("start", ["above", "below"])
+def test_projection_brings_flops_into_the_band(start: str) -> None:
+    model, x = _step_inputs("resnet18")
+    model.eval()
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    full = {g.index: g.size for g in pruner.grouping.prunable}
+    low = {g.index: g.divisor for g in pruner.grouping.prunable}
+    pruner.set_widths(full if start == "above" else low)
+    assert pruner.project()
+    assert 0.5 - 0.03 <= pruner.flops_ratio() <= 0.5 + 0.005
+    assert not pruner.project()  # already inside: nothing changes
+    pruner.eval()
+    assert rel_err(pruner(x), pruner.export()(x)) < 1e-5
+
+
+def test_fit_meets_the_budget_and_exports_the_hard_network() -> None:
+    torch.manual_seed(0)
+    model, (x,) = build("squeeze_excite")
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(6)]
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    history = pruner.fit(data, epochs=2, val_loader=data[:2], lr=0.01, progress=False)
+    assert len(history) == 2 and history[-1].val_hard_acc is not None
+    assert all(np.isfinite(v) for v in history[-1].losses.values())
+    assert not pruner.training
+    assert 0.5 - 0.03 <= pruner.flops_ratio() <= 0.5 + 0.005
+    exported = pruner.export()
+    assert rel_err(pruner(x), exported(x)) < 1e-5
+    from helpers import count_flops
+
+    assert count_flops(exported, (x,)) / pruner.flops_model.total == pytest.approx(
+        pruner.flops_ratio(), rel=1e-9)
+
+
+def test_user_loop_under_autocast() -> None:
+    model, (x,) = build("residual")
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01)
+    pruner.train()
+    y = torch.randint(0, 4, (x.shape[0],))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pruner(x)
+        losses = pruner.losses(out, y)
+    pruner.backward(losses)
+    opt.step()
+    pruner.mask_step()
+    assert all(torch.isfinite(p.grad).all() for p in pruner.mask_parameters() if p.grad is not None) \
+        or all(p.grad is None for p in pruner.mask_parameters())
+    assert all(torch.isfinite(m.logits).all() for m in pruner.masks().values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda() -> None:
+    model, (x,) = build("squeeze_excite")
+    data = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(4)]
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    pruner.fit(data, epochs=1, lr=0.01, progress=False, device="cuda", amp=True)
+    exported = pruner.export()
+    xc = x.cuda()
+    assert rel_err(pruner(xc), exported(xc)) < 1e-4
