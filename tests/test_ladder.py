@@ -66,7 +66,7 @@ def test_ladder(name: str, train: bool) -> None:
     assert pruner.flops_ratio() == pytest.approx(1.0)
 
     # 2-3. random widths and random kept channels
-    for seed in range(2):
+    for seed in range(1 if train else 2):  # train mode: one draw keeps the suite short
         widths, keep = random_keep(pruner, seed)
         pruner.set_widths(widths, keep)
         emitted = pruner.export().train(train)
