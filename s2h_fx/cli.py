@@ -1,7 +1,9 @@
 """The ``s2h-fx`` command line: inspect a torchvision model's channel groups, or prune and export it.
 
+    s2h-fx demo                                   # S2H on resnet18 + sklearn digits, CPU, no download
     s2h-fx inspect resnet18 --input-size 3,224,224
-    s2h-fx export resnet18 --budget 0.5 -o resnet18_half.pt2
+    s2h-fx export resnet18 --budget 0.5 -o resnet18_half.pt2      # one-shot widths, no training
+    s2h-fx prune resnet18 --budget 0.3 --cifar10 ~/data -o r18.pt2  # S2H training on a dataset
 
 ``export`` writes ``.pt2`` with :func:`torch.export.save` (load it with
 ``torch.export.load(FILE).module()``; batch size is dynamic where the model
@@ -20,6 +22,7 @@ import argparse
 import difflib
 import logging
 import os
+import pickle
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -57,6 +60,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _input_size(text: str) -> tuple[int, ...]:
     try:
         return tuple(_positive_int(part) for part in text.split(","))
@@ -89,11 +102,89 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                         help="where to save: FILE.pt2 (torch.export, recommended) or FILE.pt "
                              "(pickle; load with torch.load(FILE, weights_only=False))")
+    _add_demo_parser(sub)
+    _add_prune_parser(sub)
     return parser
 
 
+def _training_options(p: argparse.ArgumentParser, epochs: int, batch_size: int) -> None:
+    p.add_argument("--epochs", type=_positive_int, default=epochs,
+                   help=f"training epochs (default {epochs})")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                   help=f"training batch size (default {batch_size})")
+    p.add_argument("--lr", type=_positive_float, default=0.05,
+                   help="learning rate of the weights: SGD, momentum 0.9, cosine (default 0.05)")
+    p.add_argument("--latency-runs", type=_positive_int, default=50,
+                   help="timed CPU runs per network for the latency column (default 50)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
+
+
+def _add_demo_parser(sub: Any) -> None:
+    from s2h_fx.demo import DEFAULT_EPOCHS
+
+    demo = sub.add_parser(
+        "demo", help="S2H-prune resnet18 on scikit-learn's digits (CPU, no download) and "
+                     "compare it with a dense model trained as long",
+        description="Trains a dense resnet18 and an S2H-pruned one on scikit-learn's digits "
+                    "(upsampled to 32x32) for the same epochs, prints a table (accuracy, "
+                    "FLOPs, params, CPU latency, speed-up) and writes DIR/s2h_demo.png and "
+                    "DIR/s2h_demo.json.")
+    demo.add_argument("--budget", type=float, default=0.3,
+                      help="fraction of the FLOPs to keep, in (0, 1] (default 0.3)")
+    demo.add_argument("--out", type=Path, default=Path("s2h_demo"), metavar="DIR",
+                      help="where to write the plot and the JSON table (default ./s2h_demo)")
+    _training_options(demo, DEFAULT_EPOCHS, 64)
+
+
+def _add_prune_parser(sub: Any) -> None:
+    prune = sub.add_parser(
+        "prune", help="S2H-train a torchvision model on a dataset under a FLOPs budget and "
+                      "save the pruned model",
+        description="Builds a torchvision model (random weights, or --checkpoint) with as many "
+                    "classes as the dataset, trains it with S2H (soft and hard networks, "
+                    "learned masks) under the budget, prints a table (dense / soft / hard / "
+                    "exported: accuracy, FLOPs, params, CPU latency) and saves the exported "
+                    "network.")
+    prune.add_argument("model", help="torchvision classification model name, e.g. resnet18")
+    prune.add_argument("--budget", type=float, required=True,
+                       help="fraction of the FLOPs to keep, in (0, 1]")
+    data = prune.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data-dir", type=Path, metavar="DIR",
+                      help="an image folder dataset: DIR/train/<class>/* and DIR/val/<class>/*")
+    data.add_argument("--cifar10", type=Path, metavar="ROOT",
+                      help="CIFAR-10 in torchvision's format: ROOT/cifar-10-batches-py/")
+    data.add_argument("--cifar100", type=Path, metavar="ROOT",
+                      help="CIFAR-100 in torchvision's format: ROOT/cifar-100-python/")
+    prune.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
+                       help="where to save: FILE.pt2 (torch.export, recommended) or FILE.pt")
+    prune.add_argument("--input-size", type=_input_size, default=None, metavar="3,S,S",
+                       help="training image size (default 3,32,32 for CIFAR, 3,224,224 for a "
+                            "folder)")
+    prune.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
+                       help="start from this state_dict (torch.save(model.state_dict(), FILE)) "
+                            "instead of random weights")
+    prune.add_argument("--dense-baseline", action="store_true",
+                       help="also train a dense copy for the same epochs, for the table's "
+                            "dense row (default: the dense row is the starting weights)")
+    prune.add_argument("--divisor", type=_positive_int, default=8,
+                       help="widths are multiples of this where a group allows (default 8)")
+    prune.add_argument("--strict", action="store_true",
+                       help="fail on ops without a coupling rule instead of freezing their groups")
+    prune.add_argument("--workers", type=int, default=0,
+                       help="data loader worker processes (default 0)")
+    prune.add_argument("--device", default=None,
+                       help="training device, e.g. cpu or cuda (default: cuda when present)")
+    prune.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                       help="also plot accuracy and the hard FLOPs ratio over training")
+    _training_options(prune, 5, 64)
+
+
 # ---- building the pruner ---------------------------------------------------
-def _load_model(name: str) -> nn.Module:
+def _load_model(name: str, **kwargs: Any) -> nn.Module:
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
@@ -104,7 +195,7 @@ def _load_model(name: str) -> nn.Module:
             f"unknown model {name!r}: not a torchvision classification model{hint} "
             f"(all {len(names)} names: torchvision.models.list_models(module=torchvision.models))"
         )
-    return torchvision.models.get_model(name, weights=None).eval()
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
 
 
 def _build(args: argparse.Namespace, budget: float) -> tuple[nn.Module, torch.Tensor, Pruner]:
@@ -249,6 +340,130 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from s2h_fx.demo import run_demo
+
+    try:
+        PruneConfig(args.budget)  # fail before the slow steps
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {str(args.out)!r} exists and is not a directory")
+    if not args.out.parent.resolve().is_dir():
+        raise CliError(f"directory {str(args.out.parent)!r} (parent of --out) does not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(args.epochs, args.budget, args.out, batch_size=args.batch_size, lr=args.lr,
+             seed=args.seed, latency_runs=args.latency_runs, progress=args.progress)
+    return 0
+
+
+def _prune_loaders(args: argparse.Namespace) -> tuple[Any, Any, int, str]:
+    """(train loader, val loader, number of classes, description) of the chosen dataset."""
+    from s2h_fx import data
+
+    cifar = ("cifar10" if args.cifar10 is not None
+             else "cifar100" if args.cifar100 is not None else None)
+    size = args.input_size or ((3, 32, 32) if cifar else (3, 224, 224))
+    if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
+        raise CliError(f"--input-size must be 3,S,S (RGB, square) for prune, got "
+                       f"{','.join(map(str, size))}")
+    try:
+        if cifar is not None:
+            root = args.cifar10 if cifar == "cifar10" else args.cifar100
+            train, val = data.cifar_loaders(root, cifar, args.batch_size, size[1], args.seed,
+                                            num_workers=args.workers)
+            what = f"{cifar} from {root}"
+        else:
+            train, val = data.folder_loaders(args.data_dir, args.batch_size, size[1], args.seed,
+                                             num_workers=args.workers)
+            what = f"image folder {args.data_dir}"
+        classes = data.num_classes_of(train)
+    except (data.DataError, OSError) as exc:
+        raise CliError(str(exc)) from exc
+    if classes < 2:
+        raise CliError(f"{what} has {classes} class; S2H training needs at least 2")
+    return train, val, classes, what
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import copy
+
+    from s2h_fx.demo import compare, format_table, last_epoch_note, plot_history, train_dense
+
+    _check_output(args.output)
+    if args.plot is not None and not args.plot.parent.resolve().is_dir():
+        raise CliError(f"directory {str(args.plot.parent)!r} of --plot does not exist")
+    try:
+        PruneConfig(args.budget, args.divisor, args.strict)  # fail before the slow steps
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise CliError(f"--device {device!r}: {exc}") from exc
+    train_loader, val_loader, classes, what = _prune_loaders(args)
+
+    torch.manual_seed(args.seed)
+    model = _load_model(args.model, num_classes=classes)
+    if args.checkpoint is not None:
+        try:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict)
+                                  else state)
+        except (OSError, RuntimeError, KeyError, TypeError, AttributeError,
+                pickle.UnpicklingError) as exc:
+            raise CliError(f"cannot load --checkpoint {str(args.checkpoint)!r} into "
+                           f"{args.model} with {classes} classes: {exc}") from exc
+    x = next(iter(val_loader))[0][:1]
+    print(f"{args.model} ({classes} classes, "
+          f"{'weights from ' + str(args.checkpoint) if args.checkpoint else 'random weights'}) "
+          f"on {what}: {len(train_loader.dataset)} train / {len(val_loader.dataset)} val "
+          f"images at {'x'.join(map(str, x.shape[1:]))}, budget {args.budget:g}, "
+          f"{args.epochs} epochs on {device}")
+    dense = copy.deepcopy(model)
+    dense_acc = None
+    if args.dense_baseline:
+        torch.manual_seed(args.seed)
+        dense_history = train_dense(dense, train_loader, args.epochs, val_loader=val_loader,
+                                    lr=args.lr, device=device, progress=args.progress)
+        dense_acc = dense_history[-1]["val_acc"]
+        print(f"dense baseline: {args.epochs} epochs, val accuracy {dense_acc:.4f}")
+    dense = dense.to(device)
+
+    log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
+    pruner = prune_graph(model, args.budget, (x,), divisor=args.divisor, strict=args.strict)
+    torch.manual_seed(args.seed)
+    history = pruner.fit(train_loader, args.epochs, val_loader=val_loader, lr=args.lr,
+                         device=device, progress=args.progress)
+    pruned = pruner.export()
+    rows = compare(dense, pruner, pruned, val_loader, x, dense_acc=dense_acc,
+                   latency_runs=args.latency_runs, device=device)
+    dense_label = (f"dense trained {args.epochs} epochs" if args.dense_baseline
+                   else "dense = the starting weights, untrained")
+    print(format_table(rows, f"{args.model}, budget {args.budget:g}, {args.epochs} epochs; "
+                             f"{dense_label}; latency: CPU, batch 1, median of "
+                             f"{args.latency_runs}"))
+    print(last_epoch_note(history))
+    if args.plot is not None:
+        plot_history(history, args.budget, args.plot, final_ratio=rows[-1].flops_ratio,
+                     final_acc=rows[-1].val_acc, title=f"S2H: {args.model} on {what}, budget {args.budget:g}")
+        print(f"wrote {args.plot}")
+    with torch.no_grad():
+        err = _max_rel_error(pruner(x), pruned(x))
+    print(f"max relative error, pruned(x) vs pruner(x): {err:.2e}")
+    if not err <= MAX_REL_ERROR:
+        print(f"error: the pruned model disagrees with the pruner (max relative error "
+              f"{err:.2e} > {MAX_REL_ERROR:g}); not writing {args.output}. This is a bug in "
+              "s2h-fx: please report it with this command line.", file=sys.stderr)
+        return 1
+    _save(pruned, x, args.output)
+    return 0
+
+
 # ---- entry point -----------------------------------------------------------
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (so captured output works)."""
@@ -278,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed usage and the error (or --help)
         return exc.code if isinstance(exc.code, int) else 2
     _configure_logging()
-    command = {"inspect": _inspect, "export": _export}[args.command]
+    command = {"inspect": _inspect, "export": _export, "demo": _demo,
+               "prune": _prune}[args.command]
     try:
         return command(args)
     except (CliError, S2HError) as exc:
