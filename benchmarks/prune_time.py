@@ -5,7 +5,8 @@
   ``pruning_ratio`` that matches s2h-fx's measured FLOPs ratio. The ratio is
   found by bisection first (untimed); only the final trial is timed.
 
-One untimed warm-up of each, then the median of ``--repeat`` runs of each.
+One untimed warm-up of each, then ``--repeat`` runs of each, interleaved;
+the medians are reported.
 
     python benchmarks/prune_time.py --repeat 3
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,16 +40,13 @@ def time_s2h(model: torch.nn.Module, x: torch.Tensor, budget: float) -> tuple[fl
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, x = build(args.model, args.input_size, args.seed)
     dense_flops, _ = count_flops(model, x)
 
-    time_s2h(model, x, args.budget)  # warm-up
-    s2h_runs = []
-    for _ in range(args.repeat):
-        seconds, pruned = time_s2h(model, x, args.budget)
-        s2h_runs.append(seconds)
+    _, pruned = time_s2h(model, x, args.budget)  # also the warm-up
     target = count_flops(pruned, x)[0] / dense_flops
-
     classifier = find_classifier(model, x)
 
     def trial(ratio: float) -> tuple[float, None]:
@@ -56,18 +55,31 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     ratio, (tp_flops_ratio, _) = bisect_tp(trial, target)
     tp_trial(model, x, ratio, classifier)  # warm-up
-    tp_runs = [tp_trial(model, x, ratio, classifier)[1] for _ in range(args.repeat)]
+
+    # interleaved, so that a change in machine load hits both sides alike
+    s2h_runs, tp_runs = [], []
+    for _ in range(args.repeat):
+        s2h_runs.append(time_s2h(model, x, args.budget)[0])
+        tp_runs.append(tp_trial(model, x, ratio, classifier)[1])
 
     s2h_s, tp_s = statistics.median(s2h_runs), statistics.median(tp_runs)
     return {
         "model": args.model, "input_size": list(args.input_size), "budget": args.budget,
         "repeat": args.repeat, "threads": torch.get_num_threads(),
+        "load_avg_1min": _load(),
         "s2h_flops_ratio": target, "s2h_median_s": s2h_s, "s2h_runs_s": s2h_runs,
         "tp_pruning_ratio": ratio, "tp_flops_ratio": tp_flops_ratio,
         "tp_median_s": tp_s, "tp_runs_s": tp_runs, "s2h_over_tp": s2h_s / tp_s,
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "torch_pruning": _tp_version(), "python": platform.python_version(),
     }
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _tp_version() -> str:
@@ -78,7 +90,9 @@ def _tp_version() -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     size = "x".join(map(str, r["input_size"][1:]))
-    head = f"{r['model']} at {size}, budget {r['budget']:g}, median of {r['repeat']}"
+    load = r["load_avg_1min"]
+    head = (f"{r['model']} at {size}, budget {r['budget']:g}, median of {r['repeat']}, "
+            f"{r['threads']} threads" + ("" if load is None else f", load average {load:.1f}"))
     rows = [
         ("s2h-fx prune_graph + export", r["s2h_median_s"], r["s2h_flops_ratio"]),
         ("Torch-Pruning DependencyGraph + prune", r["tp_median_s"], r["tp_flops_ratio"]),
@@ -97,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=0.5)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="append a JSON line here")
     return p.parse_args(argv)
 

@@ -117,21 +117,29 @@ def error_site(exc: BaseException) -> str | None:
 # ---- s2h-fx ---------------------------------------------------------------------
 
 def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[int, Any]) -> Row:
-    """prune_graph + export, then hard network vs exported graph."""
+    """prune_graph + export, then hard network vs exported graph.
+
+    A failure records the error, the step it happened in (``error_step``) and
+    the innermost library frame (``error_at``).
+    """
     import s2h_fx
 
     row: Row = {}
+    step = "prune_graph"
     t0 = time.perf_counter()
     try:
         pruner = s2h_fx.prune_graph(model, budget=budget, example_inputs=(x,))
         row.update(traced=True, groups=len(pruner.grouping.prunable),
                    frozen=len(pruner.grouping.frozen))
+        step = "export"
         pruned = pruner.export()
         row.update(seconds=time.perf_counter() - t0, exported=True)
         row["model_flops_ratio"] = float(pruner.flops_ratio())
+        step = "run exported graph"
         pruned_flops, y_pruned = count_flops(pruned, x)
         row["flops_ratio"] = pruned_flops / dense[0] if dense[0] else None
         row["same_shape"] = shapes(y_pruned) == shapes(dense[1])
+        step = "run hard network (pruner in eval mode)"
         pruner.eval()
         with torch.no_grad():
             y_hard = pruner(x)
@@ -140,7 +148,7 @@ def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[i
         frames = traceback.extract_tb(exc.__traceback__)
         in_trace = any(f.filename.endswith("trace_model.py") for f in frames)
         row.setdefault("traced", not (in_trace or type(exc).__name__ == "TraceError"))
-        row.update(error=short_error(exc), error_at=error_site(exc))
+        row.update(error=short_error(exc), error_step=step, error_at=error_site(exc))
     row["ok"] = bool(row.get("exported")) and row.get("max_rel_err", math.inf) < TOLERANCE
     return row
 
@@ -408,7 +416,8 @@ def format_failures(rows: Iterable[Row]) -> str:
         if r.get("ok"):
             continue
         why = r.get("error") or f"max_rel_err {_fmt(r.get('max_rel_err'), 'err')} >= {TOLERANCE:g}"
-        at = f" [{r['error_at']}]" if r.get("error_at") else ""
+        where = [r[k] for k in ("error_step", "error_at") if r.get(k)]
+        at = f" [{'; '.join(where)}]" if where else ""
         lines.append(f"  {r['model']}: {why}{at}")
     return "s2h-fx failures:\n" + "\n".join(lines) if lines else "s2h-fx failures: none"
 
