@@ -27,9 +27,13 @@ def slice_tensor(t: torch.Tensor, cuts: tuple[tuple[int, torch.Tensor], ...]) ->
     return t
 
 
-def emit_pruned(gm: fx.GraphModule, plan: SurgeryPlan, *, share: bool = False) -> fx.GraphModule:
+def emit_pruned(
+    gm: fx.GraphModule, plan: SurgeryPlan, *, share: bool = False,
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> fx.GraphModule:
     """Build the pruned graph. With ``share=True`` untouched tensors are shared with
-    ``gm`` instead of copied (for a skeleton run through ``functional_call``)."""
+    ``gm`` instead of copied (for a skeleton run through ``functional_call``).
+    ``overrides`` replaces named buffers of ``gm`` (full width) before slicing."""
     memo: dict[int, Any] = {}
     if share:
         for t in list(gm.parameters()) + list(gm.buffers()):
@@ -42,6 +46,10 @@ def emit_pruned(gm: fx.GraphModule, plan: SurgeryPlan, *, share: bool = False) -
             graph.erase_node(node)
     for name in [n for n, _ in new.named_children() if n.startswith("s2h_mask_g")]:
         delattr(new, name)
+    for path, value in (overrides or {}).items():
+        owner_path, _, attr = path.rpartition(".")
+        owner = new.get_submodule(owner_path) if owner_path else new
+        owner._buffers[attr] = value.detach().clone()
     by_name = {n.name: n for n in graph.nodes}
     for name, (target, args, kwargs) in plan.rewrites.items():
         node = by_name[name]

@@ -103,6 +103,9 @@ class Pruner(nn.Module):
         self.mask_optimizer = MaskOptimizer(
             list(self.masks().values()), s2h.mask_lr, s2h.tolerance, s2h.balance_cap
         )
+        # the hard network's own BatchNorm statistics (it sees other activations than
+        # the soft network), full width; the hard branch updates its kept channels
+        self.hard_stats = _HardStats(self.graph_module)
         self._skeletons: dict[tuple[int, ...], fx.GraphModule] = {}
         self._plan: SurgeryPlan | None = None
         self._mask_grads: dict[str, list[torch.Tensor]] | None = None
@@ -238,11 +241,26 @@ class Pruner(nn.Module):
         Gradients reach the weights through the slicing; none reach the masks.
         """
         skeleton = self._skeletons[self._skeleton_key]
-        tensors = {}
+        tensors, stats = {}, {}
         for name, t in _named_tensors(self.graph_module):
-            tensors[name] = slice_tensor(t, self.plan.params.get(name, ()))
+            cuts = self.plan.params.get(name, ())
+            if name in self.hard_stats.names:
+                t = self.hard_stats.get(name)
+                stats[name] = slice_tensor(t, cuts) if cuts else t
+                tensors[name] = stats[name]
+            else:
+                tensors[name] = slice_tensor(t, cuts)
         skeleton.train(self.training)
-        return functional_call(skeleton, tensors, args)
+        out = functional_call(skeleton, tensors, args)
+        if self.training:  # keep the kept channels' running statistics
+            with torch.no_grad():
+                for name, updated in stats.items():
+                    cuts = self.plan.params.get(name, ())
+                    if cuts:
+                        (axis, index), = cuts
+                        full = self.hard_stats.get(name)
+                        full.index_copy_(axis, index.to(full.device), updated)
+        return out
 
     def forward(self, *args: Any) -> Any:
         if self.training:
@@ -340,7 +358,7 @@ class Pruner(nn.Module):
     def recalibrate_bn(self, batches: Iterable[Any], num_batches: int = 20) -> int:
         """Re-estimate the hard network's BatchNorm statistics on training batches
         (training uses batch statistics); returns the number of batches used."""
-        emitted = emit_pruned(self.graph_module, self.plan)
+        emitted = emit_pruned(self.graph_module, self.plan, overrides=self.hard_stats.tensors())
         norms = {n: m for n, m in emitted.named_modules()
                  if isinstance(m, _BatchNorm) and m.track_running_stats}
         if not norms:
@@ -359,7 +377,7 @@ class Pruner(nn.Module):
         for name, m in norms.items():
             for buf in ("running_mean", "running_var", "num_batches_tracked"):
                 path = f"{name}.{buf}"
-                live = self.graph_module.get_buffer(path)
+                live = self.hard_stats.get(path)
                 cuts = self.plan.params.get(path, ())
                 if cuts:
                     (axis, index), = cuts
@@ -394,7 +412,7 @@ class Pruner(nn.Module):
 
     def export(self) -> fx.GraphModule:
         """The physically pruned network (a fresh GraphModule, in eval mode)."""
-        pruned = emit_pruned(self.graph_module, self.plan)
+        pruned = emit_pruned(self.graph_module, self.plan, overrides=self.hard_stats.tensors())
         if any(n.startswith("s2h_mask") for n, _ in pruned.named_modules()):
             raise InvariantError("mask modules left in the emitted graph")
         return pruned.eval()
@@ -422,6 +440,28 @@ def _named_tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
     ]
     out += [(n, b) for n, b in gm.named_buffers() if not n.startswith("s2h_mask")]
     return out
+
+
+class _HardStats(nn.Module):
+    """Buffers mirroring every BatchNorm running statistic of the graph, by path."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        super().__init__()
+        self.names: dict[str, str] = {}
+        for mname, m in gm.named_modules():
+            if isinstance(m, _BatchNorm) and m.track_running_stats:
+                for buf in ("running_mean", "running_var", "num_batches_tracked"):
+                    t = getattr(m, buf, None)
+                    if t is not None:
+                        key = f"{mname}.{buf}".replace(".", "__")
+                        self.register_buffer(key, t.detach().clone())
+                        self.names[f"{mname}.{buf}"] = key
+
+    def get(self, path: str) -> torch.Tensor:
+        return getattr(self, self.names[path])  # type: ignore[no-any-return]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {path: self.get(path) for path in self.names}
 
 
 class _GroupTable:

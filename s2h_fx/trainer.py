@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +84,7 @@ def fit(
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     pruner.to(dev)
-    steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 0
+    steps_per_epoch = len(train_loader) if isinstance(train_loader, Sized) else 0
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay)
     total = max((epochs + warmup_epochs) * steps_per_epoch, 1)
@@ -136,7 +136,7 @@ def fit(
                                      "acc s/h": f"{step['soft_acc']:.2f}/{step['hard_acc']:.2f}"})
         n = max(len(record.steps), 1)
         record.losses = {k: sums.get(k, 0.0) / n for k in ("task", "resource", "kd_hard", "kd_soft")}
-        record.flops_ratio = float(pruner.flops_ratio())
+        record.flops_ratio = float(pruner.flops_ratio(pruner.mask_widths()))
         record.soft_acc, record.hard_acc = soft_ok / max(seen, 1), hard_ok / max(seen, 1)
         if val_loader is not None:
             record.val_soft_acc, record.val_hard_acc = evaluate(pruner, val_loader, dev)

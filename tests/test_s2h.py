@@ -223,3 +223,24 @@ def test_fit_on_cuda() -> None:
     exported = pruner.export()
     xc = x.cuda()
     assert rel_err(pruner(xc), exported(xc)) < 1e-4
+
+
+def test_hard_network_keeps_its_own_batchnorm_statistics() -> None:
+    model, (x,) = build("squeeze_excite")
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    soft_bn = pruner.graph_module.get_submodule("stem.1")
+    before_soft = soft_bn.running_mean.clone()
+    pruner.train()
+    pruner(x)  # both branches in train mode
+    assert not torch.equal(soft_bn.running_mean, before_soft)  # the soft branch updated it ...
+    hard_mean = pruner.hard_stats.get("stem.1.running_mean").clone()
+    used = pruner.recalibrate_bn([(torch.randn(4, 3, 16, 16), None)] * 3, num_batches=3)
+    assert used == 3
+    after = pruner.hard_stats.get("stem.1.running_mean")
+    kept = torch.as_tensor(pruner.plan.keep[0])
+    assert not torch.equal(after[kept], hard_mean[kept])  # ... recalibration moved the hard one
+    snapshot = soft_bn.running_mean.clone()
+    pruner.recalibrate_bn([(torch.randn(4, 3, 16, 16), None)] * 2, num_batches=2)
+    assert torch.equal(soft_bn.running_mean, snapshot)  # and never the soft network's
+    pruner.eval()
+    assert rel_err(pruner(x), pruner.export()(x)) < 1e-5
