@@ -33,6 +33,7 @@ network reads too.
 
     python benchmarks/gap.py --out gap.jsonl
     python benchmarks/gap.py --budgets 0.35 --methods s2h,hard_st --epochs 1
+    python benchmarks/gap.py --table gap.jsonl     # reprint the table of a run
 
 Defaults: 1 epoch, batch 32 (45 steps), mask lr 0.1. On the 2-core CPU this was
 developed on, one S2H epoch of resnet18 at 32x32 costs about 5 CPU-minutes (a
@@ -273,6 +274,7 @@ def run_one(method: str, budget: float, args: argparse.Namespace, dense_flops: i
 
 COLUMNS = [("budget", "budget", "{:.2f}"), ("method", "method", "{}"),
            ("hard_acc", "hard acc", "{:.4f}"), ("soft_acc", "soft acc", "{:.4f}"),
+           ("soft_acc_batch_bn", "soft acc (batch BN)", "{:.4f}"),
            ("gap", "gap (s-h)", "{:+.4f}"), ("js", "JS (nats)", "{:.4f}"),
            ("flops_ratio", "exported FLOPs", "{:.4f}"),
            ("trained_flops_ratio", "trained FLOPs", "{:.4f}"), ("projected", "projected", "{}"),
@@ -304,6 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-train", type=int, default=None, help="seeded train subset size")
     ap.add_argument("--max-val", type=int, default=None, help="seeded val subset size")
     ap.add_argument("--out", type=Path, default=None, help="write JSON lines here")
+    ap.add_argument("--table", type=Path, default=None,
+                    help="only print the table of an earlier run's JSON lines")
     args = ap.parse_args(argv)
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -315,6 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table is not None:
+        print(table([json.loads(line) for line in args.table.read_text().splitlines() if line]))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dense_flops = count_flops(torchvision.models.resnet18(num_classes=10, weights=None),

@@ -1,0 +1,90 @@
+"""Smoke tests of benchmarks/gap.py and benchmarks/overhead.py: tiny runs, table fields."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gap_two_methods_one_budget(tmp_path, capsys):
+    gap = load("gap")
+    out = tmp_path / "gap.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        rc = gap.main(["--budgets", "0.35", "--methods", "s2h,hard_st", "--epochs", "1",
+                       "--batch-size", "16", "--max-train", "16", "--max-val", "16", "--threads", "1",
+                       "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["budget"], r["method"]) for r in rows] == [(0.35, "s2h"), (0.35, "hard_st")]
+    for r in rows:
+        for key in ("hard_acc", "soft_acc", "soft_acc_batch_bn", "gap", "js", "flops_ratio", "trained_flops_ratio",
+                    "seconds", "export_rel_err"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r)
+        assert 0 <= r["hard_acc"] <= 1 and 0 <= r["soft_acc"] <= 1
+        assert math.isclose(r["gap"], r["soft_acc"] - r["hard_acc"])
+        assert 0 <= r["js"] <= math.log(2) + 1e-9
+        assert 0 < r["flops_ratio"] <= 0.35 + 0.005, r  # projected onto the budget
+        assert r["export_rel_err"] < 1e-4, r
+        assert isinstance(r["projected"], bool)
+        assert len(r["trace"]) == 1 and set(r["trace"][0]) >= {"task", "resource", "mask_flops"}
+    printed = capsys.readouterr().out
+    for title in ("hard acc", "soft acc", "gap (s-h)", "JS (nats)", "exported FLOPs", "wall s"):
+        assert title in printed
+    assert "hard_st" in printed and "s2h" in printed
+    assert gap.main(["--table", str(out)]) == 0  # reprint from the JSON lines
+    reprinted = capsys.readouterr().out.strip().splitlines()
+    assert len(reprinted) == 4 and "soft acc (batch BN)" in reprinted[0]
+
+
+def test_gap_js_divergence():
+    gap = load("gap")
+    a = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(gap.js_divergence(a, a), torch.zeros(2, dtype=torch.float64),
+                          atol=1e-12)
+    far = gap.js_divergence(torch.tensor([[50.0, -50.0]]), torch.tensor([[-50.0, 50.0]]))
+    assert math.isclose(float(far), math.log(2), rel_tol=1e-6)
+
+
+def test_overhead_toy(tmp_path, capsys):
+    overhead = load("overhead")
+    out = tmp_path / "overhead.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        rc = overhead.main(["--models", "toy", "--input-size", "3,16,16", "--batch-size", "8",
+                            "--repeat", "3", "--warmup", "1", "--threads", "1",
+                            "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["model"] == "toy" and row["repeat"] == 3
+    assert math.isclose(row["goal"], 1 + 0.5 + 0.3)
+    assert math.isfinite(row["dense_s"]) and row["dense_s"] > 0
+    assert row["budget"] == 0.5
+    for state in ("budget", "full"):
+        s = row["s2h"][state]
+        assert math.isfinite(s["ratio"]) and s["ratio"] > 0
+        assert math.isfinite(s["ratio_cpu"]) and s["ratio_cpu"] > 0
+        assert math.isfinite(s["s2h_s"]) and s["s2h_s"] > 0
+        for part in ("soft fwd", "hard fwd", "backward", "mask step", "bwd L+G_h", "bwd G_s"):
+            assert math.isfinite(s["parts"][part]) and s["parts"][part] >= 0, part
+    assert row["s2h"]["budget"]["hard_flops_ratio"] < row["s2h"]["full"]["hard_flops_ratio"] == 1.0
+    printed = capsys.readouterr().out
+    assert "ratio" in printed and "goal <= 1.80" in printed and "3x16x16" in printed
