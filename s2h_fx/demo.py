@@ -265,14 +265,13 @@ def plot_history(history: list[EpochRecord], budget: float, path: str | Path, *,
 
 
 def last_epoch_note(history: list[EpochRecord]) -> str:
-    """The validation accuracies fit logged at the end of its last epoch, which the
-    table's rows (measured after fit re-estimated BatchNorm) do not show."""
+    """The validation accuracies fit logged at the end of its last epoch, before it
+    re-estimated the hard network's BatchNorm statistics (the table's rows are after)."""
     last = history[-1] if history else None
     if last is None or last.val_soft_acc is None or last.val_hard_acc is None:
         return ""
     return (f"end of the last S2H epoch, before fit re-estimated BatchNorm statistics for the "
-            f"hard network: val soft {last.val_soft_acc:.4f}, hard {last.val_hard_acc:.4f} "
-            f"(the table's soft row runs with the statistics re-estimated for the hard network)")
+            f"hard network: val soft {last.val_soft_acc:.4f}, hard {last.val_hard_acc:.4f}")
 
 
 def history_json(history: list[EpochRecord]) -> list[dict[str, Any]]:
