@@ -471,9 +471,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per model (default: cpu_count // jobs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the model rows already in --out and run only the others")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)       # subprocess mode
     p.add_argument("--row-file", default=None, help=argparse.SUPPRESS)  # subprocess mode
     return p.parse_args(argv)
+
+
+def previous_rows(path: str, names: list[str]) -> dict[str, Row]:
+    """Model rows already in ``path`` (for --resume); the summary record is dropped."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["model"]: r for r in records if not r.get("summary") and r.get("model") in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -484,12 +495,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(all_models()))
     if unknown:
         raise SystemExit(f"unknown models: {', '.join(unknown)}")
+    done = previous_rows(args.out, names) if args.resume else {}
     with open(args.out, "w") as out:
         def write(row: Row) -> None:
             out.write(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n")
             out.flush()
 
-        rows = sweep(names, args, on_row=write)
+        for row in done.values():
+            write(row)
+        new = sweep([n for n in names if n not in done], args, on_row=write)
+        rows = [done.get(n) or next(r for r in new if r["model"] == n) for n in names]
         write(summary_record(rows, args))
     print(format_table(rows))
     print()

@@ -78,3 +78,15 @@ def test_bisect_tp_meets_target():
     ratio, (flops_ratio, _) = zoo.bisect_tp(trial, 0.4)
     assert len(calls) <= zoo.TP_TRIALS
     assert abs(flops_ratio - 0.4) < 0.02
+
+
+def test_resume_keeps_previous_rows(tmp_path, capsys):
+    zoo = load_zoo()
+    out = tmp_path / "zoo.jsonl"
+    done = {**zoo.empty_row("resnet18"), "exported": True, "max_rel_err": 0.0, "ok": True}
+    out.write_text(json.dumps(done) + "\n" + json.dumps({"summary": True}) + "\n")
+    assert zoo.main(["--models", "resnet18", "--out", str(out), "--resume"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("model") for r in records if not r.get("summary")] == ["resnet18"]
+    assert sum(bool(r.get("summary")) for r in records) == 1
+    assert "s2h-fx: 1/1 exported == hard network" in capsys.readouterr().out
