@@ -129,10 +129,10 @@ def _rewrite(
         src, tm = _shape_of(args[0], shapes), args[0].meta.get("tensor_meta")
         groups = args[1] if len(args) > 1 else kwargs.get("num_groups")
         if src is not None and tm is not None and groups is not None:
-            new = int(groups) * src[1] // int(tm.shape[1])
+            num_groups = int(groups) * src[1] // int(tm.shape[1])  # type: ignore[arg-type]
             if len(args) > 1:
-                return (args[0], new, *args[2:]), kwargs
-            return args, {**kwargs, "num_groups": new}
+                return (args[0], num_groups, *args[2:]), kwargs
+            return args, {**kwargs, "num_groups": num_groups}
     return None
 
 

@@ -63,7 +63,7 @@ class S2HConfig:
     def __post_init__(self) -> None:
         for name in ("temperature", "mask_lr", "tolerance", "balance_cap"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or not value > 0:
+            if not isinstance(value, numbers.Real) or not float(value) > 0:
                 raise ValueError(f"S2HConfig.{name} must be a positive number, got {value!r}")
         for name in ("resource_weight", "kd_weight"):
             value = getattr(self, name)

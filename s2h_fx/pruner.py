@@ -458,7 +458,7 @@ class _HardStats(nn.Module):
                         self.names[f"{mname}.{buf}"] = key
 
     def get(self, path: str) -> torch.Tensor:
-        return getattr(self, self.names[path])  # type: ignore[no-any-return]
+        return getattr(self, self.names[path])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {path: self.get(path) for path in self.names}
