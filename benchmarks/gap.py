@@ -26,10 +26,11 @@ ln 2 = 0.693) between the soft and hard output distributions over the val set,
 the exported network's FLOPs over the dense network's (``torch.utils.flop_counter``
 on one 1x3x32x32 input), the mask FLOPs ratio training itself ended at (before
 the projection) and whether the projection had to shrink it, and wall seconds
-(training + finishing). The soft accuracy is also recorded before the finishing
-steps (``soft_acc_before``): ``recalibrate_bn`` writes the hard network's
-re-estimated BatchNorm statistics into the shared buffers, which the soft
-network reads too.
+(training + finishing). The soft network is evaluated as training left it
+(relaxed masks, its own BatchNorm running statistics) before the finishing steps,
+and again after them (``soft_acc_after_finish``: ``project()`` may set one-hot
+masks; the hard network's BatchNorm statistics are its own, so
+``recalibrate_bn`` does not touch the soft network's).
 
     python benchmarks/gap.py --out gap.jsonl
     python benchmarks/gap.py --budgets 0.35 --methods s2h,hard_st --epochs 1
@@ -234,9 +235,8 @@ def run_one(method: str, budget: float, args: argparse.Namespace, dense_flops: i
     row = train_method(pruner, method, train_loader, args.epochs, args.lr)
     trained_flops = float(pruner.flops_ratio(pruner.mask_widths()))
     train_seconds = time.perf_counter() - t0
-    # The soft network as training left it (relaxed masks, its own BN statistics):
-    # the finishing steps change both (project() sets one-hot masks, recalibrate_bn
-    # writes the hard network's statistics into the shared buffers).
+    # The soft network as training left it (relaxed masks, its own BN statistics);
+    # project() may change the masks (the hard network keeps its own BN statistics).
     pruner.eval()
     soft, y = val_logits(pruner.soft_forward, val_loader)
     soft_batch_bn, _ = batch_stat_logits(pruner, val_loader)
@@ -255,7 +255,7 @@ def run_one(method: str, budget: float, args: argparse.Namespace, dense_flops: i
         err = float((exported(xv) - ref).abs().max() / ref.abs().max())
     soft_acc, hard_acc = accuracy(soft, y), accuracy(hard, y)
     row.update({
-        "budget": budget, "method": method, "epochs": args.epochs,
+        "budget": budget, "method": method, "epochs": args.epochs, "seed": args.seed,
         "batch_size": args.batch_size, "mask_lr": pruner.s2h.mask_lr,
         "hard_acc": hard_acc, "soft_acc": soft_acc, "gap": soft_acc - hard_acc,
         "js": float(js_divergence(soft, hard).mean()),

@@ -18,6 +18,14 @@ step over the median dense step. Hard-branch width states:
 - ``full``: the masks at full width (``reset_full_width()``, S2H's initialisation):
   the hard branch is the whole network, the first steps of training.
 
+A fourth step, timed in the same rotation, runs the hard branch alone
+(forward + cross-entropy + backward into the weights, on a copy of the pruner at
+the budget widths): with it the report gives the floor of the exact decoupled
+step, ``1 + hard alone / dense + G_s pass / dense``. The G_s pass is a second
+backward through the soft graph: the logits need d(L + G_s)/du while the weights
+must get d(L)/dtheta from the same graph, two different output cotangents, so
+one pass cannot serve both exactly.
+
 The mask step moves the logits; they are restored (untimed) before every step so
 that each repetition times the same state.
 
@@ -135,6 +143,20 @@ def s2h_step(pruner: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.
     return parts
 
 
+def hard_step(pruner: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """The hard branch alone at the pruner's current widths: forward, cross-entropy,
+    backward into the weights (no optimiser): the part of an S2H step that scales
+    with the budget."""
+    weights = pruner.weight_parameters()
+    c0, t0 = time.process_time(), time.perf_counter()
+    loss = F.cross_entropy(pruner.hard_forward(x), y)
+    torch.autograd.backward(loss, inputs=weights)
+    t1 = time.perf_counter()
+    for p in weights:
+        p.grad = None
+    return {"total": t1 - t0, "cpu": time.process_time() - c0}
+
+
 def build(name: str, input_size: tuple[int, ...], batch: int, seed: int
           ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
@@ -174,6 +196,9 @@ def measure(name: str, args: argparse.Namespace) -> Row:
         pruners[state] = pruner
         start = [t.detach().clone() for t in pruner.mask_parameters()]
         steps[f"s2h@{state}"] = (lambda p=pruner, o=opt, s=start: s2h_step(p, o, x, y, s))
+        if state == "budget":
+            hard = copy.deepcopy(pruner)  # the same widths, its own weights and grads
+            steps["hard@budget"] = lambda h=hard: hard_step(h, x, y)
     names = list(steps)
     for _ in range(args.warmup):
         for n in names:
@@ -193,6 +218,8 @@ def measure(name: str, args: argparse.Namespace) -> Row:
                         for k in runs["dense"][0]},
         "dense_runs": [r["total"] for r in runs["dense"]], "s2h": {},
     }
+    if "hard@budget" in runs:
+        row["hard_alone_s"] = statistics.median(r["total"] for r in runs["hard@budget"])
     for state in args.states:
         r = runs[f"s2h@{state}"]
         med = statistics.median(s["total"] for s in r)
@@ -207,6 +234,12 @@ def measure(name: str, args: argparse.Namespace) -> Row:
             "parts": {k: statistics.median(s.get(k, 0.0) for s in r) for k in r[0]},
             "runs": [s["total"] for s in r],
         }
+        parts = row["s2h"][state]["parts"]
+        if state == "budget" and "hard_alone_s" in row and "bwd G_s" in parts:
+            # what this design cannot go below: the soft branch costs a dense step,
+            # plus the hard branch's own forward+backward, plus the second pass
+            # through the soft graph that G_s needs for the mask logits alone
+            row["s2h"][state]["floor"] = 1 + (row["hard_alone_s"] + parts["bwd G_s"]) / dense_med
     return row
 
 
@@ -227,6 +260,13 @@ def report(row: Row) -> str:
         parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in s["parts"].items()
                           if k not in ("total", "cpu"))
         lines.append(f"    where it goes (ms, medians): {parts}")
+        if "floor" in s:
+            lines.append(
+                f"    floor of the exact decoupled step: 1 (soft = dense) + "
+                f"{row['hard_alone_s'] / row['dense_s']:.2f} (hard branch alone, fwd+bwd) + "
+                f"{s['parts']['bwd G_s'] / row['dense_s']:.2f} (G_s pass to the logits) = "
+                f"{s['floor']:.2f}; the rest, {s['ratio'] - s['floor']:+.2f}, is mask "
+                f"multiplies, weight slicing, importance/mask step and bookkeeping")
     return "\n".join(lines)
 
 

@@ -97,6 +97,9 @@ class Pruner(nn.Module):
         self.flops_model = flops
         self.config = config
         self.s2h = s2h
+        self._masks: dict[int, ChannelMask] = {
+            g.index: gm.get_submodule(mask_name(g.index))  # type: ignore[misc]
+            for g in grouping.prunable}
         for mask in self.masks().values():
             mask.temperature = s2h.temperature
         self.importance = Importance(grouping)
@@ -130,8 +133,8 @@ class Pruner(nn.Module):
         return self._plan
 
     def masks(self) -> dict[int, ChannelMask]:
-        return {g.index: self.graph_module.get_submodule(mask_name(g.index))  # type: ignore[misc]
-                for g in self.grouping.prunable}
+        """The ChannelMask of each prunable group, by group index."""
+        return dict(self._masks)
 
     def mask_parameters(self) -> list[nn.Parameter]:
         """The mask logits u, apart from the model's weights."""
@@ -157,7 +160,7 @@ class Pruner(nn.Module):
         """Recompute the L1 importance of every class and re-rank each mask's classes."""
         scores = self.importance.scores(self.graph_module)
         for g, rank in self.importance.ranks(scores).items():
-            self.masks()[g].rank.copy_(rank)
+            self._masks[g].rank.copy_(rank)
         return scores
 
     def set_widths(self, widths: dict[int, int], keep: dict[int, np.ndarray] | None = None) -> None:
@@ -395,13 +398,15 @@ class Pruner(nn.Module):
         if budget - floor_margin <= ratio <= budget + tol:
             return False
         scores = {g: s.numpy() for g, s in self.importance.scores(self.graph_module).items()}
+        ranks = {g: r.cpu().numpy() for g, r in self._ranks().items()}
+        widths = self.widths
         if ratio > budget + tol:
             widths = choose_widths(self.flops_model, self.grouping, scores, budget,
-                                   start=self.widths)
-        else:
-            ranks = {g: r.cpu().numpy() for g, r in self._ranks().items()}
-            widths = grow_widths(self.flops_model, self.grouping, scores, ranks, budget,
-                                 start=self.widths)
+                                   start=widths)
+        # one divisor step of a wide group can overshoot far below the budget: give
+        # back what still fits (below the budget: the whole way up to it)
+        widths = grow_widths(self.flops_model, self.grouping, scores, ranks, budget,
+                             start=widths)
         self.set_widths(widths, keep_from_ranks(self._ranks(), widths))
         after = float(self.flops_ratio())
         log.warning("hard network at %.4f of the FLOPs, budget %.4f: projected to %.4f%s",

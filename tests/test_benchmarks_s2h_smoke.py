@@ -86,5 +86,9 @@ def test_overhead_toy(tmp_path, capsys):
         for part in ("soft fwd", "hard fwd", "backward", "mask step", "bwd L+G_h", "bwd G_s"):
             assert math.isfinite(s["parts"][part]) and s["parts"][part] >= 0, part
     assert row["s2h"]["budget"]["hard_flops_ratio"] < row["s2h"]["full"]["hard_flops_ratio"] == 1.0
+    assert math.isfinite(row["hard_alone_s"]) and row["hard_alone_s"] > 0
+    budget = row["s2h"]["budget"]
+    assert budget["floor"] == 1 + (row["hard_alone_s"] + budget["parts"]["bwd G_s"]) / row["dense_s"]
     printed = capsys.readouterr().out
     assert "ratio" in printed and "goal <= 1.80" in printed and "3x16x16" in printed
+    assert "floor of the exact decoupled step" in printed

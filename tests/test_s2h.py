@@ -11,6 +11,7 @@ import torchvision
 
 import s2h_fx
 from s2h_fx.masks import ChannelMask
+from s2h_fx.one_shot import choose_widths
 
 from helpers import build, rel_err
 
@@ -174,6 +175,31 @@ def test_projection_brings_flops_into_the_band(start: str) -> None:
     assert pruner.project()
     assert 0.5 - 0.03 <= pruner.flops_ratio() <= 0.5 + 0.005
     assert not pruner.project()  # already inside: nothing changes
+    pruner.eval()
+    assert rel_err(pruner(x), pruner.export()(x)) < 1e-5
+
+
+def test_projection_from_just_above_keeps_all_that_fits() -> None:
+    """Shrinking by whole divisor steps can land far below the budget; the projection
+    then gives back channels: afterwards no group can grow by one step within it."""
+    model, x = _step_inputs("resnet18")
+    model.eval()
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    rng = np.random.default_rng(0)  # widths as training may leave them: uneven, above
+    above = {g.index: int(rng.integers(g.size // g.divisor // 2, g.size // g.divisor + 1))
+             * g.divisor for g in pruner.grouping.prunable}
+    pruner.set_widths(above)
+    assert pruner.flops_ratio() > 0.505
+    scores = {g: s.numpy() for g, s in pruner.importance.scores(pruner.graph_module).items()}
+    shrunk = choose_widths(pruner.flops_model, pruner.grouping, scores, 0.5, start=above)
+    assert pruner.flops_ratio(shrunk) < 0.49  # shrinking alone overshoots here
+    assert pruner.project()
+    widths = pruner.widths
+    assert 0.5 - 0.03 <= pruner.flops_ratio() <= 0.5
+    for g in pruner.grouping.prunable:
+        if widths[g.index] < g.size:
+            grown = {**widths, g.index: widths[g.index] + g.divisor}
+            assert pruner.flops_ratio(grown) > 0.5 or pruner.flops(grown) <= pruner.flops(), g
     pruner.eval()
     assert rel_err(pruner(x), pruner.export()(x)) < 1e-5
 
