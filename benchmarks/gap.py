@@ -291,6 +291,44 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+MEAN_COLUMNS = [("hard_acc", "hard acc"), ("soft_acc", "soft acc"), ("gap", "gap (s-h)"),
+                ("js", "JS (nats)"), ("flops_ratio", "exported FLOPs")]
+
+
+def mean_table(rows: list[Row]) -> str | None:
+    """Mean and sample standard deviation over seeds per (budget, method), or None
+    when no (budget, method) was run with more than one seed."""
+    cells_of: dict[tuple[float, str], list[Row]] = {}
+    for r in rows:
+        cells_of.setdefault((r["budget"], r["method"]), []).append(r)
+    if all(len({r.get("seed") for r in rs}) < 2 for rs in cells_of.values()):
+        return None
+    lines = [["budget", "method", "seeds", "epochs"] + [t for _, t in MEAN_COLUMNS]]
+    for (budget, method), rs in sorted(cells_of.items(), key=lambda kv: (kv[0][0], METHODS.index(
+            kv[0][1]) if kv[0][1] in METHODS else 99)):
+        line = [f"{budget:.2f}", method, str(len(rs)),
+                ",".join(sorted({str(r["epochs"]) for r in rs}))]
+        for key, _ in MEAN_COLUMNS:
+            vals = [float(r[key]) for r in rs]
+            mean = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            line.append(f"{mean:.4f} +- {sd:.4f}")
+        lines.append(line)
+    widths = [max(len(c[i]) for c in lines) for i in range(len(lines[0]))]
+    out = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in
+                     enumerate(zip(line, widths))) for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def print_tables(rows: list[Row]) -> None:
+    print(table(rows))
+    means = mean_table(rows)
+    if means is not None:
+        print("\nmean +- sample standard deviation over seeds:")
+        print(means)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", default="0.15,0.35", help="comma-separated FLOPs budgets")
@@ -306,8 +344,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-train", type=int, default=None, help="seeded train subset size")
     ap.add_argument("--max-val", type=int, default=None, help="seeded val subset size")
     ap.add_argument("--out", type=Path, default=None, help="write JSON lines here")
-    ap.add_argument("--table", type=Path, default=None,
-                    help="only print the table of an earlier run's JSON lines")
+    ap.add_argument("--table", type=Path, nargs="+", default=None,
+                    help="only print the table of earlier runs' JSON lines (several files, "
+                         "e.g. one per seed: also mean +- sd over seeds)")
     args = ap.parse_args(argv)
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -320,7 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table is not None:
-        print(table([json.loads(line) for line in args.table.read_text().splitlines() if line]))
+        print_tables([json.loads(line) for path in args.table
+                      for line in path.read_text().splitlines() if line])
         return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -349,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             out.close()
     print()
-    print(table(rows))
+    print_tables(rows)
     print(f"\n{platform.processor() or platform.machine()}, load average at end {_loadavg()}")
     return 0
 

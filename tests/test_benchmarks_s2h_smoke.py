@@ -51,6 +51,22 @@ def test_gap_two_methods_one_budget(tmp_path, capsys):
     assert gap.main(["--table", str(out)]) == 0  # reprint from the JSON lines
     reprinted = capsys.readouterr().out.strip().splitlines()
     assert len(reprinted) == 4 and "soft acc (batch BN)" in reprinted[0]
+    assert gap.mean_table(rows) is None  # one seed: no means
+
+
+def test_gap_mean_table_over_seeds():
+    gap = load("gap")
+    base = {"budget": 0.15, "method": "s2h", "epochs": 3, "gap": 0.0, "js": 0.01,
+            "flops_ratio": 0.15}
+    rows = [{**base, "seed": 0, "hard_acc": 0.8, "soft_acc": 0.9},
+            {**base, "seed": 1, "hard_acc": 0.9, "soft_acc": 0.9},
+            {**base, "method": "hard_st", "seed": 0, "hard_acc": 0.5, "soft_acc": 0.1}]
+    text = gap.mean_table(rows)
+    assert text is not None
+    s2h_line = next(line for line in text.splitlines() if " s2h " in line)
+    assert "0.8500 +- 0.0707" in s2h_line and "0.9000 +- 0.0000" in s2h_line
+    hard_line = next(line for line in text.splitlines() if "hard_st" in line)
+    assert "0.5000 +- 0.0000" in hard_line and " 1 " in hard_line
 
 
 def test_gap_js_divergence():
