@@ -281,14 +281,20 @@ COLUMNS = [("budget", "budget", "{:.2f}"), ("method", "method", "{}"),
            ("seconds", "wall s", "{:.0f}")]
 
 
-def table(rows: list[Row]) -> str:
-    cells = [[title for _, title, _ in COLUMNS]]
-    cells += [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+def layout(cells: list[list[str]]) -> str:
+    """Columns padded to width (the second, the method, left-aligned), a rule under
+    the first line."""
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(line, widths))) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def table(rows: list[Row]) -> str:
+    cells = [[title for _, title, _ in COLUMNS]]
+    cells += [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
+    return layout(cells)
 
 
 MEAN_COLUMNS = [("hard_acc", "hard acc"), ("soft_acc", "soft acc"), ("gap", "gap (s-h)"),
@@ -314,11 +320,7 @@ def mean_table(rows: list[Row]) -> str | None:
             sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
             line.append(f"{mean:.4f} +- {sd:.4f}")
         lines.append(line)
-    widths = [max(len(c[i]) for c in lines) for i in range(len(lines[0]))]
-    out = ["  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in
-                     enumerate(zip(line, widths))) for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return layout(lines)
 
 
 def print_tables(rows: list[Row]) -> None:

@@ -392,7 +392,8 @@ class Pruner(nn.Module):
     def project(self, floor_margin: float = 0.03) -> bool:
         """Bring the hard network's FLOPs ratio into [budget - floor_margin, budget +
         tolerance]: above it, shrink the widths that cost least importance per FLOP;
-        far below it, give back the channels that add most. Returns whether it changed."""
+        then (and when far below it) give back the channels that add most importance
+        per FLOP while the FLOPs stay within the budget. Returns whether it changed."""
         ratio = float(self.flops_ratio())
         budget, tol = self.config.budget, self.s2h.tolerance
         if budget - floor_margin <= ratio <= budget + tol:
