@@ -33,17 +33,21 @@ masks; the hard network's BatchNorm statistics are its own, so
 ``recalibrate_bn`` does not touch the soft network's).
 
     python benchmarks/gap.py --out gap.jsonl
+    python benchmarks/gap.py --budgets 0.35 --threads 1 --seed 1 --out gap_0.35_s1.jsonl
     python benchmarks/gap.py --budgets 0.35 --methods s2h,hard_st --epochs 1
-    python benchmarks/gap.py --table gap.jsonl     # reprint the table of a run
+    python benchmarks/gap.py --table gap*.jsonl    # reprint; mean +- sd over seeds
 
-Defaults: 1 epoch, batch 32 (45 steps), mask lr 0.1. On the 2-core CPU this was
-developed on, one S2H epoch of resnet18 at 32x32 costs about 5 CPU-minutes (a
-hard_st or soft_only epoch about 2), so the whole table (2 budgets x 4 methods)
-is about 20 minutes on an idle 2-core machine; every further epoch adds as much.
-The mask lr is twice the library's default (0.05) because from full width the
-mask optimiser needs about 85 resource-dominated steps to reach budget 0.15 at
-0.05 (about 35 at 0.1): with 45 steps, the masks would otherwise not reach the
-budget and the final projection would choose the architecture. ``soft_acc_batch_bn``
+Defaults: 10 epochs, batch 32 (45 steps an epoch), mask lr 0.1, seed 0. With one
+thread per run on an idle 2-core machine (two runs side by side, one per budget),
+10 epochs of resnet18 at 32x32 took about 270-320 s for ``s2h``, 190 s for
+``hard_st``, 160 s for ``soft_only`` and 220-260 s for ``no_decouple``: a
+(budget, seed) row set in about 15 minutes. ``--table a.jsonl b.jsonl ...``
+reprints the rows of several runs and, where a (budget, method) was run with
+several seeds, their mean and sample standard deviation. The mask lr is twice
+the library's default (0.05): from full width the mask optimiser needs about 85
+resource-dominated steps to reach budget 0.15 at 0.05, about 35 at 0.1, and the
+shorter runs this table was first made with (1-3 epochs) would otherwise have
+let the final projection choose the architecture. ``soft_acc_batch_bn``
 is the soft network's accuracy with BatchNorm on batch statistics (running
 buffers restored): it separates stale running statistics from a bad soft network.
 """
@@ -335,7 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", default="0.15,0.35", help="comma-separated FLOPs budgets")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    ap.add_argument("--epochs", type=int, default=1, help="training epochs, every method")
+    ap.add_argument("--epochs", type=int, default=10, help="training epochs, every method")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05, help="weight learning rate (cosine)")
     ap.add_argument("--mask-lr", type=float, default=0.1,
