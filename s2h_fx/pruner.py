@@ -309,6 +309,12 @@ class Pruner(nn.Module):
 
         G_s never reaches the weights and G_h never reaches the masks. With a
         ``torch.amp.GradScaler`` the weight gradients are scaled as usual.
+        Under ``torch.distributed`` (e.g. the pruner wrapped in
+        ``DistributedDataParallel`` under torchrun) the mask logits' task and
+        distillation gradient is averaged over the ranks here, since the G_s pass
+        runs outside DDP's reducer (averaging what DDP already averaged changes
+        nothing); R is the same on every rank. The weights' gradients are DDP's
+        to average, as usual.
         ``decoupled=False`` (an ablation): every term reaches everything.
         """
         scale = (lambda t: grad_scaler.scale(t)) if grad_scaler is not None else (lambda t: t)
@@ -328,6 +334,7 @@ class Pruner(nn.Module):
         res_grads = torch.autograd.grad(losses["resource"], logits, allow_unused=True)
         inv = 1.0 / float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
         task = [(t + (e if e is not None else 0)) * inv for t, e in zip(task, extra)]
+        task = _average_over_ranks(task)
         resource = [r if r is not None else torch.zeros_like(p) for r, p in zip(res_grads, logits)]
         for p, b, t, r in zip(logits, before, task, resource):
             p.grad = b + t + r
@@ -433,6 +440,24 @@ class Pruner(nn.Module):
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         keep = {int(g): np.asarray(k, dtype=np.int64) for g, k in state["keep"].items()}
         self._set_plan({int(g): int(w) for g, w in state["widths"].items()}, keep)
+
+
+def _average_over_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean of ``grads`` over the ranks of the default process group (as is
+    when torch.distributed is not initialised or has one rank)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return grads
+    if not grads:
+        return grads
+    flat = torch.cat([g.detach().flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, offset = [], 0
+    for g in grads:
+        out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
+        offset += g.numel()
+    return out
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -78,6 +78,12 @@ def fit(
     Weights: SGD with momentum and a cosine schedule. Masks: the built-in mask
     optimiser, starting from full width. ``warmup_epochs`` of plain training of
     the full network come first. ``amp`` uses ``torch.autocast`` (bfloat16 on CPU).
+
+    Under ``torch.distributed`` (torchrun; give each rank its shard of the data,
+    e.g. with a ``DistributedSampler``) the weights' gradients are averaged over
+    the ranks every step (the mask logits' by :meth:`Pruner.backward`), only rank
+    0 shows progress bars, and at the end every rank gets rank 0's buffers
+    (BatchNorm statistics of both networks), so all ranks hold the same pruner.
     """
     if epochs < 0 or warmup_epochs < 0:
         raise ValueError("epochs and warmup_epochs must be >= 0")
@@ -92,6 +98,9 @@ def fit(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     scaler = torch.amp.GradScaler(dev.type) if amp and dev.type == "cuda" else None
     amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    if _world_size() > 1:
+        progress = progress and torch.distributed.get_rank() == 0
+    weights = pruner.weight_parameters()
     if warmup_epochs:
         _warmup(pruner, train_loader, warmup_epochs, opt, sched, dev, progress)
     for mask in pruner.masks().values():
@@ -111,6 +120,7 @@ def fit(
                     losses = pruner.losses((soft, hard), y)
                 opt.zero_grad(set_to_none=True)
                 pruner.backward(losses, grad_scaler=scaler)
+                _average_grads(weights)
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
@@ -148,8 +158,39 @@ def fit(
     pruner.project()
     used = pruner.recalibrate_bn(train_loader, bn_batches)
     log.info("BatchNorm statistics of the hard network re-estimated on %d batches", used)
+    _broadcast_buffers(pruner)
     pruner.eval()
     return history
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _average_grads(params: list[nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over the ranks (one all-reduce); a no-op
+    without torch.distributed. A non-finite gradient on any rank reaches every rank,
+    so a GradScaler skips the step everywhere."""
+    if _world_size() < 2 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= _world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype, copy=True)
+        offset += g.numel()
+
+
+def _broadcast_buffers(module: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (running statistics); a no-op without
+    torch.distributed."""
+    if _world_size() < 2:
+        return
+    for buf in module.buffers():
+        torch.distributed.broadcast(buf, src=0)
 
 
 def _warmup(pruner: Pruner, loader: Iterable[Any], epochs: int, opt: torch.optim.Optimizer,
@@ -167,6 +208,7 @@ def _warmup(pruner: Pruner, loader: Iterable[Any], epochs: int, opt: torch.optim
                 loss = nn.functional.cross_entropy(pruner.graph_module(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                _average_grads(pruner.weight_parameters())
                 opt.step()
                 sched.step()
     finally:
