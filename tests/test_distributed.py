@@ -73,8 +73,14 @@ def _step(pruner: s2h_fx.Pruner, forward, x: torch.Tensor, y: torch.Tensor) -> d
             "soft2": soft2.detach(), "hard2": hard2.detach()}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _env(port: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    if Path("/sys/class/net/lo").exists():  # gloo on loopback, whatever the hostname resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    _env(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -122,7 +128,7 @@ def test_ddp_step_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
 
 
 def _fit_worker(rank: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    _env(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
