@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from s2h_fx.errors import InputError
+
 if TYPE_CHECKING:
     from s2h_fx.pruner import Pruner
 
@@ -37,7 +39,18 @@ class EpochRecord:
 
 
 def _split(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        got = type(batch).__name__ + (f" of length {len(batch)}"
+                                      if isinstance(batch, (list, tuple)) else "")
+        raise InputError(
+            f"fit() and evaluate() take batches of (inputs, labels), a tuple or list as a "
+            f"DataLoader over a TensorDataset or an ImageFolder yields; got a {got}. For "
+            "other batch structures, write the loop yourself with the pruner's steps "
+            "(README: Training with S2H)")
     x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise InputError(f"a batch's inputs and labels must be tensors; got "
+                         f"({type(x).__name__}, {type(y).__name__})")
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -87,6 +100,8 @@ def fit(
     """
     if epochs < 0 or warmup_epochs < 0:
         raise ValueError("epochs and warmup_epochs must be >= 0")
+    if isinstance(train_loader, Sized) and len(train_loader) == 0:
+        raise InputError("train_loader has no batches")
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     pruner.to(dev)
@@ -144,7 +159,10 @@ def fit(
                                      "Gh": f"{step['kd_hard']:.3f}", "Gs": f"{step['kd_soft']:.3f}",
                                      "flops": f"{step['flops']:.3f}",
                                      "acc s/h": f"{step['soft_acc']:.2f}/{step['hard_acc']:.2f}"})
-        n = max(len(record.steps), 1)
+        if not record.steps:
+            raise InputError(f"train_loader yielded no batches in epoch {epoch + 1} (an "
+                             "exhausted generator? pass a re-iterable loader)")
+        n = len(record.steps)
         record.losses = {k: sums.get(k, 0.0) / n for k in ("task", "resource", "kd_hard", "kd_soft")}
         record.flops_ratio = float(pruner.flops_ratio(pruner.mask_widths()))
         record.soft_acc, record.hard_acc = soft_ok / max(seen, 1), hard_ok / max(seen, 1)

@@ -112,3 +112,24 @@ def test_bad_widths() -> None:
         pruner.set_widths({0: 12})
     with pytest.raises(ValueError, match="not prunable groups"):
         pruner.set_widths({5: 8})
+
+
+def _small_pruner() -> s2h_fx.Pruner:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    return s2h_fx.prune_graph(model, 0.5, example_inputs=(torch.randn(2, 3, 8, 8),))
+
+
+@pytest.mark.parametrize("data, match", [
+    ([], "no batches"),
+    (iter([]), "yielded no batches"),
+    ([{"x": torch.randn(2, 3, 8, 8), "y": torch.zeros(2, dtype=torch.long)}],
+     "got a dict"),
+    ([torch.randn(2, 3, 8, 8)], "got a Tensor"),
+    ([(torch.randn(2, 3, 8, 8),)], "tuple of length 1"),
+    ([(torch.randn(2, 3, 8, 8), [0, 1])], r"\(Tensor, list\)"),
+])
+def test_fit_bad_batches(data: object, match: str) -> None:
+    pruner = _small_pruner()
+    with pytest.raises(s2h_fx.InputError, match=match):
+        pruner.fit(data, epochs=1, progress=False)  # type: ignore[arg-type]
