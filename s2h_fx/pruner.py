@@ -317,6 +317,10 @@ class Pruner(nn.Module):
         to average, as usual.
         ``decoupled=False`` (an ablation): every term reaches everything.
         """
+        missing = {"task", "resource", "kd_hard", "kd_soft"} - set(losses)
+        if missing:
+            raise InputError(f"backward() needs the four S2H terms as losses() returns them; "
+                             f"missing {sorted(missing)}")
         scale = (lambda t: grad_scaler.scale(t)) if grad_scaler is not None else (lambda t: t)
         weights, logits = self.weight_parameters(), self.mask_parameters()
         before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in logits]

@@ -133,3 +133,12 @@ def test_fit_bad_batches(data: object, match: str) -> None:
     pruner = _small_pruner()
     with pytest.raises(s2h_fx.InputError, match=match):
         pruner.fit(data, epochs=1, progress=False)  # type: ignore[arg-type]
+
+
+def test_backward_names_missing_loss_terms() -> None:
+    pruner = _small_pruner().train()
+    soft, hard = pruner(torch.randn(2, 3, 8, 8))
+    losses = pruner.losses((soft, hard), torch.zeros(2, dtype=torch.long))
+    del losses["kd_soft"]
+    with pytest.raises(s2h_fx.InputError, match="kd_soft"):
+        pruner.backward(losses)
