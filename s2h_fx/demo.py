@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from s2h_fx.pruner import Pruner, prune_graph
 from s2h_fx.trainer import EpochRecord, evaluate
 
-DEFAULT_EPOCHS = 5
+DEFAULT_EPOCHS = 8
 
 
 @dataclass
