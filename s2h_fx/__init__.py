@@ -6,6 +6,7 @@ from s2h_fx.errors import (
     BudgetError,
     InputError,
     InvariantError,
+    NonFiniteError,
     NoPrunableChannelsError,
     S2HError,
     TraceError,
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError", "ChannelGroup", "GroupingResult", "InputError", "InvariantError",
-    "NoPrunableChannelsError", "PruneConfig", "Pruner", "S2HError", "TraceError",
+    "NoPrunableChannelsError", "NonFiniteError", "PruneConfig", "Pruner", "S2HError", "TraceError",
     "UnsupportedOpError", "prune_graph", "register_rule", "register_surgery",
 ]

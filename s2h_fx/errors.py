@@ -29,3 +29,7 @@ class UnsupportedOpError(S2HError):
 
 class InvariantError(S2HError):
     """An internal invariant between passes was violated (a bug: please report it)."""
+
+
+class NonFiniteError(S2HError):
+    """Training met non-finite values it could not skip, or a network holds them."""

@@ -1,4 +1,12 @@
-"""The public entry point: :func:`prune_graph` and the :class:`Pruner` module."""
+"""The public entry point: :func:`prune_graph` and the :class:`Pruner` module.
+
+Life cycle: ``prune_graph`` prepares (trace, group, masks, one-shot widths
+written into the masks), training moves the masks (``fit`` or the user's loop),
+``export`` emits the hard network of the masks, within the budget. The masks
+are the one state of the widths (:mod:`s2h_fx.state`); the pruner delegates the
+hard branch to :mod:`s2h_fx.hard`, the losses and the decoupled backward to
+:mod:`s2h_fx.distill` and the mask update to :mod:`s2h_fx.mask_optim`.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +19,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.config import PruneConfig, S2HConfig
-from s2h_fx.errors import InputError, InvariantError, NoPrunableChannelsError
+from s2h_fx.distill import decoupled_backward, s2h_losses
+from s2h_fx.errors import (
+    BudgetError,
+    InputError,
+    InvariantError,
+    NonFiniteError,
+    NoPrunableChannelsError,
+)
+from s2h_fx.hard import BufferSnapshot, HardStats, recalibrate, run_hard, running_stat_buffers
 from s2h_fx.importance import Importance, keep_from_ranks, rank_with_first
 from s2h_fx.mask_optim import MaskOptimizer
 from s2h_fx.masks import ChannelMask
@@ -26,13 +40,12 @@ from s2h_fx.passes import (  # noqa: I001
     emit_pruned,
     find_channel_groups,
     insert_masks,
-    plan_surgery,
     trace_model,
 )
 from s2h_fx.passes.build_flops_model import FlopsModel
-from s2h_fx.passes.emit_pruned import slice_tensor
 from s2h_fx.passes.insert_masks import mask_name
 from s2h_fx.passes.plan_surgery import SurgeryPlan
+from s2h_fx.state import WidthState
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +63,10 @@ def prune_graph(
 
     ``budget`` is the fraction of the whole network's FLOPs (as
     ``torch.utils.flop_counter`` counts them on ``example_inputs``) to keep.
-    The user's model is not modified. ``config`` holds S2H training settings.
+    The user's model is not modified; the pruner takes its train/eval mode.
+    The one-shot widths are written into the masks, so the pruner in either
+    mode, and ``export()``, are at the budget from the start. ``config`` holds
+    S2H training settings.
     """
     prune_config = PruneConfig(budget, divisor, strict)
     if example_inputs is None:
@@ -75,16 +91,18 @@ def prune_graph(
 
 
 class Pruner(nn.Module):
-    """The masked training graph, its masks, and the current hard network.
+    """The masked training graph, its masks, and the hard network they select.
 
     ``eval()``: ``pruner(x)`` runs the hard network, exactly what :meth:`export`
     emits. ``train()``: ``soft, hard = pruner(x)``, both branches over the same
-    weights, the hard widths read from the masks. One S2H step of a user's loop::
+    weights. Both read the widths from the masks, the only place they are kept.
+    One S2H step of a user's loop::
 
         soft, hard = pruner(x)
         losses = pruner.losses((soft, hard), y)
-        pruner.backward(losses)
-        opt.step(); pruner.mask_step()
+        if pruner.backward(losses):   # False: a non-finite step, nothing to apply
+            opt.step()
+        pruner.mask_step()
     """
 
     def __init__(
@@ -100,22 +118,24 @@ class Pruner(nn.Module):
         self._masks: dict[int, ChannelMask] = {
             g.index: gm.get_submodule(mask_name(g.index))  # type: ignore[misc]
             for g in grouping.prunable}
-        for mask in self.masks().values():
+        for mask in self._masks.values():
             mask.temperature = s2h.temperature
+        self.state = WidthState(gm, grouping, self._masks)
         self.importance = Importance(grouping)
         self.mask_optimizer = MaskOptimizer(
-            list(self.masks().values()), s2h.mask_lr, s2h.tolerance, s2h.balance_cap
+            list(self._masks.values()), s2h.mask_lr, s2h.tolerance, s2h.balance_cap
         )
         # the hard network's own BatchNorm statistics (it sees other activations than
         # the soft network), full width; the hard branch updates its kept channels
-        self.hard_stats = _HardStats(self.graph_module)
-        self._skeletons: dict[tuple[int, ...], fx.GraphModule] = {}
-        self._plan: SurgeryPlan | None = None
+        self.hard_stats = HardStats(self.graph_module)
         self._mask_grads: dict[str, list[torch.Tensor]] | None = None
+        self._step_snapshot: BufferSnapshot | None = None
+        self.skipped_steps = 0
+        self._loaded: dict[str, Any] | None = None
         scores = self.update_importance()
         widths = choose_widths(flops, grouping, {g: s.numpy() for g, s in scores.items()},
                                config.budget)
-        self._set_plan(widths, keep_from_ranks(self._ranks(), widths))
+        self.set_widths(widths)
 
     # ---- inspection ------------------------------------------------------
     @property
@@ -124,13 +144,13 @@ class Pruner(nn.Module):
 
     @property
     def widths(self) -> dict[int, int]:
-        return dict(self.plan.widths)
+        """Hard width of every prunable group, as the masks give it now."""
+        return self.state.widths()
 
     @property
     def plan(self) -> SurgeryPlan:
-        if self._plan is None:
-            raise InvariantError("the pruner has no surgery plan")
-        return self._plan
+        """The surgery plan of the masks' sub-network."""
+        return self.state.plan()
 
     def masks(self) -> dict[int, ChannelMask]:
         """The ChannelMask of each prunable group, by group index."""
@@ -138,7 +158,7 @@ class Pruner(nn.Module):
 
     def mask_parameters(self) -> list[nn.Parameter]:
         """The mask logits u, apart from the model's weights."""
-        return [m.logits for m in self.masks().values()]
+        return [m.logits for m in self._masks.values()]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """The model's weights theta (everything but the mask logits)."""
@@ -153,9 +173,6 @@ class Pruner(nn.Module):
         return self.flops(widths) / self.flops_model.total
 
     # ---- widths ----------------------------------------------------------
-    def _ranks(self) -> dict[int, torch.Tensor]:
-        return {g: m.rank for g, m in self.masks().items()}
-
     def update_importance(self) -> dict[int, torch.Tensor]:
         """Recompute the L1 importance of every class and re-rank each mask's classes."""
         scores = self.importance.scores(self.graph_module)
@@ -164,10 +181,11 @@ class Pruner(nn.Module):
         return scores
 
     def set_widths(self, widths: dict[int, int], keep: dict[int, np.ndarray] | None = None) -> None:
-        """Choose each group's width (and optionally which classes it keeps).
+        """Choose each group's width (and optionally which classes it keeps); groups
+        left out go to full width.
 
-        The masks are set to these widths with full confidence, so that the
-        training branches use the same sub-network.
+        The masks are set to these widths with full confidence (and their ranks
+        put the kept classes first): the masks are where widths live.
         """
         full = {g.index: g.size for g in self.grouping.prunable}
         unknown = set(widths) - set(full)
@@ -181,38 +199,31 @@ class Pruner(nn.Module):
                     f"group {g}: width {w} is not a multiple of {grp.divisor} in "
                     f"[{grp.divisor}, {grp.size}]"
                 )
-        if keep is None:
-            keep = keep_from_ranks(self._ranks(), merged)
-        masks = self.masks()
+        ranks = {g: m.rank for g, m in self._masks.items()}
+        chosen = keep_from_ranks(ranks, merged) if keep is None else keep
         for g, w in merged.items():
-            masks[g].set_width(w)
-            masks[g].rank.copy_(rank_with_first(keep[g], masks[g].rank))
-        self._set_plan(merged, keep)
+            if len(chosen[g]) != w:
+                raise ValueError(f"group {g}: keep has {len(chosen[g])} classes for width {w}")
+            self._masks[g].set_width(w)
+            self._masks[g].rank.copy_(rank_with_first(chosen[g], self._masks[g].rank))
+        got = self.state.selection()
+        if got.widths != merged:
+            raise InvariantError(f"masks give widths {got.widths}, asked for {merged}")
+
+    def reset_masks(self) -> None:
+        """Put every mask at full width (its learnable starting point) and re-rank
+        the channels by importance: where S2H training starts."""
+        for m in self._masks.values():
+            m.reset_full_width()
+        self.update_importance()
 
     def mask_widths(self) -> dict[int, int]:
-        """Hard widths n of the masks now."""
-        with torch.no_grad():
-            return {g: int(round(float(m.hard_width()))) for g, m in self.masks().items()}
+        """Hard widths n of the masks now (the same as :attr:`widths`)."""
+        return self.state.widths()
 
     def sync_from_masks(self) -> None:
-        """Make the hard network the masks' current sub-network."""
-        widths = self.mask_widths()
-        keep = keep_from_ranks(self._ranks(), widths)
-        plan = self._plan
-        if plan is not None and plan.widths == widths and all(
-            np.array_equal(plan.keep[g], keep[g]) for g in widths
-        ):
-            return
-        self._set_plan(widths, keep)
-
-    def _set_plan(self, widths: dict[int, int], keep: dict[int, np.ndarray]) -> None:
-        self._plan = plan_surgery(self.graph_module, self.grouping, keep)
-        key = tuple(widths[g] for g in sorted(widths))
-        if key not in self._skeletons:
-            if len(self._skeletons) >= 8:
-                self._skeletons.pop(next(iter(self._skeletons)))
-            self._skeletons[key] = emit_pruned(self.graph_module, self._plan, share=True)
-        self._skeleton_key = key
+        """Kept for older loops: the hard network always is the masks' sub-network."""
+        self.state.plan()
 
     # ---- running ---------------------------------------------------------
     def soft_forward(self, *args: Any) -> Any:
@@ -221,10 +232,11 @@ class Pruner(nn.Module):
 
     @contextlib.contextmanager
     def _fixed_masks(self) -> Iterator[None]:
-        masks = self.masks()
+        keep = self.plan.keep
+        masks = self._masks
         for g, m in masks.items():
             values = torch.zeros(m.size, device=m.fixed.device)
-            values[torch.as_tensor(self.plan.keep[g], device=m.fixed.device)] = 1.0
+            values[torch.as_tensor(keep[g], device=m.fixed.device)] = 1.0
             m.fixed.copy_(values)
             m.use_fixed = True
         try:
@@ -234,47 +246,38 @@ class Pruner(nn.Module):
                 m.use_fixed = False
 
     def masked_forward(self, *args: Any) -> Any:
-        """The full-width network with the hard network's dropped channels zeroed."""
-        with self._fixed_masks():
-            return self.graph_module(*args)
+        """The full-width network with the hard network's dropped channels zeroed.
+
+        A test oracle: in training mode it uses batch statistics but leaves every
+        running statistic as it found it."""
+        snapshot = BufferSnapshot(running_stat_buffers(self.graph_module))
+        try:
+            with self._fixed_masks():
+                return self.graph_module(*args)
+        finally:
+            snapshot.restore()
 
     def hard_forward(self, *args: Any) -> Any:
         """The sub-network at the current widths: weights sliced, only kept channels computed.
 
         Gradients reach the weights through the slicing; none reach the masks.
         """
-        skeleton = self._skeletons[self._skeleton_key]
-        tensors, stats = {}, {}
-        for name, t in _named_tensors(self.graph_module):
-            cuts = self.plan.params.get(name, ())
-            if name in self.hard_stats.names:
-                t = self.hard_stats.get(name)
-                stats[name] = slice_tensor(t, cuts) if cuts else t
-                tensors[name] = stats[name]
-            else:
-                tensors[name] = slice_tensor(t, cuts)
-        skeleton.train(self.training)
-        out = functional_call(skeleton, tensors, args)
-        if self.training:  # keep the kept channels' running statistics
-            with torch.no_grad():
-                for name, updated in stats.items():
-                    cuts = self.plan.params.get(name, ())
-                    if cuts:
-                        (axis, index), = cuts
-                        full = self.hard_stats.get(name)
-                        full.index_copy_(axis, index.to(full.device), updated)
-        return out
+        plan = self.plan
+        return run_hard(self.graph_module, self.state.skeleton(plan), plan, self.hard_stats,
+                        self.training, args)
 
     def forward(self, *args: Any) -> Any:
         if self.training:
-            self.sync_from_masks()
+            # a step that backward() skips (non-finite) puts these statistics back
+            self._step_snapshot = BufferSnapshot(
+                running_stat_buffers(self.graph_module, self.hard_stats))
             return self.soft_forward(*args), self.hard_forward(*args)
         return self.hard_forward(*args)
 
     # ---- S2H training steps ------------------------------------------------
     def resource_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lambda_R (F(n)/F - budget)^2, F(n)/F) with straight-through hard widths n."""
-        widths = {g: m.hard_width() for g, m in self.masks().items()}
+        widths = {g: m.hard_width() for g, m in self._masks.items()}
         ratio = self.flops_model.ratio(widths)
         return self.s2h.resource_weight * (ratio - self.config.budget) ** 2, ratio
 
@@ -288,23 +291,12 @@ class Pruner(nn.Module):
         ``decoupled=False`` (an ablation) drops the stop-gradients: both KL terms then
         reach everything, as with a plain ``sum(losses.values()).backward()``."""
         soft, hard = outputs
-        if not isinstance(soft, torch.Tensor) or not isinstance(hard, torch.Tensor):
-            raise TypeError("losses() needs logits tensors; for structured outputs compute the "
-                            "terms yourself and pass them to backward()")
-        log_s, log_h = F.log_softmax(soft.float(), -1), F.log_softmax(hard.float(), -1)
-        sg = (lambda t: t.detach()) if decoupled else (lambda t: t)
-        kd = self.s2h.kd_weight
         resource, _ = self.resource_loss()
-        return {
-            "task": task_loss(soft, target),
-            "resource": resource,
-            "kd_hard": kd * F.kl_div(log_h, sg(log_s), log_target=True, reduction="batchmean"),
-            "kd_soft": kd * F.kl_div(log_s, sg(log_h), log_target=True, reduction="batchmean"),
-        }
+        return s2h_losses(soft, hard, target, resource, self.s2h.kd_weight, task_loss, decoupled)
 
     def backward(
         self, losses: dict[str, torch.Tensor], grad_scaler: Any = None, *, decoupled: bool = True
-    ) -> None:
+    ) -> bool:
         """Decoupled backward: theta.grad += d(L + G_h)/dtheta; u.grad += d(L + G_s + R)/du.
 
         G_s never reaches the weights and G_h never reaches the masks. With a
@@ -312,48 +304,43 @@ class Pruner(nn.Module):
         Under ``torch.distributed`` (e.g. the pruner wrapped in
         ``DistributedDataParallel`` under torchrun) the mask logits' task and
         distillation gradient is averaged over the ranks here, since the G_s pass
-        runs outside DDP's reducer (averaging what DDP already averaged changes
-        nothing); R is the same on every rank. The weights' gradients are DDP's
-        to average, as usual.
+        runs outside DDP's reducer; R is the same on every rank.
+
+        Returns False, and leaves the step with nothing to apply, when a loss or a
+        gradient is not finite (on any rank): every weight's ``.grad`` is set to
+        None (so ``opt.step()`` changes neither weights nor optimiser state), the
+        gradients gathered for the mask step since the last one are dropped, and
+        the BatchNorm statistics the forward updated are put back. The step is
+        counted in :attr:`skipped_steps` and logged.
         ``decoupled=False`` (an ablation): every term reaches everything.
         """
-        missing = {"task", "resource", "kd_hard", "kd_soft"} - set(losses)
-        if missing:
-            raise InputError(f"backward() needs the four S2H terms as losses() returns them; "
-                             f"missing {sorted(missing)}")
-        scale = (lambda t: grad_scaler.scale(t)) if grad_scaler is not None else (lambda t: t)
-        weights, logits = self.weight_parameters(), self.mask_parameters()
-        before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in logits]
-        first = losses["task"] + losses["kd_hard"]
-        if not decoupled:
-            first = first + losses["kd_soft"]
-        torch.autograd.backward(scale(first), inputs=weights + logits, retain_graph=True)
-        task = [(p.grad if p.grad is not None else torch.zeros_like(p)) - b
-                for p, b in zip(logits, before)]
-        if decoupled:
-            extra: tuple[Any, ...] = torch.autograd.grad(
-                scale(losses["kd_soft"]), logits, allow_unused=True)
-        else:
-            extra = (None,) * len(logits)
-        res_grads = torch.autograd.grad(losses["resource"], logits, allow_unused=True)
-        inv = 1.0 / float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
-        task = [(t + (e if e is not None else 0)) * inv for t, e in zip(task, extra)]
-        task = _average_over_ranks(task)
-        resource = [r if r is not None else torch.zeros_like(p) for r, p in zip(res_grads, logits)]
-        for p, b, t, r in zip(logits, before, task, resource):
-            p.grad = b + t + r
+        split = decoupled_backward(losses, self.weight_parameters(), self.mask_parameters(),
+                                   grad_scaler, decoupled)
+        if split is None:
+            self.skipped_steps += 1
+            self._mask_grads = None
+            for p in self.mask_parameters():
+                p.grad = None
+            if self._step_snapshot is not None:
+                self._step_snapshot.restore()
+            log.warning("non-finite loss or gradient: step skipped (%d so far)",
+                        self.skipped_steps)
+            return False
+        self._step_snapshot = None
+        task, resource = split
         if self._mask_grads is None:
             self._mask_grads = {"task": task, "resource": resource}
         else:  # gradient accumulation
             acc = self._mask_grads
             acc["task"] = [a + t for a, t in zip(acc["task"], task)]
             acc["resource"] = [a + r for a, r in zip(acc["resource"], resource)]
+        return True
 
     def mask_step(self) -> None:
         """One step of the mask optimiser on the gradients gathered by :meth:`backward`,
         then re-rank channels by importance (unless ``fix_importance``)."""
         if self._mask_grads is not None:
-            gap = float(self.flops_ratio(self.mask_widths())) - self.config.budget
+            gap = float(self.flops_ratio()) - self.config.budget
             self.mask_optimizer.step(self._mask_grads["task"], self._mask_grads["resource"], gap)
         self._mask_grads = None
         for p in self.mask_parameters():
@@ -368,37 +355,10 @@ class Pruner(nn.Module):
         return fit(self, train_loader, epochs, **kwargs)
 
     # ---- finishing ---------------------------------------------------------
-    @torch.no_grad()
     def recalibrate_bn(self, batches: Iterable[Any], num_batches: int = 20) -> int:
         """Re-estimate the hard network's BatchNorm statistics on training batches
         (training uses batch statistics); returns the number of batches used."""
-        emitted = emit_pruned(self.graph_module, self.plan, overrides=self.hard_stats.tensors())
-        norms = {n: m for n, m in emitted.named_modules()
-                 if isinstance(m, _BatchNorm) and m.track_running_stats}
-        if not norms:
-            return 0
-        for m in norms.values():
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
-        emitted.train()
-        used = 0
-        for batch in batches:
-            if used >= num_batches:
-                break
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            emitted(x.to(_device_of(emitted)))
-            used += 1
-        for name, m in norms.items():
-            for buf in ("running_mean", "running_var", "num_batches_tracked"):
-                path = f"{name}.{buf}"
-                live = self.hard_stats.get(path)
-                cuts = self.plan.params.get(path, ())
-                if cuts:
-                    (axis, index), = cuts
-                    live.index_copy_(axis, index.to(live.device), getattr(m, buf).to(live.dtype))
-                else:
-                    live.copy_(getattr(m, buf))
-        return used
+        return recalibrate(self.graph_module, self.plan, self.hard_stats, batches, num_batches)
 
     def project(self, floor_margin: float = 0.03) -> bool:
         """Bring the hard network's FLOPs ratio into [budget - floor_margin, budget +
@@ -410,7 +370,7 @@ class Pruner(nn.Module):
         if budget - floor_margin <= ratio <= budget + tol:
             return False
         scores = {g: s.numpy() for g, s in self.importance.scores(self.graph_module).items()}
-        ranks = {g: r.cpu().numpy() for g, r in self._ranks().items()}
+        ranks = {g: m.rank.cpu().numpy() for g, m in self._masks.items()}
         widths = self.widths
         if ratio > budget + tol:
             widths = choose_widths(self.flops_model, self.grouping, scores, budget,
@@ -419,7 +379,7 @@ class Pruner(nn.Module):
         # back what still fits (below the budget: the whole way up to it)
         widths = grow_widths(self.flops_model, self.grouping, scores, ranks, budget,
                              start=widths)
-        self.set_widths(widths, keep_from_ranks(self._ranks(), widths))
+        self.set_widths(widths)
         after = float(self.flops_ratio())
         log.warning("hard network at %.4f of the FLOPs, budget %.4f: projected to %.4f%s",
                     ratio, budget, after,
@@ -427,76 +387,71 @@ class Pruner(nn.Module):
                     " (the groups' widths cannot land inside the band)")
         return True
 
-    def export(self) -> fx.GraphModule:
-        """The physically pruned network (a fresh GraphModule, in eval mode)."""
+    def export(self, enforce_budget: bool = True) -> fx.GraphModule:
+        """The physically pruned network (a fresh GraphModule, in eval mode): the hard
+        network of the masks.
+
+        Never above ``budget + tolerance`` unless ``enforce_budget=False``: a hard
+        network above it is first projected onto the budget (the pruner's widths
+        change, with a warning saying so); if no widths fit, BudgetError. Raises
+        NonFiniteError if a weight or statistic of the network is not finite.
+        """
+        limit = self.config.budget + self.s2h.tolerance
+        ratio = float(self.flops_ratio())
+        if enforce_budget and ratio > limit:
+            self._check_finite(emit_pruned(self.graph_module, self.plan,
+                                           overrides=self.hard_stats.tensors()))
+            log.warning("export: the hard network is at %.4f of the FLOPs, above the budget "
+                        "%.4f + %.4f; projecting it onto the budget (export(enforce_budget="
+                        "False) keeps it as it is)", ratio, self.config.budget,
+                        self.s2h.tolerance)
+            self.project()
+            if float(self.flops_ratio()) > limit:
+                raise BudgetError(f"no widths of this network meet budget "
+                                  f"{self.config.budget:g}: projection ends at "
+                                  f"{float(self.flops_ratio()):.4f}")
         pruned = emit_pruned(self.graph_module, self.plan, overrides=self.hard_stats.tensors())
         if any(n.startswith("s2h_mask") for n, _ in pruned.named_modules()):
             raise InvariantError("mask modules left in the emitted graph")
+        self._check_finite(pruned)
         return pruned.eval()
+
+    @staticmethod
+    def _check_finite(module: nn.Module) -> None:
+        bad = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(
+                f"the pruned network has non-finite values in {len(bad)} tensors "
+                f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); it was trained "
+                "on non-finite data or diverged: lower the learning rate or check the data")
 
     # ---- state -------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
+        sel = self.state.selection()
         return {"mask_optimizer": self.mask_optimizer.state_dict(),
-                "widths": self.widths,
-                "keep": {g: k.tolist() for g, k in self.plan.keep.items()}}
+                "skipped_steps": self.skipped_steps,
+                "widths": sel.widths,
+                "keep": {g: k.tolist() for g, k in sel.keep.items()}}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
-        keep = {int(g): np.asarray(k, dtype=np.int64) for g, k in state["keep"].items()}
-        self._set_plan({int(g): int(w) for g, w in state["widths"].items()}, keep)
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._loaded = state  # checked against the loaded masks by load_state_dict
 
-
-def _average_over_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The mean of ``grads`` over the ranks of the default process group (as is
-    when torch.distributed is not initialised or has one rank)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return grads
-    if not grads:
-        return grads
-    flat = torch.cat([g.detach().flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out, offset = [], 0
-    for g in grads:
-        out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
-        offset += g.numel()
-    return out
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    p = next(iter(module.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _named_tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    out: list[tuple[str, torch.Tensor]] = [
-        (n, p) for n, p in gm.named_parameters() if not n.startswith("s2h_mask")
-    ]
-    out += [(n, b) for n, b in gm.named_buffers() if not n.startswith("s2h_mask")]
-    return out
-
-
-class _HardStats(nn.Module):
-    """Buffers mirroring every BatchNorm running statistic of the graph, by path."""
-
-    def __init__(self, gm: nn.Module) -> None:
-        super().__init__()
-        self.names: dict[str, str] = {}
-        for mname, m in gm.named_modules():
-            if isinstance(m, _BatchNorm) and m.track_running_stats:
-                for buf in ("running_mean", "running_var", "num_batches_tracked"):
-                    t = getattr(m, buf, None)
-                    if t is not None:
-                        key = f"{mname}.{buf}".replace(".", "__")
-                        self.register_buffer(key, t.detach().clone())
-                        self.names[f"{mname}.{buf}"] = key
-
-    def get(self, path: str) -> torch.Tensor:
-        return getattr(self, self.names[path])
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {path: self.get(path) for path in self.names}
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """As nn.Module's, then checks that the loaded masks give the saved widths."""
+        self._loaded = None
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._loaded is not None:
+            sel = self.state.selection()
+            widths = {int(g): int(w) for g, w in self._loaded["widths"].items()}
+            keep = {int(g): np.asarray(k, dtype=np.int64) for g, k in self._loaded["keep"].items()}
+            if sel.widths != widths or any(not np.array_equal(sel.keep[g], keep[g]) for g in keep):
+                raise InvariantError("the loaded mask logits and ranks do not give the saved "
+                                     "widths and kept channels (a state from another model?)")
+            self._loaded = None
+        return result
 
 
 class _GroupTable:
