@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -48,7 +49,8 @@ def _set_mode(train: bool, *modules: torch.nn.Module) -> None:
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", MODELS)
 def test_ladder(name: str, train: bool) -> None:
-    model, inputs, pruner = prepared(name)
+    # a copy: a train-mode test moves running statistics, which the next test must not see
+    model, inputs, pruner = copy.deepcopy(prepared(name))
     _set_mode(train, model, pruner)
     full = {g.index: g.size for g in pruner.grouping.prunable}
     assert pruner.grouping.prunable, "every ladder model has something to prune"
