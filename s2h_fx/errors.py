@@ -29,3 +29,11 @@ class UnsupportedOpError(S2HError):
 
 class InvariantError(S2HError):
     """An internal invariant between passes was violated (a bug: please report it)."""
+
+
+class NonFiniteError(S2HError, FloatingPointError):
+    """Training met a non-finite loss or gradient too many steps in a row."""
+
+
+class CheckpointError(S2HError):
+    """A training checkpoint is missing, unreadable, or from another run."""
