@@ -9,7 +9,8 @@ what follows the optimiser step) comes from a :class:`TrainStep`.
 
 Non-finite policy: a step whose loss (or, without a GradScaler, gradient) is
 NaN or infinite is skipped: no optimiser step, no mask step, no schedule step,
-the gradients dropped; it is counted in the epoch's ``skipped`` and logged, and
+the gradients dropped, the buffers (BatchNorm running statistics, which the
+step's forward already updated) put back as they were before it; it is counted in the epoch's ``skipped`` and logged, and
 after ``max_nonfinite`` skipped steps in a row :class:`NonFiniteError` stops the
 run. With a GradScaler an overflowing *gradient* is the scaler's business (it
 lowers the scale and skips, as usual) and is not counted.
@@ -236,9 +237,11 @@ class Loop:
     # ---- one batch ------------------------------------------------------------------
     def _one(self, step: TrainStep, batch: Any) -> Metrics:
         x, y = split_batch(batch, self.device)
+        buffers = _snapshot(self.module)  # a NaN forward poisons BatchNorm statistics
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.settings.amp):
             losses, outputs = step.forward(x, y)
         self.opt.zero_grad(set_to_none=True)
+        lr = float(self.opt.param_groups[0]["lr"])
         values = {k: float(v.detach()) for k, v in losses.items()}
         finite_loss = _agree(all(math.isfinite(v) for v in values.values()))
         ok = finite_loss
@@ -251,10 +254,11 @@ class Loop:
                     ok = _agree(_grads_finite(step.params()))
         if not ok:
             step.discard()
+            _restore(self.module, buffers)
             if self.scaler is not None and finite_loss:  # an overflow: the scaler's business
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-                return {**values, "skipped": 1.0}
-            return self._skipped(values, "loss" if not finite_loss else "gradient")
+                return {**values, "lr": lr, "skipped": 1.0}
+            return {**self._skipped(values, "loss" if not finite_loss else "gradient"), "lr": lr}
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -263,7 +267,7 @@ class Loop:
         extra = step.after()
         self.sched.step()
         self.state.consecutive = 0
-        return self._count(values, outputs, y, extra)
+        return self._count(values, outputs, y, {**extra, "lr": lr})
 
     def _count(self, values: Metrics, outputs: dict[str, torch.Tensor], y: torch.Tensor,
                extra: Metrics) -> Metrics:
@@ -305,6 +309,16 @@ def epoch_means(sums: dict[str, Any], keys: Iterable[str]) -> Metrics:
 
 def epoch_accuracy(sums: dict[str, Any], name: str) -> float:
     return sums["correct"].get(name, 0) / max(sums["seen"], 1)
+
+
+def _snapshot(module: nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in module.buffers()]
+
+
+@torch.no_grad()
+def _restore(module: nn.Module, saved: list[torch.Tensor]) -> None:
+    for b, s in zip(module.buffers(), saved):
+        b.copy_(s)
 
 
 def _grads_finite(params: list[nn.Parameter]) -> bool:

@@ -113,10 +113,11 @@ class _S2HStep:
         # emulation of the hard network); soft_only: the relaxed-mask network
         out = p.graph_module(x) if self.method == "hard_st" else p.soft_forward(x)
         ce = F.cross_entropy(out, y)
-        resource = p.resource_loss()[0]
-        # zeros in the distillation slots; kd_soft keeps a cheap graph to the logits so
-        # that backward's separate G_s pass does not run through the whole network
-        losses = {"task": ce, "resource": resource, "kd_hard": 0.0 * ce, "kd_soft": 0.0 * resource}
+        # zeros in the distillation slots; kd_soft has its own cheap graph to the logits
+        # (a second resource_loss()), so that backward's separate G_s pass neither runs
+        # through the whole network nor frees the resource term's graph
+        losses = {"task": ce, "resource": p.resource_loss()[0], "kd_hard": 0.0 * ce,
+                  "kd_soft": 0.0 * p.resource_loss()[0]}
         return losses, {"soft": out, "hard": out}
 
     def backward(self, losses: dict[str, torch.Tensor], scaler: Any) -> bool | None:
