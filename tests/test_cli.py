@@ -178,3 +178,29 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "prunable" in result.stdout and "resnet18: 12 prunable" in result.stdout
     assert "INFO s2h_fx" in result.stderr  # the CLI logs at INFO
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--workers", "-1"], "argument --workers: expected a non-negative integer, got -1"),
+        (["--workers", "two"], "argument --workers: expected a non-negative integer, got 'two'"),
+        (["--device", "cuda"], "--device 'cuda': CUDA is not available on this machine"),
+        (["--device", "cuda:0"], "--device 'cuda:0': CUDA is not available on this machine"),
+        (["--device", "tpu7"], "--device 'tpu7'"),
+        (["--resume"], "--resume and --checkpoint-every need --checkpoint-dir"),
+    ],
+)
+def test_prune_bad_workers_or_device_exits_2_with_a_message(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    (tmp_path / "train").mkdir()
+    args = ["prune", "resnet18", "--budget", "0.3", "--data-dir", str(tmp_path),
+            "-o", str(tmp_path / "m.pt2"), *extra]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "m.pt2").exists()
