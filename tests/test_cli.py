@@ -180,6 +180,15 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert "INFO s2h_fx" in result.stderr  # the CLI logs at INFO
 
 
+def _image_folder(root: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 200, 30)).save(root / split / cls / "0.png")
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -196,9 +205,10 @@ def test_prune_bad_workers_or_device_exits_2_with_a_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
-    (tmp_path / "train").mkdir()
+    _image_folder(tmp_path)  # valid data: the errors must come from the options themselves
     args = ["prune", "resnet18", "--budget", "0.3", "--data-dir", str(tmp_path),
-            "-o", str(tmp_path / "m.pt2"), *extra]
+            "-o", str(tmp_path / "m.pt2"), "--epochs", "1", "--input-size", "3,32,32",
+            "--no-progress", *extra]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "error: " in err and message in err
