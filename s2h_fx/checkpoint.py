@@ -142,7 +142,7 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
 def rng_state(loader: Any = None) -> dict[str, Any]:
     """Every random state training draws from: torch (CPU and CUDA), numpy, Python's
     ``random`` and the loader's generators; safe for ``weights_only`` loading."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     return {

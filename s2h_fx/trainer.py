@@ -121,9 +121,10 @@ class _S2HStep:
         return losses, {"soft": out, "hard": out}
 
     def backward(self, losses: dict[str, torch.Tensor], scaler: Any) -> bool | None:
-        result: bool | None = self.pruner.backward(losses, grad_scaler=scaler,
-                                                   decoupled=self.decoupled)
-        return result
+        # Pruner.backward returns False for a non-finite loss or gradient (None: it did
+        # not check, and the loop checks the gradients itself)
+        backward: Callable[..., bool | None] = self.pruner.backward
+        return backward(losses, grad_scaler=scaler, decoupled=self.decoupled)
 
     def after(self) -> Metrics:
         self.pruner.mask_step()
