@@ -134,3 +134,14 @@ def test_max_nonfinite_none_never_stops() -> None:
     assert history[0].skipped == BATCHES and finite(p)
     with pytest.raises(ValueError, match="max_nonfinite must be a positive integer"):
         p.fit(data(), 1, progress=False, max_nonfinite=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nan_batch_under_amp_with_a_grad_scaler() -> None:
+    p = pruner()
+    history = p.fit(data(nan_batches=(2,)), 2, progress=False, device="cuda", amp=True,
+                    bn_batches=2)
+    assert [h.skipped for h in history] == [1, 1]
+    assert finite(p)
+    assert bool(torch.isfinite(p.export()(data()[0][0].cuda())).all())
