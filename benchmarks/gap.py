@@ -18,8 +18,11 @@ momentum 0.9, weight decay 5e-4, cosine schedule) and the same mask optimiser
 - ``no_decouple``: S2H with ``decoupled=False`` in ``losses()`` and
   ``backward()``: both KL terms reach both theta and u.
 
-After training, every method gets the same finishing steps:
-``sync_from_masks(); project(); recalibrate_bn(train_loader, 20); eval()``.
+Every method trains through the library's one training loop
+(``s2h_fx.trainer.fit(..., method=METHOD, finish=False)``). After training, every
+method gets the same finishing steps, ``s2h_fx.trainer.finish_training(pruner,
+train_loader, 20)``: ``sync_from_masks(); project(); recalibrate_bn(train_loader,
+20); eval()``.
 Reported per (budget, method): hard and soft val accuracy, their difference
 (soft - hard), the mean Jensen-Shannon divergence (nats, natural log; at most
 ln 2 = 0.693) between the soft and hard output distributions over the val set,
@@ -68,7 +71,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 METHODS = ("s2h", "hard_st", "soft_only", "no_decouple")
 Row = dict[str, Any]
@@ -79,45 +81,19 @@ Row = dict[str, Any]
 def digits_loaders(batch_size: int, seed: int, max_train: int | None = None,
                    max_val: int | None = None) -> tuple[Any, Any]:
     """``s2h_fx.data.digits_loaders`` at 32x32 (a fresh, seeded shuffle per call)."""
-    try:
-        from s2h_fx.data import digits_loaders as library_loaders
-    except ImportError:
-        return _private_digits_loaders(batch_size, seed, max_train, max_val)
+    from s2h_fx.data import digits_loaders as library_loaders
+
     return library_loaders(batch_size=batch_size, size=32, seed=seed,
                            max_train=max_train, max_val=max_val)
-
-
-def _private_digits_loaders(batch_size: int, seed: int, max_train: int | None,
-                            max_val: int | None) -> tuple[Any, Any]:
-    """Fallback for a checkout without ``s2h_fx.data``: the same recipe (x/16,
-    bilinear to 32x32, 3 channels, normalised by train statistics, seeded 80/20)."""
-    from sklearn.datasets import load_digits
-    from torch.utils.data import DataLoader, TensorDataset
-
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-    y = torch.as_tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(round(0.8 * len(y)))
-    tr, va = perm[:cut][:max_train], perm[cut:][:max_val]
-    mean, std = x[tr].mean(), x[tr].std()
-    x = (x - mean) / std
-    train = DataLoader(TensorDataset(x[tr], y[tr]), batch_size=batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed))
-    val = DataLoader(TensorDataset(x[va], y[va]), batch_size=batch_size)
-    return train, val
 
 
 # ---- measuring ------------------------------------------------------------------
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
-    was = module.training
-    module.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    module.train(was)
-    return int(counter.get_total_flops())
+    """``s2h_fx.measure.count_flops``: flop_counter FLOPs of one forward in eval mode."""
+    from s2h_fx.measure import count_flops as library_count_flops
+
+    return library_count_flops(module, x)
 
 
 def js_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,71 +137,29 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 # ---- training -------------------------------------------------------------------
 
-def zero_like_loss(pruner: Any) -> torch.Tensor:
-    """A zero with a (cheap) graph to the mask logits: the KL slots of methods without
-    distillation. ``0 * ce`` would give the same zero gradients, but ``backward``'s
-    separate G_s pass would then run a full extra backward through the network."""
-    return 0.0 * pruner.resource_loss()[0]
-
-
 def train_method(pruner: Any, method: str, train_loader: Any, epochs: int, lr: float) -> Row:
-    """Train ``pruner`` with ``method``; return its training trace (not yet finished)."""
-    if method not in METHODS:
+    """Train ``pruner`` with ``method`` through the library's training loop
+    (``s2h_fx.trainer.fit(..., method=method, finish=False)``: the same weight
+    optimiser, schedule and mask step for every method, masks from full width);
+    return its training trace (not yet finished)."""
+    from s2h_fx.trainer import METHODS as LIBRARY_METHODS
+    from s2h_fx.trainer import fit
+
+    if method not in METHODS or method not in LIBRARY_METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    opt = torch.optim.SGD(pruner.weight_parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    total = max(epochs * len(train_loader), 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    masks = list(pruner.masks().values())
-    for m in masks:
-        m.reset_full_width()
-    pruner.update_importance()
-    straight = method == "hard_st"
-    for m in masks:
-        m.straight_through = straight
-    trace: list[dict[str, float]] = []
-    pruner.train()
-    try:
-        for _ in range(epochs):
-            sums = {"task": 0.0, "resource": 0.0, "kd_hard": 0.0, "kd_soft": 0.0}
-            ok = seen = steps = 0
-            for x, y in train_loader:
-                opt.zero_grad(set_to_none=True)
-                if method in ("s2h", "no_decouple"):
-                    decoupled = method == "s2h"
-                    soft, hard = pruner(x)
-                    losses = pruner.losses((soft, hard), y, decoupled=decoupled)
-                    pruner.backward(losses, decoupled=decoupled)
-                    out = hard
-                else:
-                    # hard_st: graph_module with straight-through masks = binary-masked
-                    # hard network; soft_only: the relaxed-mask soft network.
-                    out = pruner.graph_module(x) if straight else pruner.soft_forward(x)
-                    ce = F.cross_entropy(out, y)
-                    losses = {"task": ce, "resource": pruner.resource_loss()[0],
-                              "kd_hard": 0.0 * ce, "kd_soft": zero_like_loss(pruner)}
-                    pruner.backward(losses)
-                opt.step()
-                pruner.mask_step()
-                sched.step()
-                for k in sums:
-                    sums[k] += float(losses[k].detach())
-                ok += int((out.detach().argmax(-1) == y).sum())
-                seen += y.numel()
-                steps += 1
-            record = {k: v / max(steps, 1) for k, v in sums.items()}
-            record["train_acc"] = ok / max(seen, 1)  # of the branch the method trains as "hard"
-            record["mask_flops"] = float(pruner.flops_ratio(pruner.mask_widths()))
-            trace.append(record)
-    finally:
-        for m in masks:
-            m.straight_through = False
+    history = fit(pruner, train_loader, epochs, lr=lr, momentum=0.9, weight_decay=5e-4,
+                  device="cpu", progress=False, method=method, finish=False)
+    # train_acc: of the branch the method trains as "hard" (for hard_st and soft_only,
+    # their single branch)
+    trace = [{**rec.losses, "train_acc": rec.hard_acc, "mask_flops": rec.flops_ratio,
+              "skipped": rec.skipped} for rec in history]
     return {"trace": trace}
 
 
 def run_one(method: str, budget: float, args: argparse.Namespace, dense_flops: int) -> Row:
     import s2h_fx
     from s2h_fx.config import S2HConfig
+    from s2h_fx.trainer import finish_training
 
     train_loader, val_loader = digits_loaders(args.batch_size, args.seed, args.max_train,
                                               args.max_val)
@@ -245,10 +179,7 @@ def run_one(method: str, budget: float, args: argparse.Namespace, dense_flops: i
     soft, y = val_logits(pruner.soft_forward, val_loader)
     soft_batch_bn, _ = batch_stat_logits(pruner, val_loader)
     t1 = time.perf_counter()
-    pruner.sync_from_masks()
-    projected = pruner.project()
-    pruner.recalibrate_bn(train_loader, 20)
-    pruner.eval()
+    projected = finish_training(pruner, train_loader, 20)
     seconds = train_seconds + time.perf_counter() - t1
     hard, _ = val_logits(pruner, val_loader)
     soft_after, _ = val_logits(pruner.soft_forward, val_loader)

@@ -4,6 +4,7 @@ from s2h_fx.channels import ChannelGroup, GroupingResult
 from s2h_fx.config import PruneConfig
 from s2h_fx.errors import (
     BudgetError,
+    CheckpointError,
     InputError,
     InvariantError,
     NonFiniteError,
@@ -19,7 +20,7 @@ from s2h_fx.surgery import register_surgery
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetError", "ChannelGroup", "GroupingResult", "InputError", "InvariantError",
+    "BudgetError", "CheckpointError", "ChannelGroup", "GroupingResult", "InputError", "InvariantError",
     "NoPrunableChannelsError", "NonFiniteError", "PruneConfig", "Pruner", "S2HError", "TraceError",
     "UnsupportedOpError", "prune_graph", "register_rule", "register_surgery",
 ]

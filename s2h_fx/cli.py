@@ -31,10 +31,10 @@ from typing import IO, Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from s2h_fx.config import PruneConfig
 from s2h_fx.errors import S2HError
+from s2h_fx.measure import count_flops
 from s2h_fx.pruner import Pruner, prune_graph
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
 
 
@@ -174,10 +185,18 @@ def _add_prune_parser(sub: Any) -> None:
                        help="widths are multiples of this where a group allows (default 8)")
     prune.add_argument("--strict", action="store_true",
                        help="fail on ops without a coupling rule instead of freezing their groups")
-    prune.add_argument("--workers", type=int, default=0,
+    prune.add_argument("--workers", type=_non_negative_int, default=0,
                        help="data loader worker processes (default 0)")
     prune.add_argument("--device", default=None,
                        help="training device, e.g. cpu or cuda (default: cuda when present)")
+    prune.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                       help="write a training checkpoint to DIR at the end of every epoch "
+                            "(atomically; the newest 3 kept)")
+    prune.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
+                       help="also checkpoint every K training batches (needs --checkpoint-dir)")
+    prune.add_argument("--resume", action="store_true",
+                       help="continue the run whose checkpoints are in --checkpoint-dir, "
+                            "exactly where it stopped (a new run when DIR holds none)")
     prune.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                        help="also plot accuracy and the hard FLOPs ratio over training")
     _training_options(prune, 5, 64)
@@ -214,10 +233,7 @@ def _build(args: argparse.Namespace, budget: float) -> tuple[nn.Module, torch.Te
 
 # ---- measuring -------------------------------------------------------------
 def _flops(module: nn.Module, x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(x)
-    return float(counter.get_total_flops())
+    return float(count_flops(module, x))
 
 
 def _params(module: nn.Module) -> int:
@@ -358,6 +374,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str | None) -> str:
+    """The training device: ``name``, checked to exist here, or cuda when present."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise CliError(f"--device {name!r}: {exc}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name!r}: CUDA is not available on this machine "
+                           "(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name!r}: this machine has "
+                           f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {name!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise CliError(f"--device {name!r}: use cpu or cuda")
+    return name
+
+
 def _prune_loaders(args: argparse.Namespace) -> tuple[Any, Any, int, str]:
     """(train loader, val loader, number of classes, description) of the chosen dataset."""
     from s2h_fx import data
@@ -400,11 +438,12 @@ def _prune(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError as exc:
-        raise CliError(f"--device {device!r}: {exc}") from exc
+    device = _device(args.device)
+    if (args.resume or args.checkpoint_every) and args.checkpoint_dir is None:
+        raise CliError("--resume and --checkpoint-every need --checkpoint-dir DIR")
+    if args.checkpoint_dir is not None and args.checkpoint_dir.exists() \
+            and not args.checkpoint_dir.is_dir():
+        raise CliError(f"--checkpoint-dir {str(args.checkpoint_dir)!r} is not a directory")
     train_loader, val_loader, classes, what = _prune_loaders(args)
 
     torch.manual_seed(args.seed)
@@ -438,7 +477,9 @@ def _prune(args: argparse.Namespace) -> int:
     pruner = prune_graph(model, args.budget, (x,), divisor=args.divisor, strict=args.strict)
     torch.manual_seed(args.seed)
     history = pruner.fit(train_loader, args.epochs, val_loader=val_loader, lr=args.lr,
-                         device=device, progress=args.progress)
+                         device=device, progress=args.progress,
+                         checkpoint=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                         resume=args.resume)
     pruned = pruner.export()
     rows = compare(dense, pruner, pruned, val_loader, x, dense_acc=dense_acc,
                    latency_runs=args.latency_runs, device=device)

@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from s2h_fx.measure import count_flops
 from s2h_fx.pruner import Pruner, prune_graph
-from s2h_fx.trainer import EpochRecord, evaluate
+from s2h_fx.trainer import EpochRecord, evaluate, fit_dense
 
 DEFAULT_EPOCHS = 8
 
@@ -62,42 +60,13 @@ def train_dense(
     | None = None, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
     device: str | torch.device = "cpu", progress: bool = False,
 ) -> list[dict[str, float]]:
-    """Plain cross-entropy training with the optimiser and schedule that
-    :meth:`Pruner.fit` uses for the weights (SGD + momentum, cosine per step).
-    Returns per-epoch records (train loss and accuracy, val accuracy)."""
-    from s2h_fx.trainer import _bar
-
-    dev = torch.device(device)
-    model.to(dev)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps = len(train_loader) if isinstance(train_loader, Sized) else 0
-    total = max(epochs * steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    history = []
-    for epoch in range(epochs):
-        model.train()
-        loss_sum = 0.0
-        ok = seen = batches = 0
-        for x, y in _bar(train_loader, f"dense epoch {epoch + 1}/{epochs}", progress):
-            x, y = x.to(dev), y.to(dev)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach())
-            ok += int((out.argmax(-1) == y).sum())
-            seen += y.numel()
-            batches += 1
-        record = {"epoch": epoch + 1, "loss": loss_sum / max(batches, 1),
-                  "acc": ok / max(seen, 1)}
-        if val_loader is not None:
-            record["val_acc"] = accuracy(model, val_loader, dev)
-        history.append(record)
-    model.eval()
-    return history
+    """Plain cross-entropy training through the loop :meth:`Pruner.fit` uses (SGD +
+    momentum, the same cosine schedule per step, the same non-finite guard):
+    :func:`s2h_fx.trainer.fit_dense`. Returns per-epoch records (train loss and
+    accuracy, val accuracy)."""
+    return fit_dense(model, train_loader, epochs, val_loader=val_loader, lr=lr,
+                     momentum=momentum, weight_decay=weight_decay, device=device,
+                     progress=progress)
 
 
 @torch.no_grad()
@@ -118,13 +87,6 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable[Any
 
 
 # ---- measuring ------------------------------------------------------------------
-def count_flops(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        fn(x)
-    return float(counter.get_total_flops())
-
-
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -31,5 +31,10 @@ class InvariantError(S2HError):
     """An internal invariant between passes was violated (a bug: please report it)."""
 
 
-class NonFiniteError(S2HError):
-    """Training met non-finite values it could not skip, or a network holds them."""
+class NonFiniteError(S2HError, FloatingPointError):
+    """Training met non-finite losses or gradients too many steps in a row, or a
+    network to export holds non-finite values."""
+
+
+class CheckpointError(S2HError):
+    """A training checkpoint is missing, unreadable, or from another run."""

@@ -1,23 +1,47 @@
 """``fit``: S2H training with sensible defaults, built only from the pruner's public
-steps (forward, losses, backward, mask_step), so a user's own loop can do the same."""
+steps (forward, losses, backward, mask_step), so a user's own loop can do the same.
+
+The loop itself (schedule, non-finite guard, checkpoints, resume) is
+:mod:`s2h_fx.loop`; this module says what one step of each kind of training does:
+S2H and its ablations (:data:`METHODS`), the full-width warm-up, and plain dense
+training (:func:`fit_dense`, the demo's baseline).
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable, Sized
-from dataclasses import dataclass, field
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from s2h_fx.errors import InputError
+from s2h_fx.checkpoint import CheckpointStore
+from s2h_fx.errors import CheckpointError
+from s2h_fx.loop import (
+    Loop,
+    LoopSettings,
+    Metrics,
+    broadcast_buffers,
+    epoch_accuracy,
+    epoch_means,
+    split_batch,
+    world_size,
+)
 
 if TYPE_CHECKING:
     from s2h_fx.pruner import Pruner
 
 log = logging.getLogger(__name__)
+
+# s2h: the decoupled S2H step. no_decouple: S2H with every term reaching everything.
+# hard_st: only the masked network with straight-through binary masks, CE + R.
+# soft_only: only the relaxed-mask network, CE + R. (benchmarks/gap.py compares them.)
+METHODS = ("s2h", "no_decouple", "hard_st", "soft_only")
+S2H_TERMS = ("task", "resource", "kd_hard", "kd_soft")
 
 
 @dataclass
@@ -30,6 +54,7 @@ class EpochRecord:
     val_soft_acc: float | None = None
     val_hard_acc: float | None = None
     steps: list[dict[str, float]] = field(default_factory=list)
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient
 
     @property
     def val_gap(self) -> float | None:
@@ -37,21 +62,12 @@ class EpochRecord:
             return None
         return self.val_soft_acc - self.val_hard_acc
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-def _split(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        got = type(batch).__name__ + (f" of length {len(batch)}"
-                                      if isinstance(batch, (list, tuple)) else "")
-        raise InputError(
-            f"fit() and evaluate() take batches of (inputs, labels), a tuple or list as a "
-            f"DataLoader over a TensorDataset or an ImageFolder yields; got a {got}. For "
-            "other batch structures, write the loop yourself with the pruner's steps "
-            "(README: Training with S2H)")
-    x, y = batch[0], batch[1]
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise InputError(f"a batch's inputs and labels must be tensors; got "
-                         f"({type(x).__name__}, {type(y).__name__})")
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochRecord:
+        return cls(**d)
 
 
 @torch.no_grad()
@@ -61,7 +77,7 @@ def evaluate(pruner: Pruner, loader: Iterable[Any], device: torch.device) -> tup
     pruner.eval()
     soft_ok = hard_ok = total = 0
     for batch in loader:
-        x, y = _split(batch, device)
+        x, y = split_batch(batch, device)
         soft_ok += int((pruner.soft_forward(x).argmax(-1) == y).sum())
         hard_ok += int((pruner(x).argmax(-1) == y).sum())
         total += y.numel()
@@ -69,6 +85,98 @@ def evaluate(pruner: Pruner, loader: Iterable[Any], device: torch.device) -> tup
     return soft_ok / max(total, 1), hard_ok / max(total, 1)
 
 
+# ---- the kinds of step ----------------------------------------------------------------
+class _S2HStep:
+    """One S2H step (or an ablation of it): forward, losses, decoupled backward;
+    after the weights' step, the mask step."""
+
+    def __init__(self, pruner: Pruner, method: str) -> None:
+        self.pruner, self.method = pruner, method
+        self.decoupled = method != "no_decouple"
+
+    def begin(self) -> None:
+        self.pruner.train()
+        for m in self.pruner.masks().values():
+            m.straight_through = self.method == "hard_st"
+
+    def end(self) -> None:
+        for m in self.pruner.masks().values():
+            m.straight_through = False
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        p = self.pruner
+        if self.method in ("s2h", "no_decouple"):
+            soft, hard = p(x)
+            return p.losses((soft, hard), y, decoupled=self.decoupled), {"soft": soft, "hard": hard}
+        # hard_st: the masked graph with straight-through masks (the binary-mask
+        # emulation of the hard network); soft_only: the relaxed-mask network
+        out = p.graph_module(x) if self.method == "hard_st" else p.soft_forward(x)
+        ce = F.cross_entropy(out, y)
+        # zeros in the distillation slots; kd_soft has its own cheap graph to the logits
+        # (a second resource_loss()), so that backward's separate G_s pass neither runs
+        # through the whole network nor frees the resource term's graph
+        losses = {"task": ce, "resource": p.resource_loss()[0], "kd_hard": 0.0 * ce,
+                  "kd_soft": 0.0 * p.resource_loss()[0]}
+        return losses, {"soft": out, "hard": out}
+
+    def backward(self, losses: dict[str, torch.Tensor], scaler: Any) -> bool | None:
+        # Pruner.backward returns False for a non-finite loss or gradient, with the
+        # gathered mask gradients already dropped
+        backward: Callable[..., bool | None] = self.pruner.backward
+        return backward(losses, grad_scaler=scaler, decoupled=self.decoupled)
+
+    def after(self) -> Metrics:
+        self.pruner.mask_step()
+        return {"flops": float(self.pruner.flops_ratio(self.pruner.mask_widths()))}
+
+    def discard(self) -> None:
+        for p in self.pruner.parameters():
+            p.grad = None
+
+    def params(self) -> list[nn.Parameter]:
+        return self.pruner.weight_parameters() + self.pruner.mask_parameters()
+
+
+class _PlainStep:
+    """Cross-entropy training of one network: the dense baseline, or the pruner's
+    full-width network with every mask held at 1 (the warm-up)."""
+
+    def __init__(self, model: nn.Module, masks: list[Any] | None = None) -> None:
+        self.model, self.masks = model, masks or []
+
+    def begin(self) -> None:
+        self.model.train()
+        for m in self.masks:
+            m.fixed.fill_(1.0)
+            m.use_fixed = True
+
+    def end(self) -> None:
+        for m in self.masks:
+            m.use_fixed = False
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        out = self.model(x)
+        return {"loss": F.cross_entropy(out, y)}, {"train": out}
+
+    def backward(self, losses: dict[str, torch.Tensor], scaler: Any) -> bool | None:
+        loss = losses["loss"]
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return None
+
+    def after(self) -> Metrics:
+        return {}
+
+    def discard(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+# ---- fit ------------------------------------------------------------------------------
 def fit(
     pruner: Pruner,
     train_loader: Iterable[Any],
@@ -84,174 +192,184 @@ def fit(
     bn_batches: int = 20,
     progress: bool = True,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    steps_per_epoch: int | None = None,
+    max_nonfinite: int | None = 5,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
+    method: str = "s2h",
+    finish: bool = True,
 ) -> list[EpochRecord]:
     """Train the soft and hard branches with S2H; leave the pruner in eval mode at the
     trained hard network (BatchNorm re-estimated, projected onto the budget if above).
 
-    Weights: SGD with momentum and a cosine schedule. Masks: the built-in mask
+    Weights: SGD with momentum and a cosine schedule (:mod:`s2h_fx.schedule`; for a
+    loader without ``__len__`` give ``steps_per_epoch`` or the first epoch runs at
+    the base rate while its length is measured). Masks: the built-in mask
     optimiser, starting from full width. ``warmup_epochs`` of plain training of
     the full network come first. ``amp`` uses ``torch.autocast`` (bfloat16 on CPU).
 
+    Non-finite losses or gradients: the step is skipped and counted
+    (``EpochRecord.skipped``); after ``max_nonfinite`` in a row,
+    :class:`~s2h_fx.errors.NonFiniteError` (None: never).
+
+    ``checkpoint``: a directory (or ``NAME.pt``) for atomic checkpoints at the end of
+    every epoch and every ``checkpoint_every`` batches, the newest
+    ``keep_checkpoints`` kept. ``resume=True`` continues from the newest readable
+    one exactly where it stopped (same data order, same random draws), or starts
+    afresh when there is none; without ``resume`` the location must hold none.
+
+    ``method``: ``"s2h"`` or an ablation from :data:`METHODS`. ``finish=False`` leaves
+    the masks as training left them (no projection, no BatchNorm re-estimation;
+    :func:`finish` does those).
+
     Under ``torch.distributed`` (torchrun; give each rank its shard of the data,
     e.g. with a ``DistributedSampler``) the weights' gradients are averaged over
-    the ranks every step (the mask logits' by :meth:`Pruner.backward`), only rank
-    0 shows progress bars, and at the end every rank gets rank 0's buffers
-    (BatchNorm statistics of both networks), so all ranks hold the same pruner.
+    the ranks every step (the mask logits' by :meth:`Pruner.backward`), all ranks
+    skip the same non-finite steps, only rank 0 shows progress bars and writes
+    checkpoints, and at the end every rank gets rank 0's buffers.
     """
     if epochs < 0 or warmup_epochs < 0:
         raise ValueError("epochs and warmup_epochs must be >= 0")
-    if isinstance(train_loader, Sized) and len(train_loader) == 0:
-        raise InputError("train_loader has no batches")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=DIR (where the checkpoints are)")
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     pruner.to(dev)
-    steps_per_epoch = len(train_loader) if isinstance(train_loader, Sized) else 0
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay)
-    total = max((epochs + warmup_epochs) * steps_per_epoch, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-    scaler = torch.amp.GradScaler(dev.type) if amp and dev.type == "cuda" else None
-    amp_dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-    if _world_size() > 1:
+    if world_size() > 1:
         progress = progress and torch.distributed.get_rank() == 0
-    weights = pruner.weight_parameters()
-    if warmup_epochs:
-        _warmup(pruner, train_loader, warmup_epochs, opt, sched, dev, progress)
-    for mask in pruner.masks().values():
-        mask.reset_full_width()
-    pruner.update_importance()
-    history = []
-    for epoch in range(epochs):
-        pruner.train()
-        sums: dict[str, float] = {}
-        soft_ok = hard_ok = seen = 0
-        record = EpochRecord(epoch + 1, {}, 0.0, 0.0, 0.0)
-        with _bar(train_loader, f"S2H epoch {epoch + 1}/{epochs}", progress) as bar:
-            for batch in bar:
-                x, y = _split(batch, dev)
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                    soft, hard = pruner(x)
-                    losses = pruner.losses((soft, hard), y)
-                opt.zero_grad(set_to_none=True)
-                pruner.backward(losses, grad_scaler=scaler)
-                _average_grads(weights)
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                pruner.mask_step()
-                sched.step()
-                step = {k: float(v.detach()) for k, v in losses.items()}
-                step["flops"] = float(pruner.flops_ratio(pruner.mask_widths()))
-                soft_ok += int((soft.argmax(-1) == y).sum())
-                hard_ok += int((hard.argmax(-1) == y).sum())
-                seen += y.numel()
-                step["soft_acc"], step["hard_acc"] = soft_ok / seen, hard_ok / seen
-                for k, v in step.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                record.steps.append(step)
-                if on_step is not None:
-                    on_step(step)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix({"L": f"{step['task']:.3f}", "R": f"{step['resource']:.4f}",
-                                     "Gh": f"{step['kd_hard']:.3f}", "Gs": f"{step['kd_soft']:.3f}",
-                                     "flops": f"{step['flops']:.3f}",
-                                     "acc s/h": f"{step['soft_acc']:.2f}/{step['hard_acc']:.2f}"})
-        if not record.steps:
-            raise InputError(f"train_loader yielded no batches in epoch {epoch + 1} (an "
-                             "exhausted generator? pass a re-iterable loader)")
-        n = len(record.steps)
-        record.losses = {k: sums.get(k, 0.0) / n for k in ("task", "resource", "kd_hard", "kd_soft")}
-        record.flops_ratio = float(pruner.flops_ratio(pruner.mask_widths()))
-        record.soft_acc, record.hard_acc = soft_ok / max(seen, 1), hard_ok / max(seen, 1)
-        if val_loader is not None:
-            record.val_soft_acc, record.val_hard_acc = evaluate(pruner, val_loader, dev)
-            log.info("epoch %d: val soft %.4f hard %.4f gap %.4f, hard FLOPs %.4f", epoch + 1,
-                     record.val_soft_acc, record.val_hard_acc, record.val_gap,
-                     record.flops_ratio)
-        history.append(record)
-    pruner.sync_from_masks()  # the hard network of the final masks
-    pruner.project()
-    used = pruner.recalibrate_bn(train_loader, bn_batches)
-    log.info("BatchNorm statistics of the hard network re-estimated on %d batches", used)
-    _broadcast_buffers(pruner)
-    pruner.eval()
+    settings = LoopSettings(epochs + warmup_epochs, steps_per_epoch, max_nonfinite,
+                            checkpoint_every, amp, progress)
+    store = CheckpointStore(checkpoint, keep_checkpoints) if checkpoint is not None else None
+    meta = {"kind": "fit", "epochs": epochs, "warmup_epochs": warmup_epochs, "method": method}
+    loop = Loop(pruner, train_loader, opt, dev, settings, store=store, meta=meta,
+                on_step=on_step)
+    _start(loop, store, resume)
+    warm = _PlainStep(pruner.graph_module, list(pruner.masks().values()))
+    s2h = _S2HStep(pruner, method)
+    total = epochs + warmup_epochs
+    while loop.state.epoch < total:
+        g = loop.state.epoch
+        if g < warmup_epochs:
+            loop.run_epoch(warm, f"warm-up {g + 1}/{warmup_epochs}")
+            loop.end_epoch(None)
+            continue
+        if g == warmup_epochs and loop.state.step == 0:
+            _from_full_width(pruner)
+        n = g - warmup_epochs + 1
+        sums = loop.run_epoch(s2h, f"S2H epoch {n}/{epochs}", _postfix)
+        loop.end_epoch(_record(pruner, sums, n, val_loader, dev).to_dict())
+    if epochs == 0:
+        _from_full_width(pruner)
+    history = [EpochRecord.from_dict(d) for d in loop.state.history]
+    if finish:
+        finish_training(pruner, train_loader, bn_batches)
     return history
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _from_full_width(pruner: Pruner) -> None:
+    """S2H training starts from full width by design (not on a resume mid-run)."""
+    pruner.reset_masks()
 
 
-def _average_grads(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the ranks (one all-reduce); a no-op
-    without torch.distributed. A non-finite gradient on any rank reaches every rank,
-    so a GradScaler skips the step everywhere."""
-    if _world_size() < 2 or not params:
+def _start(loop: Loop, store: CheckpointStore | None, resume: bool) -> None:
+    if store is None:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= _world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype, copy=True)
-        offset += g.numel()
-
-
-def _broadcast_buffers(module: nn.Module) -> None:
-    """Every rank takes rank 0's buffers (running statistics); a no-op without
-    torch.distributed."""
-    if _world_size() < 2:
+    if not resume:
+        existing = store.files()
+        if existing:
+            raise CheckpointError(
+                f"{store.directory} already holds checkpoints ({existing[0].name}, ...): "
+                "pass resume=True (--resume) to continue that run, or another location")
         return
-    for buf in module.buffers():
-        torch.distributed.broadcast(buf, src=0)
+    found = store.load_latest()
+    if found is None:
+        log.info("no checkpoint in %s: starting a new run", store.directory)
+        return
+    ckpt, path = found
+    loop.restore(ckpt)
+    log.info("resuming from %s: epoch %d, after batch %d of it", path, loop.state.epoch + 1,
+             loop.state.step)
 
 
-def _warmup(pruner: Pruner, loader: Iterable[Any], epochs: int, opt: torch.optim.Optimizer,
-            sched: Any, dev: torch.device, progress: bool) -> None:
-    """Plain training of the full-width network (masks held at 1)."""
-    masks = pruner.masks().values()
-    for m in masks:
-        m.fixed.fill_(1.0)
-        m.use_fixed = True
-    try:
-        pruner.graph_module.train()
-        for epoch in range(epochs):
-            for batch in _bar(loader, f"warm-up {epoch + 1}/{epochs}", progress):
-                x, y = _split(batch, dev)
-                loss = nn.functional.cross_entropy(pruner.graph_module(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                _average_grads(pruner.weight_parameters())
-                opt.step()
-                sched.step()
-    finally:
-        for m in masks:
-            m.use_fixed = False
+def _record(pruner: Pruner, sums: dict[str, Any], n: int, val_loader: Iterable[Any] | None,
+            dev: torch.device) -> EpochRecord:
+    record = EpochRecord(n, epoch_means(sums, S2H_TERMS),
+                         float(pruner.flops_ratio(pruner.mask_widths())),
+                         epoch_accuracy(sums, "soft"), epoch_accuracy(sums, "hard"),
+                         steps=list(sums["steps"]), skipped=int(sums["skipped"]))
+    if val_loader is not None:
+        record.val_soft_acc, record.val_hard_acc = evaluate(pruner, val_loader, dev)
+        log.info("epoch %d: val soft %.4f hard %.4f gap %.4f, hard FLOPs %.4f", n,
+                 record.val_soft_acc, record.val_hard_acc, record.val_gap, record.flops_ratio)
+    return record
 
 
-class _bar:
-    """A tqdm progress bar when asked for, else the plain iterable."""
+def _postfix(step: Metrics) -> dict[str, str]:
+    return {"L": f"{step['task']:.3f}", "R": f"{step['resource']:.4f}",
+            "Gh": f"{step['kd_hard']:.3f}", "Gs": f"{step['kd_soft']:.3f}",
+            "flops": f"{step['flops']:.3f}",
+            "acc s/h": f"{step['soft_acc']:.2f}/{step['hard_acc']:.2f}"}
 
-    def __init__(self, iterable: Iterable[Any], desc: str, enabled: bool) -> None:
-        self.iterable, self.desc, self.enabled = iterable, desc, enabled
 
-    def __enter__(self) -> Any:
-        if self.enabled:
-            from tqdm.auto import tqdm
+def finish_training(pruner: Pruner, train_loader: Iterable[Any], bn_batches: int = 20) -> bool:
+    """The end of S2H training: the hard network of the final masks, projected onto
+    the budget band if outside it, its BatchNorm statistics re-estimated on
+    ``bn_batches`` training batches, rank 0's buffers on every rank, eval mode.
+    Returns whether the projection changed the widths."""
+    pruner.sync_from_masks()
+    projected = pruner.project()
+    used = pruner.recalibrate_bn(train_loader, bn_batches)
+    log.info("BatchNorm statistics of the hard network re-estimated on %d batches", used)
+    broadcast_buffers(pruner)
+    pruner.eval()
+    return projected
 
-            self.bar = tqdm(self.iterable, desc=self.desc, leave=False, dynamic_ncols=True)
-            return self.bar
-        return self.iterable
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.close()
+# ---- plain training -------------------------------------------------------------------
+def fit_dense(
+    model: nn.Module, train_loader: Iterable[Any], epochs: int, *,
+    val_loader: Iterable[Any] | None = None, lr: float = 0.05, momentum: float = 0.9,
+    weight_decay: float = 5e-4, device: str | torch.device = "cpu", progress: bool = False,
+    steps_per_epoch: int | None = None, max_nonfinite: int | None = 5,
+) -> list[dict[str, float]]:
+    """Plain cross-entropy training with the loop, optimiser and schedule :func:`fit`
+    uses for the weights. Returns per-epoch ``{"epoch", "loss", "acc"[, "val_acc"]}``."""
+    if epochs < 0:
+        raise ValueError("epochs must be >= 0")
+    dev = torch.device(device)
+    model.to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
+    loop = Loop(model, train_loader, opt, dev,
+                LoopSettings(epochs, steps_per_epoch, max_nonfinite, None, False, progress))
+    step = _PlainStep(model)
+    history = []
+    while loop.state.epoch < epochs:
+        sums = loop.run_epoch(step, f"dense epoch {loop.state.epoch + 1}/{epochs}")
+        record = {"epoch": loop.state.epoch + 1, "loss": epoch_means(sums, ["loss"])["loss"],
+                  "acc": epoch_accuracy(sums, "train")}
+        if val_loader is not None:
+            record["val_acc"] = _accuracy(model, val_loader, dev)
+        history.append(record)
+        loop.end_epoch(record)
+    model.eval()
+    return history
 
-    def __iter__(self) -> Any:
-        with self as it:
-            yield from it
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader: Iterable[Any], dev: torch.device) -> float:
+    was = model.training
+    model.eval()
+    ok = seen = 0
+    for batch in loader:
+        x, y = split_batch(batch, dev)
+        ok += int((model(x).argmax(-1) == y).sum())
+        seen += y.numel()
+    model.train(was)
+    return ok / max(seen, 1)

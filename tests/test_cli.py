@@ -178,3 +178,39 @@ def test_console_script_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "prunable" in result.stdout and "resnet18: 12 prunable" in result.stdout
     assert "INFO s2h_fx" in result.stderr  # the CLI logs at INFO
+
+
+def _image_folder(root: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 200, 30)).save(root / split / cls / "0.png")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--workers", "-1"], "argument --workers: expected a non-negative integer, got -1"),
+        (["--workers", "two"], "argument --workers: expected a non-negative integer, got 'two'"),
+        (["--device", "cuda"], "--device 'cuda': CUDA is not available on this machine"),
+        (["--device", "cuda:0"], "--device 'cuda:0': CUDA is not available on this machine"),
+        (["--device", "tpu7"], "--device 'tpu7'"),
+        (["--resume"], "--resume and --checkpoint-every need --checkpoint-dir"),
+    ],
+)
+def test_prune_bad_workers_or_device_exits_2_with_a_message(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    _image_folder(tmp_path)  # valid data: the errors must come from the options themselves
+    args = ["prune", "resnet18", "--budget", "0.3", "--data-dir", str(tmp_path),
+            "-o", str(tmp_path / "m.pt2"), "--epochs", "1", "--input-size", "3,32,32",
+            "--no-progress", *extra]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "m.pt2").exists()

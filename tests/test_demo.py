@@ -289,3 +289,23 @@ def test_prune_unknown_model_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
             "-o", str(tmp_path / "m.pt2")]
     assert cli.main(args) == 2
     assert "did you mean resnet18" in capsys.readouterr().err
+
+
+def test_prune_checkpoint_dir_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_image_folder(tmp_path / "imgs")  # 8 training images: 2 batches of 4
+    ckpt = tmp_path / "ck"
+    base = ["prune", "resnet18", "--budget", "0.5", "--data-dir", str(root),
+            "-o", str(tmp_path / "r18.pt"), "--checkpoint-dir", str(ckpt), *PRUNE_FAST]
+    assert cli.main([*base, "--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    # after batch 1, after batch 2 (then again at the end of the epoch, same position)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+    state = torch.load(ckpt / "ckpt-00000002.pt", weights_only=True)
+    assert (state["run"]["epoch"], state["run"]["step"]) == (1, 0)  # epoch 1 done
+    assert cli.main(base) == 2  # a new run would mix its checkpoints with the old ones
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert cli.main([*base, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "ckpt-00000002.pt" in err
+    assert "checkpoint ckpt-" not in err  # nothing left to train: no new checkpoint
+    assert torch.load(tmp_path / "r18.pt", weights_only=False)(torch.randn(1, 3, 32, 32)).shape == (1, 2)
