@@ -31,9 +31,10 @@ from s2h_fx.channels import (
     GroupingResult,
     SlotKey,
 )
-from s2h_fx.errors import UnsupportedOpError
+from s2h_fx.errors import InvariantError, S2HError, UnsupportedOpError
 from s2h_fx.rules import RuleContext, lookup_rule
-from s2h_fx.rules.base import _get_attr, describe, iter_layouts
+from s2h_fx.rules.base import Rule, _get_attr, describe, iter_layouts
+from s2h_fx.passes.trace_model import user_line
 from s2h_fx.rules.sizes import S2H_SIZE_DEPS, check_size_uses, size_deps
 
 log = logging.getLogger(__name__)
@@ -76,18 +77,27 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Any:
         lay.factors for a in node.all_input_nodes for lay in iter_layouts(a.meta.get(S2H_LAYOUT))
     )
     if rule is not None:
-        try:
-            return rule(ctx, node)
-        except Exception as exc:  # a rule that cannot read this call is an unknown op
-            log.debug("rule for %s failed: %s", node.format_node(), exc)
-            reason = f"{describe(node)} (rule failed: {exc})"
-    else:
-        reason = describe(node)
+        return _apply_rule(ctx, node, rule)
     if labeled:
-        ctx.unknown.append(reason)
+        ctx.unknown.append(describe(node))
         for a in node.all_input_nodes:
             ctx.freeze_layout(a.meta.get(S2H_LAYOUT), FreezeReason.UNKNOWN_OP, node)
     return ctx.blank(node)
+
+
+def _apply_rule(ctx: RuleContext, node: fx.Node, rule: Rule) -> Any:
+    """Run a coupling rule; a rule that raises is a bug, never an unknown op."""
+    try:
+        return rule(ctx, node)
+    except S2HError:
+        raise
+    except Exception as exc:
+        name = f"{getattr(rule, '__module__', '?')}.{getattr(rule, '__qualname__', rule)}"
+        raise InvariantError(
+            f"coupling rule {name} failed on node {node.format_node()}{user_line(node)}: "
+            f"{type(exc).__name__}: {exc}. This is a bug in that rule (a built-in one: "
+            "please report it); it is not treated as an op without a rule."
+        ) from exc
 
 
 def _attr_layout(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:

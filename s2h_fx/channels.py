@@ -19,6 +19,7 @@ import numpy as np
 S2H_LAYOUT = "s2h_layout"  # ChannelLayout | tuple[ChannelLayout | None, ...] | None
 S2H_FLOPS = "s2h_flops"  # float: flop_counter FLOPs of this node on the example inputs
 S2H_MASK_SITE = "s2h_mask_site"  # MaskSite: marks nodes inserted by insert_masks
+S2H_VALUE = "s2h_value"  # int | float | tuple: a node's Python value on the example inputs
 
 
 class SpaceKind(enum.Enum):
