@@ -32,9 +32,9 @@ from s2h_fx.channels import (
     SlotKey,
 )
 from s2h_fx.errors import InvariantError, S2HError, UnsupportedOpError
+from s2h_fx.passes.trace_model import user_line
 from s2h_fx.rules import RuleContext, lookup_rule
 from s2h_fx.rules.base import Rule, _get_attr, describe, iter_layouts
-from s2h_fx.passes.trace_model import user_line
 from s2h_fx.rules.sizes import S2H_SIZE_DEPS, check_size_uses, size_deps
 
 log = logging.getLogger(__name__)
