@@ -40,7 +40,7 @@ from s2h_fx.rules.sizes import S2H_SIZE_DEPS, check_size_uses, size_deps
 log = logging.getLogger(__name__)
 
 S2H_FLOP_REFS = "s2h_flop_refs"
-S2H_MIXING = "s2h_mixing"  # tuple of arg indices whose channels the node sums over
+S2H_MIXING = "s2h_mixing"  # (arg, axis) pairs (or arg indices) whose channels it sums over
 
 
 def find_channel_groups(

@@ -101,7 +101,8 @@ class RuleContext:
         self.blocks: list[np.ndarray] = []  # each array: ids kept or dropped together
         self.unknown: list[str] = []
         self.flop_refs: dict[str, tuple[tuple[Factor, int], ...]] = {}
-        self.mixing: dict[str, tuple[int, ...]] = {}  # node -> args whose channels it mixes
+        # node -> (arg, axis) pairs (or arg indices) whose channels it sums over
+        self.mixing: dict[str, tuple[int | tuple[int, int], ...]] = {}
         # (ids a size value depends on, ids of the axis it sizes or None, the using node)
         self.size_checks: list[tuple[np.ndarray, np.ndarray | None, fx.Node]] = []
         # (node, size node): a channel count the surgery replaces by a constant (slice bounds
@@ -185,9 +186,14 @@ class RuleContext:
                 if isinstance(v, fx.Node):
                     self.constant_sizes.add((node.name, v.name))
 
-    def mixes(self, node: fx.Node, *arg_indices: int) -> None:
-        """Declare that the node sums over the channels of these args (a mask site)."""
-        self.mixing[node.name] = arg_indices
+    def mixes(self, node: fx.Node, *sites: int | tuple[int, int]) -> None:
+        """Declare where the node sums over channels (its mask sites): ``(arg, axis)`` for
+        one contracted axis of an argument, or a bare arg index for all its channel axes.
+
+        Declare each contracted channel once: in ``a @ b`` the channels of ``a``'s last
+        axis and ``b``'s axis -2 are the same channels, and masking both operands
+        would scale every product by the mask twice (m squared)."""
+        self.mixing[node.name] = sites
 
     def flops(self, node: fx.Node, refs: Iterable[tuple[ChannelLayout | None, int]]) -> None:
         """Declare that the node's FLOPs scale with the sizes of these (layout, axis) pairs."""

@@ -71,7 +71,7 @@ def conv_like(
     refs = [(res, a) for a in range(len(out_shape))]
     if groups == 1:
         refs.append((lay, 1))  # type: ignore[arg-type]
-        ctx.mixes(node, 0)
+        ctx.mixes(node, (0, 1))
     ctx.flops(node, refs)
     return res
 
@@ -121,7 +121,7 @@ def linear_like(
         ctx.couple(ctx.param_ids(weight, 1), fin.ids)
     res = ChannelLayout(len(out_shape), _rest(lay, last) + (Factor((last,), out),))
     ctx.flops(node, [(res, a) for a in range(len(out_shape))] + [(lay, last)])
-    ctx.mixes(node, 0)
+    ctx.mixes(node, (0, last))
     return res
 
 
@@ -285,6 +285,8 @@ def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
                 ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
     res = ChannelLayout(nd, tuple(out))
     ctx.flops(node, [(res, x) for x in range(nd)] + [(la, la.ndim - 1)])
-    ctx.mixes(node, 0, 1)
+    # K is summed over once: its mask goes on one operand only (both would give m * m);
+    # the other axes (b's columns: an attention's values) are not summed over here
+    ctx.mixes(node, (0, la.ndim - 1))
     return res
 
