@@ -93,3 +93,113 @@ def test_matmul_masks_each_contracted_channel_once() -> None:
 
 def test_attention_invariants() -> None:
     check_invariants(Attention(), torch.randn(2, 5, 16))
+
+
+# ---- item 2: channel counts through numel(), len() and size tuples -------------------
+fx.wrap("len")  # as a user would, to trace len() of a tensor
+
+
+class Probe(nn.Module):
+    """stem (16 channels, the group under test) -> op -> 1x1 conv head."""
+
+    def __init__(self, op, cin: int = 16) -> None:
+        super().__init__()
+        self.stem, self.op, self.head = cbr(3, 16), op, nn.Conv2d(cin, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.op(self.stem(x)))
+
+
+SCALED_BY_COUNT = {
+    # the issue's case: the scale changes when channels are removed, so the pruned
+    # network would compute another function than the masked one
+    "numel": lambda h: h * (1000 / h.numel()),
+    "nelement": lambda h: h / h.nelement() ** 0.5,
+    "len": lambda h: h / len(h[0]),  # h[0] is C x H x W: its length is the channel count
+    "size tuple": lambda h: h * h.shape[1:][0],
+}
+
+
+@pytest.mark.parametrize("name", list(SCALED_BY_COUNT))
+def test_channel_count_used_as_a_scale_freezes(name: str) -> None:
+    result = find_channel_groups(trace_model(Probe(SCALED_BY_COUNT[name]), (X,)))
+    group = group_of(result, "stem.0:out")
+    assert not group.prunable
+    assert any(FreezeReason.SIZE_AS_VALUE.value in why for why in group.frozen), group.frozen
+
+
+class FlattenByNumel(nn.Module):
+    """numel() and a size tuple used as the size of the same channels: the graph adapts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 16), cbr(3, 24)
+        self.fc = nn.Linear(16 * 4, 5)
+        self.c = nn.Conv1d(24, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.adaptive_avg_pool2d(self.a(x), 2)
+        flat = h.view(h.shape[0], h.numel() // h.shape[0])  # N x (C * 4)
+        g = self.b(x)
+        seq = g.reshape(g.shape[:2] + (-1,))  # N x C x (H * W)
+        return self.fc(flat) + self.c(seq).mean(2)
+
+
+def test_channel_count_used_as_its_own_size_adapts() -> None:
+    pruner = check_invariants(FlattenByNumel(), X)
+    assert group_of(pruner, "a.0:out").prunable and group_of(pruner, "b.0:out").prunable
+
+
+# ---- item 7: rule errors surface; slices bounded by another tensor's size -----------
+def _buggy(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+fx.wrap("_buggy")
+
+
+class UsesBuggy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 16), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_buggy(self.a(x)))
+
+
+def test_a_rule_that_raises_is_an_error_naming_node_rule_and_line() -> None:
+    @register_rule(_buggy)
+    def buggy_rule(ctx, node):
+        return {}["missing"]  # a bug in the rule
+
+    try:
+        with pytest.raises(InvariantError) as info:
+            find_channel_groups(trace_model(UsesBuggy(), (X,)))
+    finally:
+        FUNCTION_RULES.pop(_buggy)
+    msg = str(info.value)
+    assert "buggy_rule" in msg and "_buggy" in msg  # the rule and the node
+    assert "KeyError" in msg and "test_grouping_fixes.py" in msg  # the cause and the user line
+    assert "return self.b(_buggy(self.a(x)))" in msg
+
+
+class SliceBySize(nn.Module):
+    """y = cat(a, b); y[:, : a.shape[1]] takes a's channels back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = cbr(3, 16), cbr(3, 24)
+        self.c, self.d, self.e = cbr(16, 8), cbr(40, 8), cbr(24, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        y = torch.cat([a, self.b(x)], 1)
+        # a spatial bound from a size stays a graph value; channel bounds become constants
+        return self.c(y[:, : a.shape[1]]) + self.e(y[:, a.shape[1] :]) + self.d(y)[:, :, : x.shape[2]]
+
+
+def test_slice_bounded_by_another_tensors_size_is_prunable() -> None:
+    pruner = check_invariants(SliceBySize(), X)
+    # the two producers keep their own groups; the head reaches the output
+    assert group_of(pruner, "a.0:out").prunable and group_of(pruner, "b.0:out").prunable
+    assert group_of(pruner, "a.0:out") is not group_of(pruner, "b.0:out")
