@@ -125,13 +125,13 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         nx.add_path(link, np.unique(root[s.offset : s.offset + s.size]).tolist())
     for blk in ctx.blocks:
         nx.add_path(link, np.unique(root[blk]).tolist())
+    arrays = _use_arrays(ctx, gm)
     comps = []
-    for comp in nx.connected_components(link):
-        roots = np.array(sorted(comp), dtype=np.int64)
-        in_group = np.isin(root, roots)
+    for part in _split_by_use(ctx, root, link, arrays):
+        in_group = np.isin(root, part)
         spaces = np.unique(space_of[in_group])
         if producer_spaces.intersection(spaces.tolist()):
-            comps.append((int(np.flatnonzero(in_group)[0]), roots))
+            comps.append((int(np.flatnonzero(in_group)[0]), part))
     comps.sort()
     group_of = np.full(n, -1, dtype=np.int64)
     class_of = np.full(n, -1, dtype=np.int64)
@@ -159,7 +159,7 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         for g in np.unique(group_of[ids]).tolist():
             if g >= 0:
                 reasons[g].append(reason)
-    _check_uniform(ctx, gm, group_of, class_of, sizes, reasons)
+    _check_uniform(arrays, group_of, class_of, sizes, reasons)
     groups = []
     for gi in range(len(comps)):
         d = _divisor(sizes[gi], atoms[gi], divisor)
@@ -167,7 +167,7 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         if not why and sizes[gi] // d < 2:
             why = [FreezeReason.TOO_SMALL.value + f" ({d})"]
         members = _members(ctx, group_of, gi)
-        prods = tuple(k for k in ctx.producers if group_of[ctx.slots[k][0]] == gi)
+        prods = tuple(k for k in ctx.producers if np.any(group_of[ctx.slots[k]] == gi))
         groups.append(ChannelGroup(gi, sizes[gi], d, atoms[gi], members, prods, tuple(why)))
     keep = np.array([g.prunable for g in groups] + [False], dtype=bool)
     group_of = np.where(keep[group_of], group_of, -1)
@@ -222,17 +222,64 @@ def _divisor(size: int, atom: int, default: int) -> int:
     return d * atom
 
 
-def _check_uniform(
-    ctx: RuleContext, gm: fx.GraphModule, group_of: np.ndarray, class_of: np.ndarray,
-    sizes: list[int], reasons: dict[int, list[str]],
-) -> None:
-    """Every space and every tensor axis must use all channels of a group equally often."""
+def _use_arrays(ctx: RuleContext, gm: fx.GraphModule) -> list[tuple[np.ndarray, str]]:
+    """The ids of every space and of every tensor's channel factor, with where they are."""
     arrays: list[tuple[np.ndarray, str]] = [
         (np.arange(s.offset, s.offset + s.size), s.name) for s in ctx.spaces
     ]
     for node in gm.graph.nodes:
         for lay in iter_layouts(node.meta.get(S2H_LAYOUT)):
             arrays.extend((f.ids.ravel(), node.name) for f in lay.factors)
+    return arrays
+
+
+def _split_by_use(
+    ctx: RuleContext, root: np.ndarray, link: nx.Graph, arrays: list[tuple[np.ndarray, str]]
+) -> list[np.ndarray]:
+    """Split each linked component into parts that every space and tensor uses uniformly.
+
+    ``conv(cat(a, b)) + cat(a, b)`` links a's and b's channels through the conv's
+    output; a split on the cat boundary uses a's part only. Each part gets its own
+    width, so every tensor's size stays a function of the widths. A class is told
+    apart by how often each array holds it (a hash of that count vector); an atom
+    (classes kept or dropped together) by the classes it holds, so that a part is a
+    set of alike atoms. An atom of unlike classes (a conv group across a cat boundary)
+    is a part of its own, which _check_uniform then freezes, and nothing else.
+    """
+    classes, inv = np.unique(root, return_inverse=True)
+    rng = np.random.default_rng(0)
+    sig = np.zeros(len(classes), dtype=np.uint64)
+    for ids, _ in arrays:
+        used, counts = np.unique(inv[ids], return_counts=True)
+        k1, k2 = rng.integers(1, 2**62, size=2, dtype=np.uint64)
+        sig[used] += k1 * counts.astype(np.uint64) + k2
+    atom = nx.utils.UnionFind(range(len(classes)))
+    for blk in ctx.blocks:
+        atom.union(*np.unique(inv[blk]).tolist())
+    atom_of = np.fromiter((atom[c] for c in range(len(classes))), np.int64, len(classes))
+    atom_sig = np.zeros(len(classes), dtype=np.uint64)
+    np.add.at(atom_sig, atom_of, _mix(sig))
+    comp_of = np.zeros(len(classes), dtype=np.uint64)
+    for c, comp in enumerate(nx.connected_components(link)):
+        comp_of[np.searchsorted(classes, sorted(comp))] = c
+    _, part_of = np.unique(np.stack([comp_of, atom_sig[atom_of]]), axis=1, return_inverse=True)
+    return [classes[part_of.ravel() == k] for k in range(int(part_of.max()) + 1)]
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: sums of mixed values tell multisets of signatures apart."""
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _check_uniform(
+    arrays: list[tuple[np.ndarray, str]], group_of: np.ndarray, class_of: np.ndarray,
+    sizes: list[int], reasons: dict[int, list[str]],
+) -> None:
+    """Every space and every tensor axis must use all channels of a group equally often
+    (only parts merged by a block can break it)."""
     for ids, where in arrays:
         g = group_of[ids]
         for gi in np.unique(g[g >= 0]).tolist():

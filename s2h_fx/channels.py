@@ -33,7 +33,7 @@ class FreezeReason(enum.Enum):
     UNTRACKED_OPERAND = "combined element-wise with a tensor whose channels are not tracked"
     CHANNEL_REDUCTION = "reduced over the channel axis"
     CHANNEL_INDEXING = "indexed or strided on the channel axis"
-    PARTIAL_USE = "only part of its channels are used somewhere (slice/split inside a space)"
+    PARTIAL_USE = "only part of its channels are used somewhere (inside a block kept whole)"
     IRREGULAR_LAYOUT = "channel layout that a reshape/broadcast cannot follow"
     GROUPED_CONV = "grouped convolution with unequal in/out channels per group"
     NON_UNIFORM = "coupled channels do not pair up one-to-one"

@@ -203,3 +203,51 @@ def test_slice_bounded_by_another_tensors_size_is_prunable() -> None:
     # the two producers keep their own groups; the head reaches the output
     assert group_of(pruner, "a.0:out").prunable and group_of(pruner, "b.0:out").prunable
     assert group_of(pruner, "a.0:out") is not group_of(pruner, "b.0:out")
+
+
+# ---- item 7c: a producer that covers part of a linked group -------------------------
+class ConvOfCatPlusCat(nn.Module):
+    """conv(cat(a, b)) + cat(a, b), then a split on the cat boundary (the issue's case).
+
+    The conv's output is added to the cat, so its channels 0-15 are a's and 16-31 are
+    b's; the split uses a's and b's channels apart. Two groups, a's and b's, each
+    with the conv's matching output channels; nothing is frozen but the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.a, self.b, self.c = cbr(16, 16), cbr(16, 16), cbr(32, 32)
+        self.d, self.e = cbr(16, 8), cbr(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        p, q = torch.split(self.c(y) + y, [16, 16], 1)
+        return self.d(p) + self.e(q)
+
+
+def test_conv_of_cat_plus_cat_split_on_the_boundary_is_prunable() -> None:
+    pruner = check_invariants(ConvOfCatPlusCat(), X)
+    ga, gb = group_of(pruner, "a.0:out"), group_of(pruner, "b.0:out")
+    assert ga is not gb and ga.prunable and gb.prunable and ga.size == gb.size == 16
+    assert "c.0:out" in ga.members and "c.0:out" in gb.members  # the conv feeds both
+    assert group_of(pruner, "stem.0:out").prunable
+    assert [g.members for g in pruner.grouping.frozen] == [("d.0:out", "d.1", "e.0:out", "e.1")]
+
+
+class SliceOfOneProducer(nn.Module):
+    """h[:, :16] of a 32-channel conv: the two halves are pruned apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b = cbr(3, 32), cbr(16, 8), cbr(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.a(h[:, :16]) + self.b(h)
+
+
+def test_slice_inside_a_producer_splits_it_into_two_groups() -> None:
+    pruner = check_invariants(SliceOfOneProducer(), X)
+    halves = [g for g in pruner.grouping.prunable if "stem.0:out" in g.members]
+    assert sorted(g.size for g in halves) == [16, 16]
