@@ -242,9 +242,9 @@ def _split_by_use(
     output; a split on the cat boundary uses a's part only. Each part gets its own
     width, so every tensor's size stays a function of the widths. A class is told
     apart by how often each array holds it (a hash of that count vector); an atom
-    (classes kept or dropped together) by the classes it holds, so that a part is a
-    set of alike atoms. An atom of unlike classes (a conv group across a cat boundary)
-    is a part of its own, which _check_uniform then freezes, and nothing else.
+    (classes kept or dropped together) by the set of kinds of classes it holds. An
+    atom of unlike classes (a conv group across a cat boundary) thus lands apart from
+    the atoms of one kind, and _check_uniform freezes its part, and nothing else.
     """
     classes, inv = np.unique(root, return_inverse=True)
     rng = np.random.default_rng(0)
@@ -257,8 +257,9 @@ def _split_by_use(
     for blk in ctx.blocks:
         atom.union(*np.unique(inv[blk]).tolist())
     atom_of = np.fromiter((atom[c] for c in range(len(classes))), np.int64, len(classes))
-    atom_sig = np.zeros(len(classes), dtype=np.uint64)
-    np.add.at(atom_sig, atom_of, _mix(sig))
+    atom_sig = np.zeros(len(classes), dtype=np.uint64)  # the set of its classes' signatures
+    pairs = np.unique(np.stack([atom_of.astype(np.uint64), sig]), axis=1)
+    np.add.at(atom_sig, pairs[0].astype(np.int64), _mix(pairs[1]))
     comp_of = np.zeros(len(classes), dtype=np.uint64)
     for c, comp in enumerate(nx.connected_components(link)):
         comp_of[np.searchsorted(classes, sorted(comp))] = c
@@ -267,7 +268,7 @@ def _split_by_use(
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: sums of mixed values tell multisets of signatures apart."""
+    """splitmix64 finaliser: sums of mixed values tell sets of signatures apart."""
     z = x + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
