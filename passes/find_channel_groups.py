@@ -20,7 +20,7 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-from torch import fx
+from torch import fx, nn
 
 from s2h_fx.channels import (
     S2H_LAYOUT,
@@ -46,21 +46,61 @@ S2H_MIXING = "s2h_mixing"  # (arg, axis) pairs (or arg indices) whose channels i
 def find_channel_groups(
     gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False
 ) -> GroupingResult:
+    ctx, result = _analyse(gm, divisor, frozenset())
+    retry = _frozen_grouped_convs(gm, result)
+    if retry:  # try pruning inside their conv groups instead of whole groups
+        saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
+        alt_ctx, alt = _analyse(gm, divisor, retry)
+        if _prunable_ids(alt) > _prunable_ids(result):
+            log.info("grouped convs pruned inside their groups: %s", ", ".join(sorted(retry)))
+            ctx, result = alt_ctx, alt
+        else:
+            for n, meta in saved.items():
+                n.meta.update(meta)
+    if ctx.unknown:
+        msg = "ops without a coupling rule (their channels are kept whole): " + "; ".join(
+            dict.fromkeys(ctx.unknown)
+        )
+        if strict:
+            raise UnsupportedOpError(msg + ". Register a rule with s2h_fx.register_rule.")
+        log.warning(msg)
+    return result
+
+
+_OWN_META = (S2H_SIZE_DEPS, S2H_LAYOUT, S2H_FLOP_REFS, S2H_MIXING)
+
+
+def _analyse(
+    gm: fx.GraphModule, divisor: int, tied_groups: frozenset[str]
+) -> tuple[RuleContext, GroupingResult]:
     ctx = RuleContext(gm)
+    ctx.tied_groups = tied_groups
     for node in gm.graph.nodes:
         node.meta[S2H_SIZE_DEPS] = size_deps(ctx, node)
         node.meta[S2H_LAYOUT] = _visit(ctx, node)
         check_size_uses(ctx, node)
         node.meta[S2H_FLOP_REFS] = ctx.flop_refs.get(node.name, None)
         node.meta[S2H_MIXING] = ctx.mixing.get(node.name, ())
-    if ctx.unknown:
-        msg = "ops without a coupling rule (their channels are kept whole): " + "; ".join(
-            ctx.unknown
-        )
-        if strict:
-            raise UnsupportedOpError(msg + ". Register a rule with s2h_fx.register_rule.")
-        log.warning(msg)
-    return _build_groups(ctx, gm, divisor)
+    return ctx, _build_groups(ctx, gm, divisor)
+
+
+def _frozen_grouped_convs(gm: fx.GraphModule, result: GroupingResult) -> frozenset[str]:
+    """Grouped convs (more than one channel per group) whose output channels are frozen."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(str(node.target))
+        if not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) or m.groups == 1:
+            continue
+        ids = result.slots.get((f"{node.target}.weight", 0))
+        if m.in_channels > m.groups and ids is not None and np.all(result.group_of_id[ids] < 0):
+            out.append(node.name)
+    return frozenset(out)
+
+
+def _prunable_ids(result: GroupingResult) -> int:
+    return int(np.count_nonzero(result.group_of_id >= 0))
 
 
 def _visit(ctx: RuleContext, node: fx.Node) -> Any:

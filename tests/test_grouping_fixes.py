@@ -251,3 +251,60 @@ def test_slice_inside_a_producer_splits_it_into_two_groups() -> None:
     pruner = check_invariants(SliceOfOneProducer(), X)
     halves = [g for g in pruner.grouping.prunable if "stem.0:out" in g.members]
     assert sorted(g.size for g in halves) == [16, 16]
+
+
+# ---- item 7b: a channel shuffle between grouped convs in a residual block ----------
+class ShuffleBlock(nn.Module):
+    """x + g2(shuffle(g1(x))), g1 and g2 grouped (4 groups of 16), as in ShuffleNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 64)
+        self.g1, self.g2 = cbr(64, 64, groups=4), cbr(64, 64, groups=4)
+        self.head = nn.Conv2d(64, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = self.g1(x)
+        n, c, hh, ww = h.shape
+        h = h.view(n, 4, c // 4, hh, ww).transpose(1, 2).reshape(n, c, hh, ww)
+        return self.head(x + self.g2(h))
+
+
+def test_shuffle_between_grouped_convs_prunes_inside_every_conv_group() -> None:
+    """Pruning whole conv groups cannot work here (the shuffle sends every conv group's
+    channels to every group of g2), so each conv group keeps the same channels:
+    channel i of every group of 16 is one class. The stream x (g1's input, g2's
+    output) has 16 classes of 4 channels. g1's output: 16 classes, but after the
+    shuffle g2's input group j holds classes 4j..4j+3, and tying g2's groups makes
+    class i the same as class i mod 4: 4 classes of 16 channels."""
+    torch.manual_seed(0)
+    model = ShuffleBlock().eval()
+    pruner = s2h_fx.prune_graph(model, 1.0, example_inputs=(X,), divisor=2)
+    stream, inner = group_of(pruner, "g2.0:out"), group_of(pruner, "g1.0:out")
+    assert (stream.size, inner.size) == (16, 4) and stream.prunable and inner.prunable
+    assert "stem.0:out" in stream.members and "g2.0:in" in inner.members
+    pruner.eval()
+    rng = torch.Generator().manual_seed(1)
+    for w_stream, w_inner in [(8, 2), (14, 4), (16, 2), (2, 2)]:
+        keep = {g.index: torch.randperm(g.size, generator=rng)[:w].sort().values.numpy()
+                for g, w in ((stream, w_stream), (inner, w_inner))}
+        pruner.set_widths({stream.index: w_stream, inner.index: w_inner}, keep)
+        emitted = pruner.export().eval()
+        with torch.no_grad():
+            out = emitted(X)
+            assert rel_err(pruner(X), out) < 1e-5
+            assert rel_err(pruner.masked_forward(X), out) < 1e-4
+        assert pruner.flops() == pytest.approx(count_flops(emitted, (X,)), rel=1e-9)
+        g1, g2 = emitted.get_submodule("g1.0"), emitted.get_submodule("g2.0")
+        assert g1.groups == g2.groups == 4  # the same number of channels in every group
+        assert (g1.in_channels, g1.out_channels) == (4 * w_stream, 16 * w_inner)
+        assert (g2.in_channels, g2.out_channels) == (16 * w_inner, 4 * w_stream)
+
+
+def test_grouped_conv_with_whole_groups_keeps_pruning_whole_groups() -> None:
+    """Without a shuffle, whole conv groups are pruned (atoms of 16), as before."""
+    model = nn.Sequential(cbr(3, 64), cbr(64, 64, groups=4), nn.Conv2d(64, 4, 1))
+    result = find_channel_groups(trace_model(model, (X,)))
+    group = group_of(result, "1.0:out")
+    assert group.prunable and (group.size, group.atom) == (64, 16)

@@ -109,6 +109,8 @@ class RuleContext:
         # and split sizes on a channel axis), so it is not a use of the count as a value
         self.constant_sizes: set[tuple[str, str]] = set()
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        # grouped convs that keep their groups and prune inside each (see rules.layers)
+        self.tied_groups: frozenset[str] = frozenset()
 
     # ---- reading the graph -------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
