@@ -5,11 +5,17 @@ Writes: ``node.meta[S2H_LAYOUT]`` (which channel ids each tensor carries) and
 ``node.meta[S2H_FLOP_REFS]`` (which axis sizes a node's FLOPs scale with).
 Returns: a frozen :class:`GroupingResult`; the graph itself is not changed.
 
-Every op is handled by a coupling rule (``s2h_fx.rules``). Coupled ids form
-classes (union-find); classes linked by a producer or by a block constraint
-form channel groups (``networkx`` connected components). A group is frozen,
-with reasons, when it reaches a model output, touches an op without a rule,
-or is used in a way its channels cannot all follow.
+Every op is handled by a coupling rule (``s2h_fx.rules``); a rule that raises is
+a bug and raises :class:`InvariantError` naming the node, the rule and the user's
+line. Coupled ids form classes (union-find); classes linked by a producer or by
+a block constraint form components (``networkx``), split into channel groups
+that every space and tensor uses uniformly (so each tensor's width is a function
+of the groups' widths). A group is frozen, with reasons, when it reaches a model
+output, touches an op without a rule, or is used in a way its channels cannot
+all follow. Grouped convs prune whole conv groups, or, where that would freeze
+their channels (a channel shuffle), the same channels inside every conv group:
+the analysis is then run a second time and the result with more prunable
+channels is kept.
 """
 
 from __future__ import annotations
@@ -287,6 +293,8 @@ def _split_by_use(
     the atoms of one kind, and _check_uniform freezes its part, and nothing else.
     """
     classes, inv = np.unique(root, return_inverse=True)
+    if classes.size == 0:
+        return []
     rng = np.random.default_rng(0)
     sig = np.zeros(len(classes), dtype=np.uint64)
     for ids, _ in arrays:

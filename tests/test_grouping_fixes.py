@@ -308,3 +308,8 @@ def test_grouped_conv_with_whole_groups_keeps_pruning_whole_groups() -> None:
     result = find_channel_groups(trace_model(model, (X,)))
     group = group_of(result, "1.0:out")
     assert group.prunable and (group.size, group.atom) == (64, 16)
+
+
+def test_a_model_without_channels_has_no_groups() -> None:
+    result = find_channel_groups(trace_model(nn.ReLU(), (torch.randn(2, 3),)))
+    assert result.groups == () and result.unknown_ops == ()
