@@ -3,7 +3,9 @@
 Reads: ``node.meta[S2H_LAYOUT]`` and ``node.meta[S2H_MIXING]`` (find_channel_groups)
 and the GroupingResult. Writes: ``call_module`` nodes ``s2h_mask_g{i}(x, site)``
 in front of every argument that a conv/linear/matmul sums over, for each
-prunable group whose channels that argument carries; inserted nodes carry
+prunable group whose channels that argument carries on the summed axis (a matmul
+declares only its first operand: each contracted channel is scaled once); inserted
+nodes carry
 ``node.meta[S2H_MASK_SITE]`` and copy their input's meta.
 Postcondition: with every mask value at 1 (``use_fixed`` with the default ones) the
 graph computes what it did before; new masks start at full hard width.
@@ -39,13 +41,17 @@ def insert_masks(gm: fx.GraphModule, grouping: GroupingResult) -> fx.GraphModule
         if not hasattr(gm, mask_name(g.index)):
             gm.add_submodule(mask_name(g.index), ChannelMask(g.index, g.size, g.divisor))
     for node in list(gm.graph.nodes):
-        for i in node.meta.get(S2H_MIXING, ()):
+        for site in node.meta.get(S2H_MIXING, ()):
+            i, axis = site if isinstance(site, tuple) else (site, None)
             arg = node.args[i] if i < len(node.args) else None
             if not isinstance(arg, fx.Node) or S2H_MASK_SITE in arg.meta:
                 continue
             lay = arg.meta.get(S2H_LAYOUT)
             if not isinstance(lay, ChannelLayout):
                 continue
+            if axis is not None:  # only the channels summed over on that axis
+                f = lay.factor_at(axis % lay.ndim)
+                lay = ChannelLayout(lay.ndim, (f,) if f is not None else ())
             new = _mask_chain(gm, node, arg, lay, grouping)
             if new is not arg:
                 node.update_arg(i, new)

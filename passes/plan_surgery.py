@@ -23,7 +23,7 @@ from torch import fx
 from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE, ChannelLayout, GroupingResult
 from s2h_fx.errors import InvariantError
 from s2h_fx.passes.build_flops_model import axis_extent  # noqa: I001
-from s2h_fx.rules.base import iter_layouts
+from s2h_fx.rules.base import concrete, iter_layouts
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,14 +148,22 @@ def _split(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], kept: n
         return None
     ndim = len(metas[0].shape)
     dim = int(args[2] if len(args) > 2 else kwargs.pop("dim", 0)) % ndim
-    sizes = []
+    sizes, channels = [], False
     for lay, m in zip(outs, metas):
         f = lay.factor_at(dim) if isinstance(lay, ChannelLayout) else None
         sizes.append(int(m.shape[dim]) if f is None else int(kept[f.ids].sum()))
-    if sizes == [int(m.shape[dim]) for m in metas]:
+        channels |= f is not None
+    computed = channels and len(args) > 1 and _has_node(args[1])  # sizes computed in the graph
+    if sizes == [int(m.shape[dim]) for m in metas] and not computed:
         return None
     target = "split" if node.op == "call_method" else torch.split
     return (args[0], sizes, dim), {k: v for k, v in kwargs.items() if k != "dim"}, target
+
+
+def _has_node(value: Any) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
 
 
 def _slice(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], kept: np.ndarray) -> Any:
@@ -163,17 +171,19 @@ def _slice(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], kept: n
     if not isinstance(lay, ChannelLayout) or not lay.factors:
         return None
     idx = args[1] if isinstance(args[1], tuple) else (args[1],)
-    if Ellipsis in idx or any(not isinstance(i, (slice, int, type(None))) for i in idx):
+    values = [concrete(i) for i in idx]
+    if Ellipsis in values or any(not isinstance(i, (slice, int, type(None))) for i in values):
         return None
     axis, new = 0, []
-    for i in idx:
-        f = lay.factor_at(axis) if i is not None else None
-        if isinstance(i, slice) and f is not None and f.axes == (axis,):
+    for i, v in zip(idx, values):
+        f = lay.factor_at(axis) if v is not None else None
+        if isinstance(v, slice) and f is not None and f.axes == (axis,):
+            # bounds on a channel axis become constants: the kept channels before them
             prefix = np.concatenate([[0], np.cumsum(kept[f.ids])])
-            start, stop, _ = i.indices(f.ids.size)
-            i = slice(int(prefix[start]), int(prefix[stop]), i.step)
+            start, stop, _ = v.indices(f.ids.size)
+            i = slice(int(prefix[start]), int(prefix[stop]), v.step)
         new.append(i)
-        axis += i is not None
+        axis += v is not None
     return (args[0], tuple(new) if isinstance(args[1], tuple) else new[0]), kwargs
 
 

@@ -1,9 +1,10 @@
 """Pass 1: trace a model with torch.fx and propagate shapes and FLOPs.
 
 Reads: an ``nn.Module`` (or an already traced ``GraphModule``) and example inputs.
-Writes: ``node.meta["tensor_meta"]`` (torch.fx ShapeProp) and
+Writes: ``node.meta["tensor_meta"]`` (torch.fx ShapeProp),
 ``node.meta[S2H_FLOPS]``, the FLOPs that ``torch.utils.flop_counter`` counts for
-that node on the example inputs.
+that node on the example inputs, and ``node.meta[S2H_VALUE]``, the value of a node
+that computes a Python number or tuple of numbers (a size, a count).
 Postcondition: dead code is eliminated (its FLOPs are not the network's); every
 node ran once on the example inputs; the graph is linted.
 Running it twice on its own output changes nothing.
@@ -22,7 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from s2h_fx.channels import S2H_FLOPS
+from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.errors import InputError, TraceError
 
 
@@ -43,6 +44,10 @@ LEAF_MODULES: list[type] = list(_default_leaves())
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True  # errors point at the user's line
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, tuple(LEAF_MODULES)) or super().is_leaf_module(m, qualname)
 
@@ -67,19 +72,38 @@ class _FlopShapeProp(ShapeProp):
             first = (str(root).strip().splitlines() or [""])[0]
             raise InputError(
                 f"running the traced graph on the example inputs failed at node "
-                f"{n.format_node()}{_user_line(n)}: {type(root).__name__}: {first}. "
+                f"{n.format_node()}{user_line(n)}: {type(root).__name__}: {first}. "
                 "Check that example_inputs have the shapes and dtypes the model expects."
             ) from exc
         n.meta[S2H_FLOPS] = float(counter.get_total_flops())
+        if _is_python_value(result):  # sizes and counts, for rules that read them
+            n.meta[S2H_VALUE] = tuple(result) if isinstance(result, torch.Size) else result
         return result
 
 
-def _user_line(node: fx.Node) -> str:
+def _is_python_value(value: Any) -> bool:
+    if isinstance(value, (bool, int, float)):
+        return True
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(v, (bool, int, float)) for v in value)
+
+
+def user_line(node: fx.Node) -> str:
+    """' (File ..., line ..., in f: code)' of the user's code that made the node, or ''."""
     trace = node.meta.get("stack_trace")
     if not trace:
         return ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File")]
-    return f" ({lines[-1]})" if lines else ""
+    lines = trace.strip().splitlines()
+    found = ""
+    for k, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("File") and not any(p in text for p in _LIBRARY_PATHS):
+            code = lines[k + 1].strip() if k + 1 < len(lines) else ""
+            found = text + (f": {code}" if code and not code.startswith("File") else "")
+    return f" ({found})" if found else ""
+
+
+_LIBRARY_PATHS = ("/torch/", "/s2h_fx/", "/passes/")
 
 
 def _source_of_failure(exc: BaseException) -> str:

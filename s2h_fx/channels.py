@@ -19,6 +19,7 @@ import numpy as np
 S2H_LAYOUT = "s2h_layout"  # ChannelLayout | tuple[ChannelLayout | None, ...] | None
 S2H_FLOPS = "s2h_flops"  # float: flop_counter FLOPs of this node on the example inputs
 S2H_MASK_SITE = "s2h_mask_site"  # MaskSite: marks nodes inserted by insert_masks
+S2H_VALUE = "s2h_value"  # int | float | tuple: a node's Python value on the example inputs
 
 
 class SpaceKind(enum.Enum):
@@ -32,7 +33,7 @@ class FreezeReason(enum.Enum):
     UNTRACKED_OPERAND = "combined element-wise with a tensor whose channels are not tracked"
     CHANNEL_REDUCTION = "reduced over the channel axis"
     CHANNEL_INDEXING = "indexed or strided on the channel axis"
-    PARTIAL_USE = "only part of its channels are used somewhere (slice/split inside a space)"
+    PARTIAL_USE = "only part of its channels are used somewhere (inside a block kept whole)"
     IRREGULAR_LAYOUT = "channel layout that a reshape/broadcast cannot follow"
     GROUPED_CONV = "grouped convolution with unequal in/out channels per group"
     NON_UNIFORM = "coupled channels do not pair up one-to-one"

@@ -18,7 +18,8 @@ from s2h_fx.rules.base import _get_attr
 class _Producer:
     path: str
     axis: int
-    classes: torch.Tensor  # class of each position on the axis
+    positions: torch.Tensor  # the positions on the axis that carry this group's channels
+    classes: torch.Tensor  # class of each of those positions
     weight: torch.Tensor  # 1 / multiplicity of that class among the positions
 
 
@@ -30,10 +31,12 @@ class Importance:
         self.producers: dict[int, list[_Producer]] = {}
         for g in grouping.prunable:
             items = []
-            for path, axis in g.producers:
-                cls = grouping.class_of_id[grouping.slots[(path, axis)]]
+            for path, axis in g.producers:  # a producer may feed several groups
+                ids = grouping.slots[(path, axis)]
+                pos = np.flatnonzero(grouping.group_of_id[ids] == g.index)
+                cls = grouping.class_of_id[ids[pos]]
                 mult = np.bincount(cls, minlength=g.size)[cls]
-                items.append(_Producer(path, axis, torch.as_tensor(cls),
+                items.append(_Producer(path, axis, torch.as_tensor(pos), torch.as_tensor(cls),
                                        torch.as_tensor(1.0 / mult, dtype=torch.float32)))
             self.producers[g.index] = items
 
@@ -44,7 +47,7 @@ class Importance:
             acc = torch.zeros(g.size)
             for p in self.producers[g.index]:
                 w = _get_attr(model, p.path).detach().float().abs()
-                l1 = w.sum(dim=[d for d in range(w.dim()) if d != p.axis]).cpu()
+                l1 = w.sum(dim=[d for d in range(w.dim()) if d != p.axis]).cpu()[p.positions]
                 l1 = l1 / (l1.mean() + 1e-12)
                 acc.index_add_(0, p.classes, l1 * p.weight)
             out[g.index] = acc / max(len(self.producers[g.index]), 1)

@@ -39,7 +39,9 @@ def _conv(m: nn.Module, in_shape: tuple[int, ...] | None) -> None:
     m = cast("_ConvNd", m)
     old_out, old_groups = m.out_channels, m.groups
     new_out = m.weight.shape[0]
-    if old_groups > 1:  # whole groups were pruned; channels per group are unchanged
+    if old_groups > 1 and in_shape is not None:  # whole groups pruned, or inside each group
+        m.groups = in_shape[1] // m.weight.shape[1]
+    elif old_groups > 1:  # whole groups were pruned; channels per group are unchanged
         m.groups = old_groups * new_out // old_out
     m.out_channels = new_out
     m.in_channels = m.weight.shape[1] * m.groups

@@ -42,7 +42,9 @@ CASES = {
                                      + torch.ones_like(h), 16, 16),
     FreezeReason.CHANNEL_REDUCTION: (lambda h, x: h * h.sum(1, keepdim=True), 16, 16),
     FreezeReason.CHANNEL_INDEXING: (lambda h, x: h[:, ::2], 8, 16),
-    FreezeReason.PARTIAL_USE: (lambda h, x: h[:, :8], 8, 16),
+    # a slice through a block that GroupNorm keeps whole (channels 0-7): the slice's width
+    # would depend on which blocks are kept, not on the group's width
+    FreezeReason.PARTIAL_USE: (lambda h, x: torch.cat([F.group_norm(h, 2), h[:, :4]], 1), 20, 16),
     FreezeReason.IRREGULAR_LAYOUT: (lambda h, x: F.pad(h, (0, 0, 0, 0, 1, 1)), 18, 16),
     FreezeReason.TOO_SMALL: (lambda h, x: h, 6, 6),
     # the channel count as a scale (it would change with the width)

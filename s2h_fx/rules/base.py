@@ -20,6 +20,7 @@ from torch import fx, nn
 
 from s2h_fx.channels import (
     S2H_LAYOUT,
+    S2H_VALUE,
     ChannelLayout,
     ChannelSpace,
     Factor,
@@ -100,10 +101,16 @@ class RuleContext:
         self.blocks: list[np.ndarray] = []  # each array: ids kept or dropped together
         self.unknown: list[str] = []
         self.flop_refs: dict[str, tuple[tuple[Factor, int], ...]] = {}
-        self.mixing: dict[str, tuple[int, ...]] = {}  # node -> args whose channels it mixes
+        # node -> (arg, axis) pairs (or arg indices) whose channels it sums over
+        self.mixing: dict[str, tuple[int | tuple[int, int], ...]] = {}
         # (ids a size value depends on, ids of the axis it sizes or None, the using node)
         self.size_checks: list[tuple[np.ndarray, np.ndarray | None, fx.Node]] = []
+        # (node, size node): a channel count the surgery replaces by a constant (slice bounds
+        # and split sizes on a channel axis), so it is not a use of the count as a value
+        self.constant_sizes: set[tuple[str, str]] = set()
         self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        # grouped convs that keep their groups and prune inside each (see rules.layers)
+        self.tied_groups: frozenset[str] = frozenset()
 
     # ---- reading the graph -------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
@@ -174,9 +181,21 @@ class RuleContext:
         if ids.size > 1:
             self.blocks.append(ids.ravel())
 
-    def mixes(self, node: fx.Node, *arg_indices: int) -> None:
-        """Declare that the node sums over the channels of these args (a mask site)."""
-        self.mixing[node.name] = arg_indices
+    def replaced_by_surgery(self, node: fx.Node, args: Iterable[Any]) -> None:
+        """These size-valued args of ``node`` become constants in the pruned graph."""
+        for a in args:
+            for v in (a.start, a.stop, a.step) if isinstance(a, slice) else (a,):
+                if isinstance(v, fx.Node):
+                    self.constant_sizes.add((node.name, v.name))
+
+    def mixes(self, node: fx.Node, *sites: int | tuple[int, int]) -> None:
+        """Declare where the node sums over channels (its mask sites): ``(arg, axis)`` for
+        one contracted axis of an argument, or a bare arg index for all its channel axes.
+
+        Declare each contracted channel once: in ``a @ b`` the channels of ``a``'s last
+        axis and ``b``'s axis -2 are the same channels, and masking both operands
+        would scale every product by the mask twice (m squared)."""
+        self.mixing[node.name] = sites
 
     def flops(self, node: fx.Node, refs: Iterable[tuple[ChannelLayout | None, int]]) -> None:
         """Declare that the node's FLOPs scale with the sizes of these (layout, axis) pairs."""
@@ -186,6 +205,16 @@ class RuleContext:
             if f is not None:
                 out.append((f, f.axes.index(axis)))
         self.flop_refs[node.name] = tuple(out)
+
+
+def concrete(arg: Any) -> Any:
+    """The value of ``arg`` on the example inputs: itself, or a node's recorded Python value
+    (sizes, counts); slices get concrete bounds. A node without a recorded value stays."""
+    if isinstance(arg, fx.Node):
+        return arg.meta.get(S2H_VALUE, arg)
+    if isinstance(arg, slice):
+        return slice(concrete(arg.start), concrete(arg.stop), concrete(arg.step))
+    return arg
 
 
 def _get_attr(gm: nn.Module, path: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import operator
 from typing import Any, cast
 
+import numpy as np
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -55,6 +56,8 @@ def conv_like(
         ctx.freeze(out, FreezeReason.GROUPED_CONV, node)
         if fin is not None:
             ctx.freeze(fin.ids, FreezeReason.GROUPED_CONV, node)
+    elif node.name in ctx.tied_groups and fin is not None:
+        _tied_groups(ctx, node, fin, weight, out, groups)
     else:
         cin = int(ctx.shape(x)[1])  # type: ignore[index]
         kin, kout = cin // groups, out.size // groups
@@ -69,11 +72,26 @@ def conv_like(
                 ctx.block(out[j * kout : (j + 1) * kout])
     res = ChannelLayout(len(out_shape), (Factor((1,), out),))
     refs = [(res, a) for a in range(len(out_shape))]
-    if groups == 1:
+    if groups == 1 or (node.name in ctx.tied_groups and fin is not None):
         refs.append((lay, 1))  # type: ignore[arg-type]
-        ctx.mixes(node, 0)
+        ctx.mixes(node, (0, 1))
     ctx.flops(node, refs)
     return res
+
+
+def _tied_groups(
+    ctx: RuleContext, node: fx.Node, fin: Factor, weight: str, out: np.ndarray, groups: int
+) -> None:
+    """A grouped conv that keeps its ``groups``: every conv group keeps the same channels
+    (position i of each group is one channel), on the input and on the output, so a
+    channel shuffle's interleaving stays valid. The weight's in-axis (per group) follows
+    the input's first group. Chosen by find_channel_groups where whole-group pruning
+    would freeze the channels."""
+    rows_in, rows_out = fin.ids.reshape(groups, -1), out.reshape(groups, -1)
+    for j in range(1, groups):
+        ctx.couple(rows_in[j], rows_in[0])
+        ctx.couple(rows_out[j], rows_out[0])
+    ctx.couple(ctx.param_ids(weight, 1), rows_in[0])
 
 
 @register_rule(*_CONV, *_CONV_T)
@@ -121,7 +139,7 @@ def linear_like(
         ctx.couple(ctx.param_ids(weight, 1), fin.ids)
     res = ChannelLayout(len(out_shape), _rest(lay, last) + (Factor((last,), out),))
     ctx.flops(node, [(res, a) for a in range(len(out_shape))] + [(lay, last)])
-    ctx.mixes(node, 0)
+    ctx.mixes(node, (0, last))
     return res
 
 
@@ -285,6 +303,8 @@ def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
                 ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
     res = ChannelLayout(nd, tuple(out))
     ctx.flops(node, [(res, x) for x in range(nd)] + [(la, la.ndim - 1)])
-    ctx.mixes(node, 0, 1)
+    # K is summed over once: its mask goes on one operand only (both would give m * m);
+    # the other axes (b's columns: an attention's values) are not summed over here
+    ctx.mixes(node, (0, la.ndim - 1))
     return res
 

@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from s2h_fx.channels import ChannelLayout, Factor, FreezeReason, SpaceKind
-from s2h_fx.rules.base import LayoutValue, RuleContext, register_rule
+from s2h_fx.rules.base import LayoutValue, RuleContext, concrete, register_rule
 from s2h_fx.rules.elementwise import join
 
 
@@ -205,6 +205,9 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
         f = None
     others = tuple(g for g in lay.factors if dim not in g.axes)
+    if f is not None and name in ("split", "chunk") and len(node.args) > 1:
+        sizes = node.args[1]  # plan_surgery writes the pieces' new sizes as constants
+        ctx.replaced_by_surgery(node, sizes if isinstance(sizes, (list, tuple)) else [sizes])
     outs: list[Any] = []
     start = 0
     for m in metas:
@@ -237,8 +240,9 @@ def getitem(ctx: RuleContext, node: fx.Node) -> LayoutValue:
 def index_layout(
     ctx: RuleContext, node: fx.Node, lay: ChannelLayout, shp: tuple[int, ...], idx: Any
 ) -> LayoutValue:
-    items = list(idx) if isinstance(idx, tuple) else [idx]
-    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
+    raw = list(idx) if isinstance(idx, tuple) else [idx]
+    items = [concrete(i) for i in raw]  # bounds taken from sizes: their example values
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) or _symbolic(i) for i in items):
         ctx.freeze_layout(lay, FreezeReason.CHANNEL_INDEXING, node)
         return ctx.blank(node)
     consumed = sum(isinstance(i, (int, slice)) for i in items)
@@ -253,7 +257,8 @@ def index_layout(
     out_axis = in_axis = 0
     dropped: set[int] = set()
     slices: dict[int, slice] = {}
-    for i in expanded:
+    raw_of = _raw_items(raw, items, expanded)
+    for i, r in zip(expanded, raw_of):
         if i is None:
             out_axis += 1
         elif isinstance(i, int):
@@ -262,6 +267,8 @@ def index_layout(
         else:
             mapping[in_axis] = out_axis
             slices[in_axis] = i
+            if lay.factor_at(in_axis) is not None:  # plan_surgery rewrites these bounds
+                ctx.replaced_by_surgery(node, [r])
             in_axis += 1
             out_axis += 1
     out = []
@@ -279,6 +286,23 @@ def index_layout(
             continue
         out.append(Factor(tuple(mapping[a] for a in f.axes), f.ids[tuple(sl)]))
     return ChannelLayout(out_axis, tuple(f for f in out if f.ids.size > 0))
+
+
+def _symbolic(item: Any) -> bool:
+    """A slice whose bounds are still graph values (no example value recorded)."""
+    return isinstance(item, slice) and any(
+        isinstance(v, fx.Node) for v in (item.start, item.stop, item.step))
+
+
+def _raw_items(raw: list[Any], items: list[Any], expanded: list[Any]) -> list[Any]:
+    """For each expanded index item, the item as written in the graph (None for filler)."""
+    out: list[Any] = []
+    for r, i in zip(raw, items):
+        if i is Ellipsis:
+            out.extend([None] * (len(expanded) - len(items) + 1))
+        else:
+            out.append(r)
+    return out + [None] * (len(expanded) - len(out))
 
 
 @register_rule("size", "dim", "numel", "nelement", torch.numel)

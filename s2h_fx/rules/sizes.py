@@ -1,5 +1,9 @@
 """Channel counts that flow as Python values: ``c = x.size(1)`` then ``y.view(n, c, -1)``.
 
+Sizes come from ``.size()``, ``.shape``, ``numel()``/``nelement()`` (the product of
+every axis, so it depends on all the tensor's channels) and ``len()`` (axis 0), and
+flow through arithmetic, indexing and concatenation of size tuples.
+
 A size read from a channel axis changes when that axis is pruned. Where it is
 used as the size of the same channels in a reshape, the graph adapts by itself;
 used anywhere else (the size of other channels, a scale, a new tensor) it
@@ -27,6 +31,7 @@ S2H_SIZE_DEPS = "s2h_size_deps"
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
                operator.mod, operator.pow, operator.neg, builtins.int, builtins.max, builtins.min}
 _RESHAPES = {"view", "reshape", torch.reshape}
+_NUMEL = {torch.numel}
 
 
 def _axis_ids(lay: ChannelLayout, axis: int) -> np.ndarray:
@@ -41,6 +46,8 @@ def _deps(arg: Any) -> Any:
 def size_deps(ctx: RuleContext, node: fx.Node) -> Any:
     """The channel ids a size-valued node depends on (see module docstring)."""
     t = node.target
+    if "tensor_meta" in node.meta:
+        return None  # a tensor (``h * h.size(1)``): it uses the size, see check_size_uses
     if (node.op == "call_method" and t == "size") or (t is builtins.getattr
                                                        and node.args[1] == "shape"):
         lay, shp = ctx.layout(node.args[0]), ctx.shape(node.args[0])
@@ -49,32 +56,67 @@ def size_deps(ctx: RuleContext, node: fx.Node) -> Any:
         per_axis = tuple(_axis_ids(lay, a) for a in range(len(shp)))
         dim = ctx.arg(node, 1, "dim") if node.op == "call_method" else None
         return per_axis if dim is None else per_axis[int(dim) % len(shp)]
+    if t in _NUMEL or (node.op == "call_method" and t in ("numel", "nelement")):
+        lay = ctx.layout(node.args[0])  # the product of every axis: all its channels
+        return lay.all_ids() if lay is not None else None
+    if t is builtins.len:
+        return _len_deps(ctx, node.args[0])
     if t is operator.getitem and isinstance(_deps(node.args[0]), tuple):
         idx = node.args[1]
-        return _deps(node.args[0])[idx] if isinstance(idx, int) else None
+        if isinstance(idx, (int, slice)):
+            return _deps(node.args[0])[idx]
+        return None
+    if t is operator.add and any(isinstance(_deps(a), tuple) for a in node.args[:2]):
+        return _tuple_deps(node.args[0]) + _tuple_deps(node.args[1])  # torch.Size + tuple
     if node.op == "call_function" and t in _ARITHMETIC:
         parts = [d for a in node.args if isinstance(d := _deps(a), np.ndarray)]
         return np.concatenate(parts) if parts else None
     return None
 
 
+def _len_deps(ctx: RuleContext, arg: Any) -> Any:
+    """``len(t)``: the size of axis 0 of a tensor; of a size tuple, a constant."""
+    lay, shp = ctx.layout(arg), ctx.shape(arg)
+    if lay is None or shp is None or isinstance(_deps(arg), tuple):
+        return None
+    return _axis_ids(lay, 0) if len(shp) else None
+
+
+def _tuple_deps(arg: Any) -> tuple[np.ndarray, ...]:
+    deps = _deps(arg)
+    if isinstance(deps, tuple):
+        return deps
+    n = len(arg) if isinstance(arg, (tuple, list)) else 1
+    return tuple(np.zeros(0, dtype=np.int64) for _ in range(n))
+
+
+def _size_args(node: fx.Node) -> list[Any]:
+    """The size arguments of a reshape, one per output axis (arrays for a size tuple)."""
+    if node.target not in _RESHAPES:
+        return []
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return list(rest[0])
+    if len(rest) == 1 and isinstance(_deps(rest[0]), tuple):
+        return list(_deps(rest[0]))  # x.view(y.shape)
+    return list(rest)
+
+
 def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
     """Record, for the group pass, every use of a channel count by this node."""
     if node.meta.get(S2H_SIZE_DEPS) is not None:
         return  # arithmetic on sizes: it propagates, it does not use
-    sizes: list[Any] = []
-    if node.target in _RESHAPES:
-        rest = node.args[1:]
-        sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    sizes = _size_args(node)
     out = node.meta.get("s2h_layout")
     for j, arg in enumerate(sizes):
-        deps = _deps(arg)
+        deps = arg if isinstance(arg, np.ndarray) else _deps(arg)
         if isinstance(deps, np.ndarray) and deps.size:
             factor = _axis_ids(out, j) if isinstance(out, ChannelLayout) else None
             ctx.size_checks.append((deps, factor, node))
-    counted = {id(a) for a in sizes}
+    counted = {id(a) for a in sizes} | {id(a) for a in node.args[1:2] if _size_args(node)}
     for arg in _flat(node.args) + _flat(tuple(node.kwargs.values())):
-        if id(arg) in counted:
+        if id(arg) in counted or (isinstance(arg, fx.Node)
+                                  and (node.name, arg.name) in ctx.constant_sizes):
             continue
         deps = _deps(arg)
         if isinstance(deps, np.ndarray) and deps.size:
@@ -90,6 +132,8 @@ def _flat(args: Any) -> list[Any]:
     for a in args:
         if isinstance(a, (list, tuple)):
             out.extend(_flat(a))
+        elif isinstance(a, slice):
+            out.extend(_flat((a.start, a.stop, a.step)))
         elif isinstance(a, dict):
             out.extend(_flat(tuple(a.values())))
         else:
