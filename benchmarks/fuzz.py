@@ -555,7 +555,7 @@ def _prune(model: FuzzNet, x: torch.Tensor, res: CaseResult) -> s2h_fx.Pruner:
         return s2h_fx.prune_graph(model, BUDGET, example_inputs=(x,))
     except s2h_fx.BudgetError:
         res.budget = 1.0
-        return s2h_fx.prune_graph(model, 1.0, example_inputs=(x,))
+    return s2h_fx.prune_graph(model, 1.0, example_inputs=(x,))  # not chained to the BudgetError
 
 
 def _run_checks(res: CaseResult, model: FuzzNet, pruner: s2h_fx.Pruner, x: torch.Tensor,
@@ -596,7 +596,9 @@ def summarize(results: list[CaseResult], seconds: float) -> dict[str, Any]:
         "mismatch_seeds": {k: v for k, v in by_kind.items() if v},
         "errors": sum(len(v) for v in errors.values()), "error_seeds": errors,
         "all_frozen": len(frozen), "all_frozen_seeds": [r.seed for r in frozen],
-        "all_frozen_reasons": dict(Counter(x for r in frozen for x in r.freeze_reasons)),
+        # the head's classes always reach the output: count the other reasons, per case
+        "all_frozen_reasons": dict(Counter(x for r in frozen for x in r.freeze_reasons
+                                           if x != FreezeReason.MODEL_OUTPUT.value).most_common()),
         "all_frozen_features": _feature_rates(results, frozen),
         "seconds": round(seconds, 1),
     }
