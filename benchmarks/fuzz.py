@@ -124,6 +124,12 @@ class FuzzNet(nn.Module):
         self.features.add({"bn": "batchnorm", "gn": "groupnorm", "ln": "layernorm"}.get(norm, "conv"))
         return name
 
+    def _keeps_cat(self, i: int) -> None:
+        """The last tensor carries tensor i's channels in place: a cat stays splittable
+        (e.g. conv(cat(a, b)) + cat(a, b), then split on the cat boundary)."""
+        if i in self.cats:
+            self.cats[len(self.chans) - 1] = self.cats[i]
+
     def _same_width(self, i: int) -> list[int]:
         return [j for j, c in enumerate(self.chans) if c == self.chans[i] and j != i]
 
@@ -133,6 +139,7 @@ class FuzzNet(nn.Module):
 
     def _add_res_conv(self, i: int) -> bool:
         self._emit("res_conv", i, self._cbr("res", self.chans[i], self.chans[i]))
+        self._keeps_cat(i)
         self.features.add("residual")
         return True
 
@@ -141,6 +148,7 @@ class FuzzNet(nn.Module):
         if not same:
             return False
         self._emit("add", i, self.rng.choice(same), width=self.chans[i])
+        self._keeps_cat(i)
         self.features.add("residual")
         return True
 
@@ -226,6 +234,7 @@ class FuzzNet(nn.Module):
         else:
             self.mods[name] = nn.ModuleList([nn.Linear(c, hidden), nn.Linear(hidden, c)])
         self._emit("se", i, how, name, width=c)
+        self._keeps_cat(i)
         self.features.add("se")
         return True
 
@@ -237,6 +246,7 @@ class FuzzNet(nn.Module):
         self.gammas[name] = nn.Parameter(torch.rand(shape) + 0.5)
         block = self._cbr("ls", c, c) if how == "res" else ""
         self._emit("layer_scale", i, how, name, block, width=c)
+        self._keeps_cat(i)
         self.features.update({"layer_scale"} | ({"residual"} if how == "res" else set()))
         return True
 
@@ -255,6 +265,7 @@ class FuzzNet(nn.Module):
         n, _, h, w = INPUT_SHAPE
         count = float(n * self.chans[i] * h * w) if how == "numel" else float(self.chans[i])
         self._emit("numel", i, how, count, width=self.chans[i])
+        self._keeps_cat(i)
         self.features.update({"numel", how} - {"size"})
         return True
 
