@@ -60,7 +60,7 @@ KINDS = ("hard", "masked", "flops", "full", "soft")
 STEP_WEIGHTS = {
     "conv": 3, "res_conv": 2, "add": 2, "cat": 2, "split": 2, "slice": 2, "chunk": 1,
     "dw": 1, "gconv": 1, "shuffle": 1, "shuffle_block": 1, "se": 1, "layer_scale": 1,
-    "shared": 1, "numel": 1, "attention": 1,
+    "shared": 1, "numel": 1, "attention": 1, "cat_block": 1,
 }
 FEATURES = (
     "conv", "batchnorm", "groupnorm", "layernorm", "residual", "cat", "split", "slice",
@@ -157,6 +157,16 @@ class FuzzNet(nn.Module):
         self.cats[len(self.chans)] = (i, j)
         self._emit("cat", i, j, width=self.chans[i] + self.chans[j])
         self.features.add("cat")
+        return True
+
+    def _add_cat_block(self, i: int) -> bool:
+        """y = cat(a, b); z = y + conv(y); one part of split(z) on the cat boundary."""
+        j = self.rng.randrange(len(self.chans))
+        c = self.chans[i] + self.chans[j]
+        part = self.rng.randrange(2)
+        self._emit("cat_block", i, i, j, self._cbr("cb", c, c), part, self._size_source(),
+                   width=self.chans[(i, j)[part]])
+        self.features.update({"cat", "split", "residual"})
         return True
 
     def _size_source(self) -> str:
@@ -329,6 +339,12 @@ class FuzzNet(nn.Module):
             return len(t[0])
         return self.chans[i]  # "int": a literal in the traced graph
 
+    def _run_cat_block(self, ts: list, t: torch.Tensor, i: int, j: int, name: str, part: int,
+                       how: str) -> torch.Tensor:
+        y = torch.cat([t, ts[j]], dim=1)
+        z = y + self.mods[name](y)
+        return torch.split(z, [self._size(ts, i, how), self._size(ts, j, how)], dim=1)[part]
+
     def _run_split(self, ts: list, y: torch.Tensor, a: int, b: int, part: int, how: str) -> torch.Tensor:
         return torch.split(y, [self._size(ts, a, how), self._size(ts, b, how)], dim=1)[part]
 
@@ -434,7 +450,7 @@ class CaseResult:
     mismatches: list[dict[str, Any]] = field(default_factory=list)  # kind, draw, value
     error: str = ""
     where: str = ""  # innermost s2h-fx frame of an error
-    freeze_reasons: list[str] = field(default_factory=list)
+    freeze_reasons: list[str] = field(default_factory=list)  # of the frozen groups
     prunable: int = 0
     budget: float = BUDGET  # 1.0 where BUDGET cannot be met (too much is frozen)
     frozen: int = 0
@@ -538,11 +554,12 @@ def check_case(seed: int, draws: int = 3, verbose: bool = False) -> CaseResult:
             pruner = _prune(model, x, res)
         except s2h_fx.NoPrunableChannelsError as e:
             res.status = "frozen"
-            res.freeze_reasons = [r.value for r in FreezeReason if r.value in str(e)]
+            res.freeze_reasons = _reasons(str(e))
             if verbose:
                 print(e)
             return res
         res.prunable, res.frozen = len(pruner.grouping.prunable), len(pruner.grouping.frozen)
+        res.freeze_reasons = _reasons(" ".join(r for g in pruner.grouping.frozen for r in g.frozen))
         if verbose:
             print(model.plan, "\n", pruner.groups, sep="")
         _run_checks(res, model, pruner, x, draws)
@@ -558,6 +575,10 @@ def check_case(seed: int, draws: int = 3, verbose: bool = False) -> CaseResult:
     finally:
         res.seconds = time.perf_counter() - start
     return res
+
+
+def _reasons(text: str) -> list[str]:
+    return [r.value for r in FreezeReason if r.value in text]
 
 
 def _prune(model: FuzzNet, x: torch.Tensor, res: CaseResult) -> s2h_fx.Pruner:
@@ -611,6 +632,10 @@ def summarize(results: list[CaseResult], seconds: float) -> dict[str, Any]:
         "all_frozen_reasons": dict(Counter(x for r in frozen for x in r.freeze_reasons
                                            if x != FreezeReason.MODEL_OUTPUT.value).most_common()),
         "all_frozen_features": _feature_rates(results, frozen),
+        # cases with some group frozen for a reason (an over-freeze is no failure, but shows here)
+        "frozen_group_reasons": dict(Counter(x for r in results if r.status != "frozen"
+                                             for x in r.freeze_reasons
+                                             if x != FreezeReason.MODEL_OUTPUT.value).most_common()),
         "seconds": round(seconds, 1),
     }
 
@@ -637,6 +662,7 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  all-frozen: seeds {_seeds(s['all_frozen_seeds'])}")
         lines.append(f"    reasons: {s['all_frozen_reasons']}")
         lines.append(f"    features (frozen/all): {s['all_frozen_features']}")
+    lines.append(f"  cases with some (not all) groups frozen, by reason: {s['frozen_group_reasons']}")
     if s["mismatch_seeds"] or s["error_seeds"]:
         lines.append("  re-run one: python benchmarks/fuzz.py --only SEED")
     return "\n".join(lines)
