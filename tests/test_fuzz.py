@@ -19,7 +19,7 @@ from s2h_fx.masks import ChannelMask
 
 FUZZ = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
 SAMPLE = range(50)
-PASSING_SEED = 13  # a network with prunable groups and no LayerNorm (checked below)
+PASSING_SEED = 3  # a network with prunable groups and no LayerNorm (checked below)
 
 
 def _load():
@@ -44,7 +44,15 @@ def result(seed: int):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("seed", SAMPLE)
+# the smallest networks of each failure class of `fuzz.py --n 1000` on main before issue 7
+KNOWN_BUGS = {
+    792: "h * (K / h.numel()) leaves the group prunable: emitted != masked (item 2)",
+    992: "q @ k^T masks both operands, v masked again (item 6): soft != model with masks folded",
+    6: "slice bounded by another tensor's numel: rule fails, plan_surgery raises (item 7)",
+}
+
+
+@pytest.mark.parametrize("seed", list(SAMPLE) + sorted(set(KNOWN_BUGS) - set(SAMPLE)))
 def test_fuzz_sample(seed: int) -> None:
     r = result(seed)
     assert r.status in ("pass", "frozen"), (
