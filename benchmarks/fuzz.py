@@ -483,7 +483,7 @@ def random_keep(pruner: s2h_fx.Pruner, rng: np.random.Generator) -> tuple[dict, 
 
 def check_widths(pruner: s2h_fx.Pruner, x: torch.Tensor, masked_too: bool) -> dict[str, float]:
     """Errors of the current widths: emitted vs hard, vs masked, and the FLOPs model."""
-    emitted = pruner.export()
+    emitted = pruner.export(enforce_budget=False)  # the drawn widths, not projected
     pruner.eval()
     with torch.no_grad():
         out = emitted(x)

@@ -313,3 +313,22 @@ def test_grouped_conv_with_whole_groups_keeps_pruning_whole_groups() -> None:
 def test_a_model_without_channels_has_no_groups() -> None:
     result = find_channel_groups(trace_model(nn.ReLU(), (torch.randn(2, 3),)))
     assert result.groups == () and result.unknown_ops == ()
+
+
+class ViewByLen(nn.Module):
+    """len(h[0]) (the channel count) used as the size of the same channels: adapts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.fc = cbr(3, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.fc(h.reshape(h.shape[0], len(h[0]), -1).mean(-1))
+
+
+def test_len_as_the_size_of_the_same_channels_adapts() -> None:
+    result = find_channel_groups(trace_model(ViewByLen(), (X,)))
+    assert group_of(result, "stem.0:out").prunable  # len has a rule: not an unknown op
+    pruner = check_invariants(ViewByLen(), X)
+    assert group_of(pruner, "stem.0:out").prunable

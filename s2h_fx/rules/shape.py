@@ -305,7 +305,7 @@ def _raw_items(raw: list[Any], items: list[Any], expanded: list[Any]) -> list[An
     return out + [None] * (len(expanded) - len(out))
 
 
-@register_rule("size", "dim", "numel", "nelement", torch.numel)
+@register_rule("size", "dim", "numel", "nelement", torch.numel, builtins.len)
 def metadata(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     """Shape queries: no tensor flows out, so no channels either."""
     return ctx.blank(node)
