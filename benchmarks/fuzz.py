@@ -523,7 +523,9 @@ def check_soft(model: FuzzNet, pruner: s2h_fx.Pruner, x: torch.Tensor, rng: np.r
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for mname, m in ref.named_modules():
-            summed_in = (isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear)
+            # a grouped conv sums over the channels of each conv group: where its weight's
+            # input axis is a slot (channel i of every conv group tied), fold along it too
+            summed_in = (isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1) or isinstance(m, nn.Linear)
             if summed_in and (s := scale(f"{mname}.weight", 1, m.weight.shape[1])) is not None:
                 m.weight.mul_(s.view(1, -1, *[1] * (m.weight.dim() - 2)))
             if mname in model.fold_out and (s := scale(f"{mname}.weight", 0, m.weight.shape[0])) is not None:
