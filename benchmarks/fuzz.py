@@ -42,10 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import s2h_fx
 from s2h_fx.channels import FreezeReason
+from s2h_fx.measure import count_flops
 
 torch.fx.wrap("len")  # len(tensor) is recorded in the graph instead of failing to trace
 
@@ -463,11 +463,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-12)
 
 
-def count_flops(model: nn.Module, x: torch.Tensor) -> float:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return float(counter.get_total_flops())
 
 
 def random_keep(pruner: s2h_fx.Pruner, rng: np.random.Generator) -> tuple[dict, dict]:
