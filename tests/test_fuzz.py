@@ -95,8 +95,8 @@ def test_detects_wrong_export(monkeypatch) -> None:
     emitted != hard and != masked."""
     export = s2h_fx.Pruner.export
 
-    def wrong(self):
-        gm = export(self)
+    def wrong(self, *args, **kwargs):
+        gm = export(self, *args, **kwargs)
         with torch.no_grad():
             gm.get_parameter("mods.head.weight").mul_(1.01)
         return gm
