@@ -48,15 +48,25 @@ stages 16/32/64, 1x1-conv "option B" shortcuts where the shape changes),
 Presets (explicit options override them):
 
 - ``cpu``: resnet20; 10,000 training images (seeded subset), the full 10,000 test
-  images; E0 = 4, E1 = 10; budgets 0.15, 0.35, 0.55; seeds 0, 1, 2. Time, from
-  the issue's measured run of this exact setting on this 2-core machine (one
-  seed, budget 0.35, E1 = 10): dense E0+E1 189 s, s2h 393 s, oneshot-l1 110 s,
-  tp-magnitude 146 s, tp-taylor 145 s, i.e. about 800 s per (budget, seed) and
-  about 130 s per seed for the dense row: 3 x (3 x 800 + 190) s, about 2 h 10 min.
-  The short check below (2,000 images, E0 = E1 = 1) is consistent with it:
-  see ``CHECK`` for what was measured.
+  images; E0 = 4, E1 = 10; budgets 0.15, 0.35, 0.55; seeds 0, 1, 2: the issue's
+  protocol. That is per seed 316 dense steps, then per budget 790 S2H steps and
+  3 x 790 fine-tuning steps, and 790 dense steps: 15 rows a seed, 45 in all.
+  Time: from the issue's run of this setting on this 2-core machine (budget 0.35,
+  one seed: dense E0+E1 189 s, s2h 393 s, oneshot-l1 110 s, tp 146 s each), about
+  3 x (3 x 800 + 190) s, **about 2 h 10 min** on an otherwise idle machine.
+  Measured here (2026-11-24, the machine shared with another training process,
+  load average about 3 on 2 cores), ``--e0 1 --e1 1 --train-size 2000`` (16
+  steps a method) with ``--threads 1``: s2h 27 s, oneshot-l1 5 s, dense 9 s (68
+  s for those three with evaluations); with ``--threads 2`` the same run took s2h
+  56 s, tp-magnitude 29 s, tp-taylor 95 s (12 Taylor gradient passes then; now
+  one), oneshot-l1 3 s, dense 5 s, 314 s in all, and ``--e1 3`` 863 s (s2h 217 s,
+  tp 91 and 111 s, oneshot-l1 74 s, dense 107 s: two threads fighting another
+  process for two cores). Scaled by steps (fixed costs included, so an upper
+  side), the 1-thread figures give about 1.7 s a S2H step and 0.3-0.6 s a plain
+  one: about 5.5 h for the preset on a machine as busy as that. On a shared
+  machine use ``--threads 1``; ``--resume`` continues a stopped run.
 - ``gpu``: all four models, all 60,000 training images, E0 = 15, E1 = 30, the
-  same budgets and seeds. Not yet run (no GPU was lent while this was written).
+  same budgets and seeds. Not run yet (no GPU was lent while this was written).
 """
 
 from __future__ import annotations
@@ -97,7 +107,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULTS: dict[str, Any] = {"models": "resnet20", "budgets": "0.15,0.35,0.55", "seeds": "0,1,2",
                             "e0": 4, "e1": 10, "train_size": 10000, "test_size": None}
-CHECK = "see the module docstring"
 
 
 # ---- models -----------------------------------------------------------------------
@@ -241,6 +250,8 @@ def dense_start(args: argparse.Namespace, name: str, seed: int,
     fit_dense(model, train_loader, args.e0, lr=args.lr, momentum=0.9, weight_decay=5e-4,
               device=device, progress=args.progress)
     seconds = time.perf_counter() - t0
+    print(f"{name} seed {seed}: dense start trained {args.e0} epochs in {seconds:.0f} s",
+          file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
@@ -304,7 +315,17 @@ def tp_pruner_class() -> type:
     return MinWidthPruner
 
 
-def tp_prune(dense: nn.Module, ratio: float, importance: str, calib: list[Any],
+def taylor_grads(dense: nn.Module, calib: list[Any], device: torch.device) -> list[torch.Tensor]:
+    """The gradients Taylor importance reads: cross-entropy summed over ``calib``
+    batches, eval mode, computed once and given to every bisection trial's copy."""
+    work = copy.deepcopy(dense).to(device).eval()
+    work.zero_grad()
+    for xb, yb in calib:
+        F.cross_entropy(work(xb.to(device)), yb.to(device)).backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in work.parameters()]
+
+
+def tp_prune(dense: nn.Module, ratio: float, importance: str, grads: list[torch.Tensor] | None,
              device: torch.device) -> nn.Module:
     """A copy of ``dense`` pruned by Torch-Pruning at ``pruning_ratio=ratio``: channels
     ranked globally (``global_pruning=True``, each group's scores mean-normalised, as
@@ -319,10 +340,9 @@ def tp_prune(dense: nn.Module, ratio: float, importance: str, calib: list[Any],
            else tp.importance.TaylorImportance())
     pruner = tp_pruner_class()(work, x, importance=imp, pruning_ratio=ratio,
                                ignored_layers=ignored, round_to=DIVISOR, global_pruning=True)
-    if importance == "taylor":
-        work.zero_grad()
-        for xb, yb in calib:
-            F.cross_entropy(work(xb.to(device)), yb.to(device)).backward()
+    if grads is not None:
+        for p, g in zip(work.parameters(), grads):
+            p.grad = g.clone()
     pruner.step()
     work.zero_grad(set_to_none=True)
     return work
@@ -335,13 +355,16 @@ def run_tp(importance: str) -> Callable[..., tuple[nn.Module, Row]]:
 
         zoo = _sibling("zoo")
         train_loader, _ = loaders(args, seed)
-        calib = [b for _, b in zip(range(TAYLOR_BATCHES), train_loader)]
+        grads = None
+        if importance == "taylor":
+            grads = taylor_grads(dense, [b for _, b in zip(range(TAYLOR_BATCHES), train_loader)],
+                                 device)
         x = torch.zeros(1, *INPUT, device=device)
         dense_flops = count_flops(copy.deepcopy(dense).to(device), x)
         trials: list[tuple[float, float]] = []
 
         def trial(ratio: float) -> tuple[float, nn.Module]:
-            net = tp_prune(dense, ratio, importance, calib, device)
+            net = tp_prune(dense, ratio, importance, grads, device)
             trials.append((ratio, count_flops(net, x) / dense_flops))
             return trials[-1][1], net
 
@@ -505,7 +528,8 @@ def plot(rows: list[Row], path: Path) -> None:
 
     cells = cells_of(rows)
     models = list(dict.fromkeys(k[0] for k in cells))  # (several settings: one plot each, please)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(7.0, 5.5 * len(models)), 4.4),
+                             squeeze=False)
     for ax, model in zip(axes[0], models):
         for method in METHODS:
             pts = sorted((mean_sd([r["flops_ratio"] for r in rs])[0],
@@ -519,7 +543,8 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set(title=model, xlabel="FLOPs ratio (exported / dense)", ylabel="test accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Fashion-MNIST: accuracy at a FLOPs budget (mean +- sd over seeds)")
+    fig.suptitle("Fashion-MNIST: test accuracy at a FLOPs budget (mean +- sd over seeds)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -537,7 +562,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--e0", type=int, default=None, help="epochs of the shared dense start")
     p.add_argument("--e1", type=int, default=None, help="epochs every method gets after it")
     p.add_argument("--train-size", type=int, default=None,
-                   help="seeded subset of the 60,000 training images (0: all)")
+                   help="seeded subset of the 60,000 training images (0: all; default "
+                        "10000, preset gpu: all)")
     p.add_argument("--test-size", type=int, default=None,
                    help="seeded subset of the 10,000 test images (default: all)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -574,6 +600,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.e0 < 0 or args.e1 < 1:
         p.error("--e0 must be >= 0 and --e1 >= 1")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.table is None and not args.out.resolve().parent.is_dir():
+        p.error(f"the folder of --out {args.out} does not exist")
     if args.table is None and args.out.exists() and args.out.stat().st_size and not args.resume:
         p.error(f"{args.out} already holds rows: pass --resume to skip them, or another --out")
     return args

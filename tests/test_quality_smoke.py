@@ -204,3 +204,30 @@ def test_quality_table_mean_and_sample_sd(tmp_path, capsys):
     # mean 0.85; sample sd sqrt((0.05^2 + 0.05^2 + 0) / 2) = 0.05
     assert "0.8500 +- 0.0500" in line and " 3 " in line
     assert math.isclose(quality.mean_sd([0.8, 0.9, 0.85])[1], 0.05)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56", "resnet18", "mobilenet_v2"])
+def test_quality_models_prune_with_both_tools(name):
+    """Every model of the benchmark takes 1x28x28 and is pruned by s2h-fx (one shot,
+    exported) and by Torch-Pruning (round_to 8) to fewer FLOPs, 10 logits out."""
+    import s2h_fx
+    from s2h_fx.measure import count_flops
+
+    quality = load_quality()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = quality.build_model(name, 0).eval()
+        x = torch.randn(2, 1, 28, 28)
+        dense = count_flops(model, x)
+        ours = s2h_fx.prune_graph(model, 0.35, (x,)).export()
+        theirs = quality.tp_prune(model, 0.3, "magnitude", None, torch.device("cpu"))
+        for net in (ours, theirs):
+            assert net(x).shape == (2, 10)
+            assert count_flops(net, x) < 0.6 * dense
+        assert abs(count_flops(ours, x) / dense - 0.35) <= 0.03
+        convs = [m for m in theirs.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs[0].in_channels == 1  # the grey input is never pruned
+        assert all(c.out_channels % 8 == 0 for c in convs if c.groups == 1)
+    finally:
+        torch.set_num_threads(threads)
