@@ -113,7 +113,28 @@ def test_corrupt_file_is_an_input_error(tmp_path):
         fashion_mnist_loaders(tmp_path)
 
 
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_default_root_is_debians_package():
+    train, val = fashion_mnist_loaders(batch_size=500, max_train=1000)
+    assert len(train.dataset) == 1000 and len(val.dataset) == 10000
+    full = train.dataset.dataset  # type: ignore[attr-defined]  # the Subset's source
+    assert len(full) == 60000 and sorted(set(full.labels.tolist())) == list(range(10))
+    x, _ = next(iter(val))
+    assert x.shape == (500, 1, 28, 28) and abs(float(x.mean())) < 0.2  # roughly normalised
+
+
 # ---- the CLI ------------------------------------------------------------------------
+def test_cli_fashion_mnist_without_root_means_debians_folder():
+    from s2h_fx.cli import _build_parser
+    from s2h_fx.data import FASHION_MNIST_ROOT
+
+    args = _build_parser().parse_args(["prune", "resnet18", "--budget", "0.5",
+                                       "--fashion-mnist", "-o", "x.pt"])
+    assert args.fashion_mnist == FASHION_MNIST_ROOT == Path("/usr/share/datasets/fashion-mnist")
+    assert args.cifar10 is None and args.data_dir is None
+
+
 def test_cli_prune_fashion_mnist(fashion, tmp_path, capsys):
     root, _ = fashion
     out = tmp_path / "r18.pt"
