@@ -6,7 +6,8 @@ Protocol, per (model, seed): one dense model is trained ``E0`` epochs (saved nex
 to ``--out`` and reused by every method, and by ``--resume``). From it, per
 budget, every method gets the same ``E1`` epochs with the same optimiser (SGD,
 momentum 0.9, weight decay 5e-4, cosine from lr 0.05 over the E1 epochs, batch
-128: the library's one loop, :mod:`s2h_fx.loop`) and the same batches in the same
+128: the library's one loop, :mod:`s2h_fx.loop`; without Nesterov, which the
+issue's run used, because ``fit``/``fit_dense`` have no such option yet) and the same batches in the same
 order (a fresh loader with the seed's generator for each method):
 
 - ``s2h``: ``prune_graph(dense, budget)`` + ``s2h_fx.trainer.fit`` (its defaults,
