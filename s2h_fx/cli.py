@@ -4,6 +4,7 @@
     s2h-fx inspect resnet18 --input-size 3,224,224
     s2h-fx export resnet18 --budget 0.5 -o resnet18_half.pt2      # one-shot widths, no training
     s2h-fx prune resnet18 --budget 0.3 --cifar10 ~/data -o r18.pt2  # S2H training on a dataset
+    s2h-fx prune resnet18 --budget 0.3 --fashion-mnist -o r18.pt2   # Debian's Fashion-MNIST
 
 ``export`` writes ``.pt2`` with :func:`torch.export.save` (load it with
 ``torch.export.load(FILE).module()``; batch size is dynamic where the model
@@ -33,7 +34,8 @@ import torch
 from torch import nn
 
 from s2h_fx.config import PruneConfig
-from s2h_fx.errors import S2HError
+from s2h_fx.data import FASHION_MNIST_ROOT
+from s2h_fx.errors import InputError, S2HError
 from s2h_fx.measure import count_flops
 from s2h_fx.pruner import Pruner, prune_graph
 
@@ -170,11 +172,16 @@ def _add_prune_parser(sub: Any) -> None:
                       help="CIFAR-10 in torchvision's format: ROOT/cifar-10-batches-py/")
     data.add_argument("--cifar100", type=Path, metavar="ROOT",
                       help="CIFAR-100 in torchvision's format: ROOT/cifar-100-python/")
+    data.add_argument("--fashion-mnist", type=Path, nargs="?", metavar="ROOT",
+                      const=FASHION_MNIST_ROOT,
+                      help="Fashion-MNIST's four IDX files (plain or .gz) in ROOT (default "
+                           f"{FASHION_MNIST_ROOT}, from `apt-get install dataset-fashion-mnist`)"
+                           "; grey images repeated to 3 channels")
     prune.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                        help="where to save: FILE.pt2 (torch.export, recommended) or FILE.pt")
     prune.add_argument("--input-size", type=_input_size, default=None, metavar="3,S,S",
-                       help="training image size (default 3,32,32 for CIFAR, 3,224,224 for a "
-                            "folder)")
+                       help="training image size (default 3,32,32 for CIFAR, 3,28,28 for "
+                            "Fashion-MNIST, 3,224,224 for a folder)")
     prune.add_argument("--checkpoint", type=Path, default=None, metavar="FILE",
                        help="start from this state_dict (torch.save(model.state_dict(), FILE)) "
                             "instead of random weights")
@@ -402,7 +409,9 @@ def _prune_loaders(args: argparse.Namespace) -> tuple[Any, Any, int, str]:
 
     cifar = ("cifar10" if args.cifar10 is not None
              else "cifar100" if args.cifar100 is not None else None)
-    size = args.input_size or ((3, 32, 32) if cifar else (3, 224, 224))
+    fashion = args.fashion_mnist is not None
+    size = args.input_size or ((3, 32, 32) if cifar else (3, 28, 28) if fashion
+                               else (3, 224, 224))
     if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
         raise CliError(f"--input-size must be 3,S,S (RGB, square) for prune, got "
                        f"{','.join(map(str, size))}")
@@ -412,12 +421,17 @@ def _prune_loaders(args: argparse.Namespace) -> tuple[Any, Any, int, str]:
             train, val = data.cifar_loaders(root, cifar, args.batch_size, size[1], args.seed,
                                             num_workers=args.workers)
             what = f"{cifar} from {root}"
+        elif fashion:
+            train, val = data.fashion_mnist_loaders(args.fashion_mnist, args.batch_size,
+                                                    args.seed, channels=3, size=size[1],
+                                                    num_workers=args.workers)
+            what = f"fashion-mnist from {args.fashion_mnist}"
         else:
             train, val = data.folder_loaders(args.data_dir, args.batch_size, size[1], args.seed,
                                              num_workers=args.workers)
             what = f"image folder {args.data_dir}"
         classes = data.num_classes_of(train)
-    except (data.DataError, OSError) as exc:
+    except (data.DataError, InputError, OSError) as exc:
         raise CliError(str(exc)) from exc
     if classes < 2:
         raise CliError(f"{what} has {classes} class; S2H training needs at least 2")

@@ -9,6 +9,9 @@
 * :func:`cifar_loaders`: CIFAR-10 or CIFAR-100 from a local root, in
   torchvision's format (``cifar-10-batches-py/`` or ``cifar-100-python/``);
   never downloads.
+* :func:`fashion_mnist_loaders`: Fashion-MNIST's four IDX files (plain or
+  gzipped) from Debian's ``dataset-fashion-mnist`` folder or any other; never
+  downloads; a missing folder or file raises :class:`~s2h_fx.errors.InputError`.
 
 Every function returns ``(train_loader, val_loader)`` yielding ``(x, y)``
 batches; train batches are shuffled (seeded) and lightly augmented where the
@@ -193,5 +196,133 @@ def cifar_loaders(
         val = cls(str(root), train=False, transform=val_tf, download=False)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
         raise DataError(f"{name} under {str(folder)!r} is not readable: {exc}") from exc
+    return _loaders(_limit(train, max_train, seed), _limit(val, max_val, seed + 1),
+                    batch_size, seed, num_workers)
+
+
+# ---- Fashion-MNIST --------------------------------------------------------------
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the 60,000 training images
+_IDX_TYPES = {0x08: np.uint8}  # the IDX type byte of unsigned bytes, the only one used here
+
+
+def _idx_path(root: Path, stem: str) -> Path | None:
+    """``root/stem`` or ``root/stem.gz``, whichever exists (the plain file first)."""
+    for path in (root / stem, root / f"{stem}.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, gzipped when the name ends in ``.gz``) as a
+    numpy array of its stored shape. Only unsigned-byte data, as (Fashion-)MNIST has."""
+    import gzip
+
+    from s2h_fx.errors import InputError
+
+    path = Path(path)
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"cannot read IDX file {str(path)!r}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise InputError(f"{str(path)!r} is not an IDX file of unsigned bytes (magic "
+                         f"{raw[:4].hex() or 'missing'}, expected 0000080N)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise InputError(f"{str(path)!r}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(shape))
+    if len(raw) - header != size:
+        raise InputError(f"{str(path)!r}: the header says {'x'.join(map(str, shape))} = "
+                         f"{size} values, the file holds {len(raw) - header}")
+    return np.frombuffer(raw, dtype=_IDX_TYPES[raw[2]], offset=header).reshape(shape)
+
+
+def fashion_mnist_arrays(root: str | Path | None = None) -> dict[str, np.ndarray]:
+    """The four Fashion-MNIST IDX files under ``root`` (default: where Debian's
+    ``dataset-fashion-mnist`` puts them), plain or gzipped, as uint8 arrays keyed
+    like :data:`FASHION_MNIST_FILES`. Missing files raise
+    :class:`~s2h_fx.errors.InputError` naming them."""
+    from s2h_fx.errors import InputError
+
+    root = Path(root) if root is not None else FASHION_MNIST_ROOT
+    paths = {k: _idx_path(root, stem) for k, stem in FASHION_MNIST_FILES.items()}
+    missing = [f"{stem}[.gz]" for k, stem in FASHION_MNIST_FILES.items() if paths[k] is None]
+    if missing:
+        where = (f"{str(root)!r} is incomplete: missing {', '.join(missing)}" if root.is_dir()
+                 else f"{str(root)!r} does not exist (needs {', '.join(missing)})")
+        raise InputError(f"Fashion-MNIST not found: {where}. Install it with `apt-get install "
+                         f"dataset-fashion-mnist` (into {FASHION_MNIST_ROOT}) or give the "
+                         "folder that holds the four IDX files; s2h-fx never downloads")
+    arrays = {k: read_idx(p) for k, p in paths.items() if p is not None}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise InputError(f"Fashion-MNIST {split} files under {str(root)!r} disagree: "
+                             f"images {images.shape}, labels {labels.shape}")
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise InputError(f"Fashion-MNIST {split} labels under {str(root)!r} go up to "
+                             f"{int(labels.max())}; expected 0-9")
+    return arrays
+
+
+class GreyImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """uint8 grey images ``(N, H, W)`` and labels, served as normalised float
+    ``(channels, size, size)`` tensors (the grey channel repeated; bilinear resize
+    when ``size`` differs)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                 channels: int = 1, size: int | None = None) -> None:
+        self.images = torch.from_numpy(np.array(images, dtype=np.uint8))  # a writable copy
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.classes, self.channels, self.size = classes, channels, size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (self.images[i].float().div(255.0) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+        x = x.unsqueeze(0)
+        if self.size is not None and self.size != x.shape[-1]:
+            x = F.interpolate(x[None], size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)[0]
+        return x.expand(self.channels, -1, -1), self.labels[i]
+
+
+def fashion_mnist_loaders(
+    root: str | Path | None = None, batch_size: int = 128, seed: int = 0, *,
+    max_train: int | None = None, max_val: int | None = None, channels: int = 1,
+    size: int = 28, num_workers: int = 0,
+) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """Fashion-MNIST (10 classes, 60,000 train / 10,000 test 28x28 grey images) from
+    the four IDX files under ``root`` (default ``/usr/share/datasets/fashion-mnist``,
+    where ``apt-get install dataset-fashion-mnist`` puts them); never downloads.
+
+    ``max_train``/``max_val``: seeded random subsets (``seed`` also seeds the
+    shuffle: the same seed gives the same subset and the same batch order).
+    ``channels``: 1, or 3 for RGB models (the grey channel repeated); ``size``:
+    the side the images are resized to. No augmentation; normalised with the
+    training set's mean and standard deviation. The val loader is the test split.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if size < 1:
+        raise ValueError(f"size must be a positive integer, got {size}")
+    arrays = fashion_mnist_arrays(root)
+    train = GreyImages(arrays["train_images"], arrays["train_labels"], FASHION_MNIST_CLASSES,
+                       channels, size)
+    val = GreyImages(arrays["test_images"], arrays["test_labels"], FASHION_MNIST_CLASSES,
+                     channels, size)
     return _loaders(_limit(train, max_train, seed), _limit(val, max_val, seed + 1),
                     batch_size, seed, num_workers)
