@@ -264,7 +264,7 @@ def test_prune_missing_data_exits_2(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "one of the arguments --data-dir --cifar10 --cifar100 is required"),
+        ([], "one of the arguments --data-dir --cifar10 --cifar100 --fashion-mnist is required"),
         (["--data-dir", "a", "--cifar10", "b"], "not allowed with argument"),
         (["--data-dir", "{tmp}", "--budget", "0"], "budget must be in (0, 1]"),
         (["--data-dir", "{tmp}", "-o", "m.onnx"], "must end in one of .pt2"),
