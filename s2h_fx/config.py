@@ -50,6 +50,17 @@ class S2HConfig:
     ``balance_cap``: how far the resource gradient may outweigh the task gradient.
     ``fix_importance``: keep the channel order from the start instead of
     recomputing it after every mask step.
+
+    Candidate training changes, off by default (today's behaviour):
+    ``mask_momentum``: momentum in [0, 1) of the mask optimiser over its combined
+    step direction, as torch's SGD (0: none); ``mask_nesterov``: Nesterov momentum
+    (needs ``mask_momentum > 0``). ``mask_lr_follows_schedule``: in ``fit`` the mask
+    step size is ``mask_lr`` times the weights' schedule factor (lr now / base lr).
+    ``settle_epochs``: the last this many S2H epochs of ``fit`` keep the architecture
+    fixed (no mask step: logits, ranks and widths stay) while the weights keep
+    training with the same losses and decoupled backward; must be smaller than
+    ``fit``'s ``epochs`` when nonzero. A user's own loop settles by not calling
+    ``mask_step``.
     """
 
     temperature: float = 1.0
@@ -59,6 +70,10 @@ class S2HConfig:
     tolerance: float = 0.005
     balance_cap: float = 10.0
     fix_importance: bool = False
+    mask_momentum: float = 0.0
+    mask_nesterov: bool = False
+    mask_lr_follows_schedule: bool = False
+    settle_epochs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("temperature", "mask_lr", "tolerance", "balance_cap"):
@@ -69,3 +84,18 @@ class S2HConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Real) or float(value) < 0 or math.isnan(value):
                 raise ValueError(f"S2HConfig.{name} must be >= 0, got {value!r}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        m = self.mask_momentum
+        if isinstance(m, bool) or not isinstance(m, numbers.Real) or not 0 <= float(m) < 1:
+            raise ValueError(f"S2HConfig.mask_momentum must be a number in [0, 1), got {m!r}")
+        for name in ("mask_nesterov", "mask_lr_follows_schedule"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"S2HConfig.{name} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+        if self.mask_nesterov and not float(m) > 0:
+            raise ValueError("S2HConfig.mask_nesterov needs mask_momentum > 0")
+        s = self.settle_epochs
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"S2HConfig.settle_epochs must be an integer >= 0, got {s!r}")

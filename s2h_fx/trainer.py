@@ -31,6 +31,7 @@ from s2h_fx.loop import (
     split_batch,
     world_size,
 )
+from s2h_fx.schedule import CosineSchedule
 
 if TYPE_CHECKING:
     from s2h_fx.pruner import Pruner
@@ -88,11 +89,15 @@ def evaluate(pruner: Pruner, loader: Iterable[Any], device: torch.device) -> tup
 # ---- the kinds of step ----------------------------------------------------------------
 class _S2HStep:
     """One S2H step (or an ablation of it): forward, losses, decoupled backward;
-    after the weights' step, the mask step."""
+    after the weights' step, the mask step (with ``schedule``: its step size scaled
+    by the weights' schedule factor). ``settle``: the architecture is fixed, no mask
+    step; the mask gradients the backward gathered are dropped."""
 
-    def __init__(self, pruner: Pruner, method: str) -> None:
+    def __init__(self, pruner: Pruner, method: str, schedule: CosineSchedule | None = None,
+                 settle: bool = False) -> None:
         self.pruner, self.method = pruner, method
         self.decoupled = method != "no_decouple"
+        self.schedule, self.settle = schedule, settle
 
     def begin(self) -> None:
         self.pruner.train()
@@ -127,8 +132,17 @@ class _S2HStep:
         return backward(losses, grad_scaler=scaler, decoupled=self.decoupled)
 
     def after(self) -> Metrics:
-        self.pruner.mask_step()
-        return {"flops": float(self.pruner.flops_ratio(self.pruner.mask_widths()))}
+        p = self.pruner
+        if self.settle:
+            # no mask step (nor re-ranking): drop what backward gathered for it
+            p._mask_grads = None
+            for u in p.mask_parameters():
+                u.grad = None
+        else:
+            if self.schedule is not None:  # called after the weights' step, before the
+                p.mask_optimizer.lr_scale = self.schedule.factor()  # schedule's
+            p.mask_step()
+        return {"flops": float(p.flops_ratio(p.mask_widths()))}
 
     def discard(self) -> None:
         for p in self.pruner.parameters():
@@ -224,6 +238,13 @@ def fit(
     the masks as training left them (no projection, no BatchNorm re-estimation;
     :func:`finish` does those).
 
+    The pruner's :class:`~s2h_fx.config.S2HConfig` sets the mask optimiser's
+    momentum, whether its step size follows the weights' schedule
+    (``mask_lr_follows_schedule``), and ``settle_epochs``: the last that many of the
+    ``epochs`` run with the architecture fixed (no mask step; the weights train on
+    with the same losses), decided by the loop's epoch counter, so a resume
+    continues in the right phase.
+
     Under ``torch.distributed`` (torchrun; give each rank its shard of the data,
     e.g. with a ``DistributedSampler``) the weights' gradients are averaged over
     the ranks every step (the mask logits' by :meth:`Pruner.backward`), all ranks
@@ -236,6 +257,11 @@ def fit(
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=DIR (where the checkpoints are)")
+    settle = pruner.s2h.settle_epochs
+    if settle and settle >= epochs:
+        raise ValueError(f"S2HConfig.settle_epochs={settle} must be smaller than epochs="
+                         f"{epochs} (the architecture is learnt in the epochs before)")
+    pruner.mask_optimizer.configure(pruner.s2h)
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     pruner.to(dev)
@@ -246,12 +272,17 @@ def fit(
     settings = LoopSettings(epochs + warmup_epochs, steps_per_epoch, max_nonfinite,
                             checkpoint_every, amp, progress)
     store = CheckpointStore(checkpoint, keep_checkpoints) if checkpoint is not None else None
-    meta = {"kind": "fit", "epochs": epochs, "warmup_epochs": warmup_epochs, "method": method}
+    meta: dict[str, Any] = {"kind": "fit", "epochs": epochs, "warmup_epochs": warmup_epochs,
+                            "method": method}
+    if settle:  # only then: checkpoints written before the option still resume
+        meta["settle_epochs"] = settle
     loop = Loop(pruner, train_loader, opt, dev, settings, store=store, meta=meta,
                 on_step=on_step)
     _start(loop, store, resume)
     warm = _PlainStep(pruner.graph_module, list(pruner.masks().values()))
-    s2h = _S2HStep(pruner, method)
+    schedule = loop.sched if pruner.s2h.mask_lr_follows_schedule else None
+    s2h = _S2HStep(pruner, method, schedule)
+    settling = _S2HStep(pruner, method, schedule, settle=True)
     total = epochs + warmup_epochs
     while loop.state.epoch < total:
         g = loop.state.epoch
@@ -262,7 +293,10 @@ def fit(
         if g == warmup_epochs and loop.state.step == 0:
             _from_full_width(pruner)
         n = g - warmup_epochs + 1
-        sums = loop.run_epoch(s2h, f"S2H epoch {n}/{epochs}", _postfix)
+        if n > epochs - settle:
+            sums = loop.run_epoch(settling, f"S2H epoch {n}/{epochs} (settling)", _postfix)
+        else:
+            sums = loop.run_epoch(s2h, f"S2H epoch {n}/{epochs}", _postfix)
         loop.end_epoch(_record(pruner, sums, n, val_loader, dev).to_dict())
     if epochs == 0:
         _from_full_width(pruner)
