@@ -1,0 +1,317 @@
+"""The S2H training options of S2HConfig (off by default): mask momentum and
+Nesterov, a mask step size that follows the weights' schedule, and settling epochs
+at the end of ``fit`` with the architecture fixed."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import s2h_fx
+from s2h_fx.config import S2HConfig
+from s2h_fx.mask_optim import MaskOptimizer
+from s2h_fx.masks import ChannelMask
+
+BATCHES, BATCH = 4, 8
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCHES * BATCH, 3, 8, 8, generator=gen)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
+
+
+def pruner(config: S2HConfig | None = None, budget: float = 0.4) -> s2h_fx.Pruner:
+    torch.manual_seed(0)
+    p = s2h_fx.prune_graph(Tiny(), budget, example_inputs=(torch.randn(1, 3, 8, 8),),
+                           divisor=4, config=config)
+    p.mask_optimizer.configure(p.s2h)  # the pruner builds it without the momentum options
+    return p
+
+
+def legacy_step(self: MaskOptimizer, task: list[torch.Tensor], resource: list[torch.Tensor],
+                gap: float) -> None:
+    """The mask step as it was before the options (the reference of 'today')."""
+    with torch.no_grad():
+        gt = torch.cat([t.flatten() for t in task])
+        gr = torch.cat([r.flatten() for r in resource])
+        if not (torch.isfinite(gt).all() and torch.isfinite(gr).all()):
+            return
+        nt, nr = gt.norm(), gr.norm()
+        balance = min(abs(gap) / self.tolerance, self.cap)
+        self.last_balance = balance
+        direction = torch.zeros_like(gt)
+        if nt > 0:
+            direction += gt / nt
+        if nr > 0:
+            direction += balance * gr / nr
+        offset = 0
+        for mask in self.masks:
+            k = mask.logits.numel()
+            mask.logits.sub_(self.lr * direction[offset : offset + k].to(mask.logits.dtype))
+            mask.logits.sub_(mask.logits.mean())
+            offset += k
+        self.steps += 1
+
+
+def snapshot(p: s2h_fx.Pruner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in p.state_dict().items()
+            if isinstance(v, torch.Tensor)}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- defaults -----------------------------------------------------------------------
+def test_defaults_are_off() -> None:
+    c = S2HConfig()
+    assert (c.mask_momentum, c.mask_nesterov, c.mask_lr_follows_schedule,
+            c.settle_epochs) == (0.0, False, False, 0)
+
+
+def test_default_fit_is_bit_identical_to_the_mask_step_before_the_options(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    off = S2HConfig(mask_momentum=0.0, mask_nesterov=False, mask_lr_follows_schedule=False,
+                    settle_epochs=0)
+    a = pruner()
+    a.fit(data(), 2, progress=False, finish=False)
+    b = pruner(off)
+    b.fit(data(), 2, progress=False, finish=False)
+    with monkeypatch.context() as m:
+        m.setattr(MaskOptimizer, "step", legacy_step)
+        ref = pruner()
+        ref.fit(data(), 2, progress=False, finish=False)
+    assert a.mask_optimizer.steps == 2 * BATCHES and a.mask_optimizer.buffers == []
+    assert same(snapshot(a), snapshot(ref)) and same(snapshot(b), snapshot(ref))
+    # the masks did move (so equality above says something)
+    assert not torch.equal(a.mask_parameters()[0], pruner().mask_parameters()[0])
+
+
+# ---- momentum -----------------------------------------------------------------------
+def _optimizer(momentum: float, nesterov: bool) -> MaskOptimizer:
+    masks = [ChannelMask(0, 16, divisor=4), ChannelMask(1, 8, divisor=4)]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in masks:
+            m.logits.copy_(torch.randn(m.logits.shape, generator=gen))
+            m.logits.sub_(m.logits.mean())  # centred, as after any step
+    return MaskOptimizer(masks, lr=0.1, tolerance=0.005, cap=10.0, momentum=momentum,
+                         nesterov=nesterov)
+
+
+@pytest.mark.parametrize(("nesterov", "ratio"), [(False, 1.9), (True, (1 + 0.9 + 0.81) / 1.9)])
+def test_momentum_with_a_constant_gradient(nesterov: bool, ratio: float) -> None:
+    # the logits after a step are l - lr s - mean(l - lr s) = l - lr (s - mean s) for a
+    # centred l: a step moves them by -lr times the centred step direction s. With a
+    # constant direction d: plain momentum s1 = d, s2 = 0.9 d + d = 1.9 d; Nesterov
+    # s1 = d + 0.9 d = 1.9 d, s2 = d + 0.9 (1.9 d) = 2.71 d.
+    opt = _optimizer(0.9, nesterov)
+    gen = torch.Generator().manual_seed(4)
+    task = [torch.randn(m.logits.shape, generator=gen) for m in opt.masks]
+    resource = [torch.randn(m.logits.shape, generator=gen) for m in opt.masks]
+    before = [m.logits.detach().clone() for m in opt.masks]
+    opt.step(task, resource, gap=0.01)
+    mid = [m.logits.detach().clone() for m in opt.masks]
+    opt.step(task, resource, gap=0.01)
+    for b, m, mk in zip(before, mid, opt.masks):
+        first, second = m - b, mk.logits.detach() - m
+        assert first.abs().max() > 1e-3
+        torch.testing.assert_close(second, ratio * first, rtol=1e-5, atol=1e-6)
+
+
+def test_no_momentum_steps_are_equal_with_a_constant_gradient() -> None:
+    opt = _optimizer(0.0, False)
+    task = [torch.ones(m.logits.shape) * torch.arange(m.logits.numel()) for m in opt.masks]
+    resource = [torch.zeros(m.logits.shape) for m in opt.masks]
+    l0 = opt.masks[0].logits.detach().clone()
+    opt.step(task, resource, gap=0.0)
+    l1 = opt.masks[0].logits.detach().clone()
+    opt.step(task, resource, gap=0.0)
+    torch.testing.assert_close(opt.masks[0].logits.detach() - l1, l1 - l0)
+
+
+def _s2h_steps(p: s2h_fx.Pruner, batches: list[Any]) -> None:
+    opt = torch.optim.SGD(p.weight_parameters(), lr=0.01)
+    p.train()
+    for x, y in batches:
+        opt.zero_grad()
+        losses = p.losses(p(x), y)
+        assert p.backward(losses)
+        opt.step()
+        p.mask_step()
+
+
+def test_momentum_state_round_trips_through_the_pruner_state_dict() -> None:
+    cfg = S2HConfig(mask_momentum=0.9, mask_nesterov=True, fix_importance=True)
+    batches = data()
+    a = pruner(cfg)
+    a.reset_masks()
+    _s2h_steps(a, batches[:3])
+    assert len(a.mask_optimizer.buffers) == len(a.mask_parameters())
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = pruner(cfg)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for x, y in zip(a.mask_optimizer.buffers, b.mask_optimizer.buffers):
+        assert torch.equal(x, y)
+    assert same(snapshot(a), snapshot(b))
+    _s2h_steps(a, batches[3:])
+    _s2h_steps(b, batches[3:])
+    assert same(snapshot(a), snapshot(b))
+    # without the buffers the next step differs: the round trip carried them
+    c = pruner(cfg)
+    buf.seek(0)
+    c.load_state_dict(torch.load(buf, weights_only=True))
+    c.mask_optimizer.buffers = []
+    _s2h_steps(c, batches[3:])
+    assert not torch.equal(c.mask_parameters()[0], a.mask_parameters()[0])
+
+
+def test_a_state_without_the_momentum_keys_loads_as_no_momentum() -> None:
+    opt = _optimizer(0.9, False)
+    old = {"lr": 0.2, "tolerance": 0.01, "cap": 5.0, "steps": 7, "last_balance": 1.0}
+    opt.load_state_dict(old)
+    assert (opt.momentum, opt.nesterov, opt.lr_scale, opt.buffers) == (0.0, False, 1.0, [])
+    assert opt.steps == 7 and opt.lr == 0.2
+
+
+# ---- mask lr following the schedule ---------------------------------------------------
+def test_lr_scale_scales_the_step() -> None:
+    a, b = _optimizer(0.0, False), _optimizer(0.0, False)
+    b.lr_scale = 0.25
+    grads = [torch.linspace(-1, 1, m.logits.numel()) for m in a.masks]
+    la = [m.logits.detach().clone() for m in a.masks]
+    a.step(grads, grads, gap=0.003)
+    b.step(grads, grads, gap=0.003)
+    for l0, ma, mb in zip(la, a.masks, b.masks):
+        torch.testing.assert_close(mb.logits.detach() - l0, 0.25 * (ma.logits.detach() - l0))
+
+
+@pytest.mark.parametrize("follows", [False, True])
+def test_fit_sets_the_mask_step_size_from_the_cosine_schedule(
+        follows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    epochs = 3
+    p = pruner(S2HConfig(mask_lr_follows_schedule=follows))
+    scales: list[float] = []
+    changes: list[float] = []
+    step = MaskOptimizer.step
+
+    def spy(self: MaskOptimizer, *args: Any) -> None:
+        scales.append(self.lr_scale)
+        before = torch.cat([m.logits.detach().clone() for m in self.masks])
+        step(self, *args)
+        changes.append(float((torch.cat([m.logits.detach() for m in self.masks])
+                              - before).norm()))
+
+    monkeypatch.setattr(MaskOptimizer, "step", spy)
+    p.fit(data(), epochs, lr=0.05, progress=False, finish=False)
+    total = epochs * BATCHES
+    # the weights' lr at optimiser step t is 0.05 (1 + cos(pi t / T)) / 2
+    expected = [0.5 * (1 + math.cos(math.pi * t / total)) if follows else 1.0
+                for t in range(total)]
+    assert scales == pytest.approx(expected, rel=1e-12)
+    if follows:  # the late steps are much shorter than the early ones
+        assert max(changes[-2:]) < 0.2 * min(changes[:2])
+
+
+# ---- settling -------------------------------------------------------------------------
+def test_settle_epochs_fix_the_architecture_while_the_weights_train() -> None:
+    epochs, settle = 3, 2
+    p = pruner(S2HConfig(settle_epochs=settle))
+    seen: list[dict[str, Any]] = []
+
+    def record(metrics: dict[str, float]) -> None:
+        seen.append({"logits": [u.detach().clone() for u in p.mask_parameters()],
+                     "ranks": [m.rank.clone() for m in p.masks().values()],
+                     "widths": p.widths, "flops": metrics["flops"],
+                     "weights": [w.detach().clone() for w in p.weight_parameters()]})
+
+    history = p.fit(data(), epochs, progress=False, finish=False, on_step=record)
+    assert len(seen) == epochs * BATCHES and len(history) == epochs
+    learn = seen[: (epochs - settle) * BATCHES]
+    settling = seen[(epochs - settle) * BATCHES - 1 :]  # from the last learning step on
+    # the architecture moved while it was learnt
+    assert any(not torch.equal(a, b) for a, b in zip(learn[0]["logits"], learn[-1]["logits"]))
+    first = settling[0]
+    for s in settling[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(s["logits"], first["logits"]))
+        assert all(torch.equal(a, b) for a, b in zip(s["ranks"], first["ranks"]))
+        assert s["widths"] == first["widths"] and s["flops"] == first["flops"]
+    for a, b in zip(settling, settling[1:]):  # every settling step trains the weights
+        assert any(not torch.equal(x, y) for x, y in zip(a["weights"], b["weights"]))
+    assert p.mask_optimizer.steps == (epochs - settle) * BATCHES
+    assert all(u.grad is None for u in p.mask_parameters())
+    assert history[-1].flops_ratio == first["flops"]
+
+
+def test_settle_epochs_must_leave_epochs_to_learn() -> None:
+    p = pruner(S2HConfig(settle_epochs=2))
+    with pytest.raises(ValueError, match="settle_epochs"):
+        p.fit(data(), 2, progress=False)
+
+
+def test_settling_run_resumes_exactly(tmp_path: Path) -> None:
+    cfg = S2HConfig(settle_epochs=1, mask_momentum=0.9, mask_nesterov=True,
+                    mask_lr_follows_schedule=True)
+    whole = pruner(cfg)
+    whole.fit(data(), 3, progress=False, finish=False)
+
+    class Stop(Exception):
+        pass
+
+    count = 0
+
+    def stop(_: dict[str, float]) -> None:
+        nonlocal count
+        count += 1
+        if count == 2 * BATCHES + 2:  # 2 batches into the settling epoch
+            raise Stop
+
+    first = pruner(cfg)
+    with pytest.raises(Stop):
+        first.fit(data(), 3, progress=False, finish=False, checkpoint=tmp_path,
+                  checkpoint_every=2, on_step=stop)
+    resumed = pruner(cfg)
+    resumed.fit(data(), 3, progress=False, finish=False, checkpoint=tmp_path, resume=True)
+    assert same(snapshot(whole), snapshot(resumed))
+    assert resumed.mask_optimizer.steps == 2 * BATCHES
+
+
+# ---- validation -----------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [
+    {"mask_momentum": -0.1}, {"mask_momentum": 1.0}, {"mask_momentum": float("nan")},
+    {"mask_momentum": "0.9"}, {"mask_momentum": True},
+    {"mask_nesterov": True}, {"mask_nesterov": 1, "mask_momentum": 0.9},
+    {"mask_lr_follows_schedule": "yes"},
+    {"settle_epochs": -1}, {"settle_epochs": 1.5}, {"settle_epochs": True},
+])
+def test_bad_option_values_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="S2HConfig"):
+        S2HConfig(**kwargs)
+
+
+def test_good_option_values() -> None:
+    c = S2HConfig(mask_momentum=0.9, mask_nesterov=True, mask_lr_follows_schedule=True,
+                  settle_epochs=3)
+    opt = MaskOptimizer.from_config([ChannelMask(0, 8, divisor=4)], c)
+    assert (opt.momentum, opt.nesterov, opt.lr) == (0.9, True, c.mask_lr)
