@@ -93,14 +93,14 @@ def test_default_fit_is_bit_identical_to_the_mask_step_before_the_options(
     off = S2HConfig(mask_momentum=0.0, mask_nesterov=False, mask_lr_follows_schedule=False,
                     settle_epochs=0)
     a = pruner()
-    a.fit(data(), 2, progress=False, finish=False)
+    a.fit(data(), 1, progress=False, finish=False)
     b = pruner(off)
-    b.fit(data(), 2, progress=False, finish=False)
+    b.fit(data(), 1, progress=False, finish=False)
     with monkeypatch.context() as m:
         m.setattr(MaskOptimizer, "step", legacy_step)
         ref = pruner()
-        ref.fit(data(), 2, progress=False, finish=False)
-    assert a.mask_optimizer.steps == 2 * BATCHES and a.mask_optimizer.buffers == []
+        ref.fit(data(), 1, progress=False, finish=False)
+    assert a.mask_optimizer.steps == BATCHES and a.mask_optimizer.buffers == []
     assert same(snapshot(a), snapshot(ref)) and same(snapshot(b), snapshot(ref))
     # the masks did move (so equality above says something)
     assert not torch.equal(a.mask_parameters()[0], pruner().mask_parameters()[0])
@@ -210,7 +210,7 @@ def test_lr_scale_scales_the_step() -> None:
 @pytest.mark.parametrize("follows", [False, True])
 def test_fit_sets_the_mask_step_size_from_the_cosine_schedule(
         follows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    epochs = 3
+    epochs = 2
     p = pruner(S2HConfig(mask_lr_follows_schedule=follows))
     scales: list[float] = []
     changes: list[float] = []
@@ -231,7 +231,7 @@ def test_fit_sets_the_mask_step_size_from_the_cosine_schedule(
                 for t in range(total)]
     assert scales == pytest.approx(expected, rel=1e-12)
     if follows:  # the late steps are much shorter than the early ones
-        assert max(changes[-2:]) < 0.2 * min(changes[:2])
+        assert max(changes[-2:]) < 0.3 * min(changes[:2])
 
 
 # ---- settling -------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_settling_run_resumes_exactly(tmp_path: Path) -> None:
     cfg = S2HConfig(settle_epochs=1, mask_momentum=0.9, mask_nesterov=True,
                     mask_lr_follows_schedule=True)
     whole = pruner(cfg)
-    whole.fit(data(), 3, progress=False, finish=False)
+    whole.fit(data(), 2, progress=False, finish=False)
 
     class Stop(Exception):
         pass
@@ -284,17 +284,17 @@ def test_settling_run_resumes_exactly(tmp_path: Path) -> None:
     def stop(_: dict[str, float]) -> None:
         nonlocal count
         count += 1
-        if count == 2 * BATCHES + 2:  # 2 batches into the settling epoch
+        if count == BATCHES + 2:  # 2 batches into the settling epoch
             raise Stop
 
     first = pruner(cfg)
     with pytest.raises(Stop):
-        first.fit(data(), 3, progress=False, finish=False, checkpoint=tmp_path,
+        first.fit(data(), 2, progress=False, finish=False, checkpoint=tmp_path,
                   checkpoint_every=2, on_step=stop)
     resumed = pruner(cfg)
-    resumed.fit(data(), 3, progress=False, finish=False, checkpoint=tmp_path, resume=True)
+    resumed.fit(data(), 2, progress=False, finish=False, checkpoint=tmp_path, resume=True)
     assert same(snapshot(whole), snapshot(resumed))
-    assert resumed.mask_optimizer.steps == 2 * BATCHES
+    assert resumed.mask_optimizer.steps == BATCHES
 
 
 # ---- validation -----------------------------------------------------------------------
