@@ -122,9 +122,7 @@ class Pruner(nn.Module):
             mask.temperature = s2h.temperature
         self.state = WidthState(gm, grouping, self._masks)
         self.importance = Importance(grouping)
-        self.mask_optimizer = MaskOptimizer(
-            list(self._masks.values()), s2h.mask_lr, s2h.tolerance, s2h.balance_cap
-        )
+        self.mask_optimizer = MaskOptimizer.from_config(list(self._masks.values()), s2h)
         # the hard network's own BatchNorm statistics (it sees other activations than
         # the soft network), full width; the hard branch updates its kept channels
         self.hard_stats = HardStats(self.graph_module)
@@ -318,9 +316,7 @@ class Pruner(nn.Module):
                                    grad_scaler, decoupled)
         if split is None:
             self.skipped_steps += 1
-            self._mask_grads = None
-            for p in self.mask_parameters():
-                p.grad = None
+            self.drop_mask_grads()
             if self._step_snapshot is not None:
                 self._step_snapshot.restore()
             log.warning("non-finite loss or gradient: step skipped (%d so far)",
@@ -342,11 +338,15 @@ class Pruner(nn.Module):
         if self._mask_grads is not None:
             gap = float(self.flops_ratio()) - self.config.budget
             self.mask_optimizer.step(self._mask_grads["task"], self._mask_grads["resource"], gap)
+        self.drop_mask_grads()
+        if not self.s2h.fix_importance:
+            self.update_importance()
+
+    def drop_mask_grads(self) -> None:
+        """Forget the mask gradients gathered since the last mask step (no step taken)."""
         self._mask_grads = None
         for p in self.mask_parameters():
             p.grad = None
-        if not self.s2h.fix_importance:
-            self.update_importance()
 
     def fit(self, train_loader: Iterable[Any], epochs: int = 30, **kwargs: Any) -> Any:
         """S2H training with defaults; see :func:`s2h_fx.trainer.fit` for the options."""

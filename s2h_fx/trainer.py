@@ -134,10 +134,7 @@ class _S2HStep:
     def after(self) -> Metrics:
         p = self.pruner
         if self.settle:
-            # no mask step (nor re-ranking): drop what backward gathered for it
-            p._mask_grads = None
-            for u in p.mask_parameters():
-                u.grad = None
+            p.drop_mask_grads()  # no mask step (nor re-ranking)
         else:
             if self.schedule is not None:  # called after the weights' step, before the
                 p.mask_optimizer.lr_scale = self.schedule.factor()  # schedule's
