@@ -5,9 +5,8 @@ real data (Fashion-MNIST, issue 12).
 Protocol, per (model, seed): one dense model is trained ``E0`` epochs (saved next
 to ``--out`` and reused by every method, and by ``--resume``). From it, per
 budget, every method gets the same ``E1`` epochs with the same optimiser (SGD,
-momentum 0.9, weight decay 5e-4, cosine from lr 0.05 over the E1 epochs, batch
-128: the library's one loop, :mod:`s2h_fx.loop`; without Nesterov, which the
-issue's run used, because ``fit``/``fit_dense`` have no such option yet) and the same batches in the same
+momentum 0.9 with Nesterov, weight decay 5e-4, cosine from lr 0.05 over the E1
+epochs, batch 128: the library's one loop, :mod:`s2h_fx.loop`) and the same batches in the same
 order (a fresh loader with the seed's generator for each method):
 
 - ``s2h``: ``prune_graph(dense, budget)`` + ``s2h_fx.trainer.fit`` (its defaults,
@@ -222,7 +221,7 @@ def finetune(net: nn.Module, train_loader: Any, args: argparse.Namespace,
     """E1 epochs of the library's plain training (the loop, optimiser and schedule S2H uses)."""
     from s2h_fx.trainer import fit_dense
 
-    fit_dense(net, train_loader, args.e1, lr=args.lr, momentum=0.9, weight_decay=5e-4,
+    fit_dense(net, train_loader, args.e1, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
               device=device, progress=args.progress)
     return net
 
@@ -248,7 +247,7 @@ def dense_start(args: argparse.Namespace, name: str, seed: int,
     t0 = time.perf_counter()
     train_loader, _ = loaders(args, seed)
     torch.manual_seed(seed)
-    fit_dense(model, train_loader, args.e0, lr=args.lr, momentum=0.9, weight_decay=5e-4,
+    fit_dense(model, train_loader, args.e0, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
               device=device, progress=args.progress)
     seconds = time.perf_counter() - t0
     print(f"{name} seed {seed}: dense start trained {args.e0} epochs in {seconds:.0f} s",
@@ -270,7 +269,7 @@ def run_s2h(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int
     pruner = s2h_fx.prune_graph(copy.deepcopy(dense), budget, (torch.zeros(2, *INPUT),),
                                 divisor=DIVISOR)
     torch.manual_seed(seed)
-    history = fit(pruner, train_loader, args.e1, lr=args.lr, momentum=0.9, weight_decay=5e-4,
+    history = fit(pruner, train_loader, args.e1, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
                   device=device, progress=args.progress, finish=False)
     trained = float(pruner.flops_ratio(pruner.mask_widths()))
     projected = finish_training(pruner, train_loader)

@@ -197,6 +197,7 @@ def fit(
     lr: float = 0.05,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    nesterov: bool = False,
     warmup_epochs: int = 0,
     device: str | torch.device | None = None,
     amp: bool = False,
@@ -215,7 +216,7 @@ def fit(
     """Train the soft and hard branches with S2H; leave the pruner in eval mode at the
     trained hard network (BatchNorm re-estimated, projected onto the budget if above).
 
-    Weights: SGD with momentum and a cosine schedule (:mod:`s2h_fx.schedule`; for a
+    Weights: SGD with momentum (``nesterov`` optional) and a cosine schedule (:mod:`s2h_fx.schedule`; for a
     loader without ``__len__`` give ``steps_per_epoch`` or the first epoch runs at
     the base rate while its length is measured). Masks: the built-in mask
     optimiser, starting from full width. ``warmup_epochs`` of plain training of
@@ -263,7 +264,7 @@ def fit(
         "cuda" if torch.cuda.is_available() else "cpu")
     pruner.to(dev)
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay)
+                          weight_decay=weight_decay, nesterov=nesterov)
     if world_size() > 1:
         progress = progress and torch.distributed.get_rank() == 0
     settings = LoopSettings(epochs + warmup_epochs, steps_per_epoch, max_nonfinite,
@@ -366,8 +367,8 @@ def finish_training(pruner: Pruner, train_loader: Iterable[Any], bn_batches: int
 def fit_dense(
     model: nn.Module, train_loader: Iterable[Any], epochs: int, *,
     val_loader: Iterable[Any] | None = None, lr: float = 0.05, momentum: float = 0.9,
-    weight_decay: float = 5e-4, device: str | torch.device = "cpu", progress: bool = False,
-    steps_per_epoch: int | None = None, max_nonfinite: int | None = 5,
+    weight_decay: float = 5e-4, nesterov: bool = False,
+    device: str | torch.device = "cpu", progress: bool = False, steps_per_epoch: int | None = None, max_nonfinite: int | None = 5,
 ) -> list[dict[str, float]]:
     """Plain cross-entropy training with the loop, optimiser and schedule :func:`fit`
     uses for the weights. Returns per-epoch ``{"epoch", "loss", "acc"[, "val_acc"]}``."""
@@ -376,7 +377,7 @@ def fit_dense(
     dev = torch.device(device)
     model.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
-                          weight_decay=weight_decay)
+                          weight_decay=weight_decay, nesterov=nesterov)
     loop = Loop(model, train_loader, opt, dev,
                 LoopSettings(epochs, steps_per_epoch, max_nonfinite, None, False, progress))
     step = _PlainStep(model)

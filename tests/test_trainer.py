@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 import s2h_fx
+import s2h_fx.trainer
 from s2h_fx.config import S2HConfig
 from s2h_fx.measure import count_flops
 from s2h_fx.schedule import CosineSchedule, cosine_factor
@@ -132,3 +133,32 @@ def test_count_flops_of_a_linear_layer_in_eval_mode() -> None:
     mean = layer[1].running_mean.clone()
     assert count_flops(layer, torch.randn(3, 10)) == 2 * 3 * 10 * 5  # multiply-adds x 2
     assert layer.training and torch.equal(layer[1].running_mean, mean)
+
+
+def test_nesterov_reaches_the_weight_optimiser(tmp_path) -> None:
+    """fit_dense and fit build their SGD with nesterov when asked (the quality
+    benchmark's protocol): the weights differ from plain momentum, and the
+    optimiser state fit checkpoints says nesterov."""
+    runs = []
+    for nesterov in (False, True):
+        torch.manual_seed(0)
+        model = Tiny()
+        fit_dense(model, Reiterable(), 2, nesterov=nesterov, steps_per_epoch=BATCHES)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert any(not torch.equal(a, b) for a, b in zip(*runs))
+    p = pruner()
+    s2h_fx.trainer.fit(p, Reiterable(), 1, nesterov=True, progress=False, bn_batches=1,
+                       checkpoint=tmp_path, steps_per_epoch=BATCHES)
+    saved = sorted(tmp_path.glob("*.pt"))
+    assert saved
+    state = torch.load(saved[-1], weights_only=True)
+    groups = [v for k, v in _walk(state) if k == "param_groups"]
+    assert groups and all(g["nesterov"] for gs in groups for g in gs)
+
+
+def _walk(obj, key=None):
+    """(key, value) of every entry of nested dicts."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k, v
+            yield from _walk(v, k)
