@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2h_fx.dist import agree, average
 from s2h_fx.errors import InputError
 
 TERMS = ("task", "resource", "kd_hard", "kd_soft")
@@ -82,47 +83,17 @@ def decoupled_backward(
     checked = [losses[k].detach() for k in TERMS] + task + resource
     if grad_scaler is None:
         checked += [p.grad for p in weights if p.grad is not None]
-    if not _agree(all_finite(checked)):
+    if not agree(all_finite(checked)):
         _drop(weights)
         for p, b in zip(logits, before):
             p.grad = b
         return None
-    task = average_over_ranks(task)
+    task = average(task)
     for p, b, t, r in zip(logits, before, task, resource):
         p.grad = b + t + r
     return task, resource
 
 
-def _agree(ok: bool) -> bool:
-    """``ok`` on every rank (a rank that skips a step makes every rank skip it)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
-    if dist.get_backend() == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
 def _drop(weights: list[nn.Parameter]) -> None:
     for p in weights:
         p.grad = None
-
-
-def average_over_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The mean of ``grads`` over the ranks of the default process group (as is
-    when torch.distributed is not initialised or has one rank)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return grads
-    if not grads:
-        return grads
-    flat = torch.cat([g.detach().flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out, offset = [], 0
-    for g in grads:
-        out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
-        offset += g.numel()
-    return out

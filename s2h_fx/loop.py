@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from s2h_fx.checkpoint import FORMAT, VERSION, CheckpointStore, rng_state, set_rng_state
+from s2h_fx.dist import agree, average, rank, world_size
 from s2h_fx.errors import CheckpointError, InputError, NonFiniteError
 from s2h_fx.schedule import CosineSchedule
 
@@ -39,7 +40,8 @@ Metrics = dict[str, float]
 class TrainStep(Protocol):
     """One kind of training step; the loop calls these in this order per batch:
     ``forward`` (under autocast), ``backward``, then ``after`` (optimiser stepped)
-    or ``discard`` (step skipped). ``begin``/``end`` bracket every epoch."""
+    or ``discard`` (step skipped: gradients dropped, running statistics its
+    forward updated put back). ``begin``/``end`` bracket every epoch."""
 
     def begin(self) -> None: ...
     def end(self) -> None: ...
@@ -147,7 +149,7 @@ class Loop:
                 "run": self.state.to_dict(), "rng": rng_state(self.loader)}
 
     def save(self) -> None:
-        if self.store is None or _rank() != 0:
+        if self.store is None or rank() != 0:
             return
         path = self.store.save(self.checkpoint(), self.state.batches)
         log.info("checkpoint %s (epoch %d, batch %d of it)", path.name, self.state.epoch + 1,
@@ -237,24 +239,22 @@ class Loop:
     # ---- one batch ------------------------------------------------------------------
     def _one(self, step: TrainStep, batch: Any) -> Metrics:
         x, y = split_batch(batch, self.device)
-        buffers = _snapshot(self.module)  # a NaN forward poisons BatchNorm statistics
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.settings.amp):
             losses, outputs = step.forward(x, y)
         self.opt.zero_grad(set_to_none=True)
         lr = float(self.opt.param_groups[0]["lr"])
         values = {k: float(v.detach()) for k, v in losses.items()}
-        finite_loss = _agree(all(math.isfinite(v) for v in values.values()))
+        finite_loss = agree(all(math.isfinite(v) for v in values.values()))
         ok = finite_loss
         if ok:
             reported = step.backward(losses, self.scaler)
-            ok = _agree(reported is not False)
+            ok = agree(reported is not False)
             if ok:
                 _average_grads(self.weights)
                 if reported is None and self.scaler is None:  # the pruner did not check
-                    ok = _agree(_grads_finite(step.params()))
+                    ok = agree(_grads_finite(step.params()))
         if not ok:
-            step.discard()
-            _restore(self.module, buffers)
+            step.discard()  # drops the gradients, puts the running statistics back
             if self.scaler is not None and finite_loss:  # an overflow: the scaler's business
                 self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
                 return {**values, "lr": lr, "skipped": 1.0}
@@ -311,61 +311,18 @@ def epoch_accuracy(sums: dict[str, Any], name: str) -> float:
     return sums["correct"].get(name, 0) / max(sums["seen"], 1)
 
 
-def _snapshot(module: nn.Module) -> list[torch.Tensor]:
-    return [b.detach().clone() for b in module.buffers()]
-
-
-@torch.no_grad()
-def _restore(module: nn.Module, saved: list[torch.Tensor]) -> None:
-    for b, s in zip(module.buffers(), saved):
-        b.copy_(s)
-
-
 def _grads_finite(params: list[nn.Parameter]) -> bool:
     flags = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
     return bool(torch.stack(flags).all()) if flags else True
 
 
-# ---- torch.distributed ------------------------------------------------------------
-def world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if world_size() > 1 else 0
-
-
-def _agree(ok: bool) -> bool:
-    """True when ``ok`` holds on every rank (so all ranks skip the same steps)."""
-    if world_size() < 2:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item() > 0)
-
-
 def _average_grads(params: list[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the ranks (one all-reduce); a no-op
-    without torch.distributed."""
+    """Average the gradients of ``params`` over the ranks (one all-reduce)."""
     if world_size() < 2 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world_size()
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype, copy=True)
-        offset += g.numel()
-
-
-def broadcast_buffers(module: nn.Module) -> None:
-    """Every rank takes rank 0's buffers; a no-op without torch.distributed."""
-    if world_size() < 2:
-        return
-    for buf in module.buffers():
-        torch.distributed.broadcast(buf, src=0)
+    for p, g in zip(params, average(grads)):
+        p.grad = g
 
 
 class _progress:

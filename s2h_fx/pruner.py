@@ -266,9 +266,7 @@ class Pruner(nn.Module):
 
     def forward(self, *args: Any) -> Any:
         if self.training:
-            # a step that backward() skips (non-finite) puts these statistics back
-            self._step_snapshot = BufferSnapshot(
-                running_stat_buffers(self.graph_module, self.hard_stats))
+            self.snapshot_statistics()
             return self.soft_forward(*args), self.hard_forward(*args)
         return self.hard_forward(*args)
 
@@ -316,9 +314,7 @@ class Pruner(nn.Module):
                                    grad_scaler, decoupled)
         if split is None:
             self.skipped_steps += 1
-            self.drop_mask_grads()
-            if self._step_snapshot is not None:
-                self._step_snapshot.restore()
+            self.discard_step()
             log.warning("non-finite loss or gradient: step skipped (%d so far)",
                         self.skipped_steps)
             return False
@@ -341,6 +337,21 @@ class Pruner(nn.Module):
         self.drop_mask_grads()
         if not self.s2h.fix_importance:
             self.update_importance()
+
+    def snapshot_statistics(self) -> None:
+        """Keep a copy of every BatchNorm running statistic (soft and hard network) for
+        :meth:`discard_step`; a train-mode forward takes one itself."""
+        self._step_snapshot = BufferSnapshot(
+            running_stat_buffers(self.graph_module, self.hard_stats))
+
+    def discard_step(self) -> None:
+        """Forget a step that will not be applied: the weights' and masks' gradients
+        are dropped and the running statistics its forward updated are put back."""
+        for p in self.weight_parameters():
+            p.grad = None
+        self.drop_mask_grads()
+        if self._step_snapshot is not None:
+            self._step_snapshot.restore()
 
     def drop_mask_grads(self) -> None:
         """Forget the mask gradients gathered since the last mask step (no step taken)."""

@@ -20,16 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2h_fx.checkpoint import CheckpointStore
+from s2h_fx.dist import broadcast_buffers, world_size
 from s2h_fx.errors import CheckpointError
+from s2h_fx.hard import BufferSnapshot, running_stat_buffers
 from s2h_fx.loop import (
     Loop,
     LoopSettings,
     Metrics,
-    broadcast_buffers,
     epoch_accuracy,
     epoch_means,
     split_batch,
-    world_size,
 )
 from s2h_fx.schedule import CosineSchedule
 
@@ -116,6 +116,7 @@ class _S2HStep:
             return p.losses((soft, hard), y, decoupled=self.decoupled), {"soft": soft, "hard": hard}
         # hard_st: the masked graph with straight-through masks (the binary-mask
         # emulation of the hard network); soft_only: the relaxed-mask network
+        p.snapshot_statistics()  # these forwards bypass pruner(x), which takes it
         out = p.graph_module(x) if self.method == "hard_st" else p.soft_forward(x)
         ce = F.cross_entropy(out, y)
         # zeros in the distillation slots; kd_soft has its own cheap graph to the logits
@@ -142,8 +143,7 @@ class _S2HStep:
         return {"flops": float(p.flops_ratio(p.mask_widths()))}
 
     def discard(self) -> None:
-        for p in self.pruner.parameters():
-            p.grad = None
+        self.pruner.discard_step()
 
     def params(self) -> list[nn.Parameter]:
         return self.pruner.weight_parameters() + self.pruner.mask_parameters()
@@ -168,6 +168,7 @@ class _PlainStep:
 
     def forward(self, x: torch.Tensor, y: torch.Tensor
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        self.snapshot = BufferSnapshot(running_stat_buffers(self.model))
         out = self.model(x)
         return {"loss": F.cross_entropy(out, y)}, {"train": out}
 
@@ -182,6 +183,7 @@ class _PlainStep:
     def discard(self) -> None:
         for p in self.model.parameters():
             p.grad = None
+        self.snapshot.restore()  # a NaN forward poisons BatchNorm statistics
 
     def params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -259,7 +261,6 @@ def fit(
     if settle and settle >= epochs:
         raise ValueError(f"S2HConfig.settle_epochs={settle} must be smaller than epochs="
                          f"{epochs} (the architecture is learnt in the epochs before)")
-    pruner.mask_optimizer.configure(pruner.s2h)
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     pruner.to(dev)
