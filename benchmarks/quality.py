@@ -98,6 +98,11 @@ TP_TOL = 0.005      # ... stopping once its FLOPs ratio is this close to the bud
 TAYLOR_BATCHES = 4
 INPUT = (1, 28, 28)
 SETTINGS = ("e0", "e1", "train_size", "test_size", "batch_size", "lr")
+# S2H variants for the ablation (``--methods s2h,s2h:NAME,...``; more with --variant):
+# S2HConfig fields set over the library's defaults. Every row keeps the full
+# S2HConfig it ran with (``s2h_config``), so a table read after the defaults change
+# still says what ran.
+VARIANTS: dict[str, dict[str, Any]] = {}
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"models": "resnet20", "train_size": 10000, "test_size": 10000, "e0": 4, "e1": 10,
             "budgets": "0.15,0.35,0.55", "seeds": "0,1,2"},
@@ -260,21 +265,58 @@ def dense_start(args: argparse.Namespace, name: str, seed: int,
 
 
 # ---- the methods: each returns (network to evaluate, extra row fields) --------------
+def s2h_config(method: str, args: argparse.Namespace) -> Any:
+    """The S2HConfig of ``s2h`` (the defaults) or of a variant ``s2h:NAME``."""
+    import dataclasses
+
+    from s2h_fx.config import S2HConfig
+
+    overrides = {} if method == "s2h" else args.variants[method.split(":", 1)[1]]
+    return dataclasses.replace(S2HConfig(), **overrides)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=field=value,field=value`` -> (NAME, {field: value}); values are Python
+    literals (numbers, True/False)."""
+    import ast
+    import dataclasses
+
+    from s2h_fx.config import S2HConfig
+
+    name, _, rest = text.partition("=")
+    if not name or not rest:
+        raise ValueError(f"--variant {text!r}: expected NAME=field=value[,field=value]")
+    known = {f.name for f in dataclasses.fields(S2HConfig)}
+    fields: dict[str, Any] = {}
+    for item in rest.split(","):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise ValueError(f"--variant {name}: {key!r} is not an S2HConfig field "
+                             f"({', '.join(sorted(known))})")
+        fields[key] = ast.literal_eval(value)
+    return name, fields
+
+
 def run_s2h(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int,
-            device: torch.device) -> tuple[nn.Module, Row]:
+            device: torch.device, method: str = "s2h") -> tuple[nn.Module, Row]:
+    import dataclasses
+
     import s2h_fx
     from s2h_fx.trainer import finish_training, fit
 
     train_loader, _ = loaders(args, seed)
+    config = s2h_config(method, args)
     pruner = s2h_fx.prune_graph(copy.deepcopy(dense), budget, (torch.zeros(2, *INPUT),),
-                                divisor=DIVISOR)
+                                divisor=DIVISOR, config=config)
     torch.manual_seed(seed)
     history = fit(pruner, train_loader, args.e1, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
                   device=device, progress=args.progress, finish=False)
     trained = float(pruner.flops_ratio(pruner.mask_widths()))
     projected = finish_training(pruner, train_loader)
     return pruner.export(), {"trained_flops_ratio": trained, "projected": projected,
-                             "skipped_steps": sum(r.skipped for r in history)}
+                             "skipped_steps": sum(r.skipped for r in history),
+                             "s2h_config": dataclasses.asdict(config),
+                             "final_train_hard_acc": history[-1].hard_acc if history else None}
 
 
 def run_oneshot(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int,
@@ -404,7 +446,10 @@ def run_row(name: str, budget: float, seed: int, method: str, dense: nn.Module,
     from s2h_fx.measure import count_flops
 
     t0 = time.perf_counter()
-    net, extra = RUNNERS[method](dense, budget, args, seed, device)
+    if method.startswith("s2h:"):
+        net, extra = run_s2h(dense, budget, args, seed, device, method)
+    else:
+        net, extra = RUNNERS[method](dense, budget, args, seed, device)
     seconds = time.perf_counter() - t0
     _, test_loader = loaders(args, seed)
     net = net.to(device).eval()
@@ -420,9 +465,14 @@ def run_row(name: str, budget: float, seed: int, method: str, dense: nn.Module,
             "threads": torch.get_num_threads(), "versions": versions()}
 
 
+def config_tag(config: dict[str, Any] | None) -> str | None:
+    """An S2H row's S2HConfig as a string: rows of other configs are other cells."""
+    return None if config is None else json.dumps(config, sort_keys=True)
+
+
 def key_of(row: Row) -> tuple[Any, ...]:
     return (row["model"], float(row["budget"]), int(row["seed"]), row["method"],
-            *(row.get(k) for k in SETTINGS))
+            *(row.get(k) for k in SETTINGS), config_tag(row.get("s2h_config")))
 
 
 def read_rows(paths: Iterable[Path]) -> list[Row]:
@@ -442,6 +492,14 @@ def planned(args: argparse.Namespace) -> list[tuple[str, int, list[tuple[float, 
     return plan
 
 
+def planned_tag(method: str, args: argparse.Namespace) -> str | None:
+    import dataclasses
+
+    if not method.startswith("s2h"):
+        return None
+    return config_tag(dataclasses.asdict(s2h_config(method, args)))
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device)
     done = {key_of(r) for r in read_rows([args.out])} if args.out.exists() else set()
@@ -449,7 +507,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     with args.out.open("a") as out:
         for name, seed, cells in planned(args):
-            todo = [(b, m) for b, m in cells if (name, b, seed, m, *settings) not in done]
+            todo = [(b, m) for b, m in cells
+                    if (name, b, seed, m, *settings, planned_tag(m, args)) not in done]
             skipped = len(cells) - len(todo)
             if skipped:
                 print(f"{name} seed {seed}: {skipped} row(s) already in {args.out}, skipped",
@@ -494,13 +553,15 @@ def cells_of(rows: list[Row]) -> dict[Cell, list[Row]]:
     unique = {key_of(r): r for r in rows}
     cells: dict[Cell, list[Row]] = {}
     for r in unique.values():
-        cell = (r["model"], float(r["budget"]), r["method"], *(r.get(k) for k in SETTINGS))
+        cell = (r["model"], float(r["budget"]), r["method"], *(r.get(k) for k in SETTINGS),
+                config_tag(r.get("s2h_config")))
         cells.setdefault(cell, []).append(r)
 
     def order(k: Cell) -> tuple[Any, ...]:
         model, budget, method = k[:3]
-        return (str(k[3:]), list(MODELS).index(model) if model in MODELS else 99, model,
-                budget, METHODS.index(method) if method in METHODS else 99)
+        return (str(k[3:3 + len(SETTINGS)]), list(MODELS).index(model) if model in MODELS
+                else 99, model, budget, METHODS.index(method) if method in METHODS else 99,
+                method, str(k[-1]))
     return {k: cells[k] for k in sorted(cells, key=order)}
 
 
@@ -556,7 +617,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a whole configuration (explicit options override it)")
     p.add_argument("--models", default=None, help=f"comma-separated: {', '.join(MODELS)}")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated methods; s2h:NAME runs S2H with a variant's S2HConfig")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD=VALUE,...",
+                   help="define an S2H variant s2h:NAME (S2HConfig fields over the defaults), "
+                        f"besides the built-in ones ({', '.join(VARIANTS) or 'none'})")
     p.add_argument("--budgets", default=None, help="comma-separated FLOPs budgets")
     p.add_argument("--seeds", default=None, help="comma-separated seeds")
     p.add_argument("--e0", type=int, default=None, help="epochs of the shared dense start")
@@ -591,7 +656,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.methods = [m for m in args.methods.split(",") if m]
     args.budgets = [float(b) for b in args.budgets.split(",") if b]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    for name, known in (("model", MODELS), ("method", METHODS)):
+    args.variants = dict(VARIANTS)
+    for text in args.variant:
+        try:
+            name, fields = parse_variant(text)
+        except (ValueError, SyntaxError) as e:
+            p.error(str(e))
+        args.variants[name] = fields
+    known_methods = (*METHODS, *(f"s2h:{v}" for v in args.variants))
+    for name, known in (("model", MODELS), ("method", known_methods)):
         unknown = [v for v in getattr(args, f"{name}s") if v not in known]
         if unknown:
             p.error(f"unknown {name}(s) {', '.join(unknown)}; choose from {', '.join(known)}")

@@ -39,6 +39,9 @@ class PruneConfig:
             raise ValueError(f"divisor must be a positive integer, got {self.divisor!r}")
 
 
+SETTLE_MODES = ("distill", "hard")
+
+
 @dataclass(frozen=True)
 class S2HConfig:
     """Hyper-parameters of S2H training (DESIGN.md section 3).
@@ -74,6 +77,8 @@ class S2HConfig:
     mask_nesterov: bool = False
     mask_lr_follows_schedule: bool = False
     settle_epochs: int = 0
+    settle_mode: str = "distill"
+    descent_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("temperature", "mask_lr", "tolerance", "balance_cap"):
@@ -96,6 +101,13 @@ class S2HConfig:
                                  f"got {getattr(self, name)!r}")
         if self.mask_nesterov and not float(m) > 0:
             raise ValueError("S2HConfig.mask_nesterov needs mask_momentum > 0")
+        if self.settle_mode not in SETTLE_MODES:
+            raise ValueError(f"S2HConfig.settle_mode must be one of {', '.join(SETTLE_MODES)}, "
+                             f"got {self.settle_mode!r}")
+        d = self.descent_epochs
+        if (isinstance(d, bool) or not isinstance(d, numbers.Real) or math.isnan(d)
+                or float(d) < 0):
+            raise ValueError(f"S2HConfig.descent_epochs must be a number >= 0, got {d!r}")
         s = self.settle_epochs
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ValueError(f"S2HConfig.settle_epochs must be an integer >= 0, got {s!r}")

@@ -129,6 +129,7 @@ class Pruner(nn.Module):
         self._mask_grads: dict[str, list[torch.Tensor]] | None = None
         self._step_snapshot: BufferSnapshot | None = None
         self.skipped_steps = 0
+        self._target: float | None = None
         self._loaded: dict[str, Any] | None = None
         scores = self.update_importance()
         widths = choose_widths(flops, grouping, {g: s.numpy() for g, s in scores.items()},
@@ -271,11 +272,26 @@ class Pruner(nn.Module):
         return self.hard_forward(*args)
 
     # ---- S2H training steps ------------------------------------------------
+    @property
+    def flops_target(self) -> float:
+        """The FLOPs ratio the resource loss and the mask step aim at: the budget,
+        unless :meth:`set_flops_target` set a way-point above it (a gradual descent)."""
+        return self.config.budget if self._target is None else self._target
+
+    def set_flops_target(self, ratio: float | None) -> None:
+        """Aim training at ``ratio`` in [budget, 1] for now (None: the budget).
+        :meth:`project` and :meth:`export` always hold the budget itself."""
+        if ratio is not None and not self.config.budget <= ratio <= 1:
+            raise ValueError(f"a FLOPs target must lie in [budget {self.config.budget:g}, 1], "
+                             f"got {ratio!r}")
+        self._target = None if ratio is None else float(ratio)
+
     def resource_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lambda_R (F(n)/F - budget)^2, F(n)/F) with straight-through hard widths n."""
+        """(lambda_R (F(n)/F - target)^2, F(n)/F) with straight-through hard widths n;
+        the target is the budget (see :attr:`flops_target`)."""
         widths = {g: m.hard_width() for g, m in self._masks.items()}
         ratio = self.flops_model.ratio(widths)
-        return self.s2h.resource_weight * (ratio - self.config.budget) ** 2, ratio
+        return self.s2h.resource_weight * (ratio - self.flops_target) ** 2, ratio
 
     def losses(
         self, outputs: tuple[torch.Tensor, torch.Tensor], target: Any,
@@ -332,7 +348,7 @@ class Pruner(nn.Module):
         """One step of the mask optimiser on the gradients gathered by :meth:`backward`,
         then re-rank channels by importance (unless ``fix_importance``)."""
         if self._mask_grads is not None:
-            gap = float(self.flops_ratio()) - self.config.budget
+            gap = float(self.flops_ratio()) - self.flops_target
             self.mask_optimizer.step(self._mask_grads["task"], self._mask_grads["resource"], gap)
         self.drop_mask_grads()
         if not self.s2h.fix_importance:

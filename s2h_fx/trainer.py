@@ -31,7 +31,7 @@ from s2h_fx.loop import (
     epoch_means,
     split_batch,
 )
-from s2h_fx.schedule import CosineSchedule
+from s2h_fx.schedule import CosineSchedule, cosine_factor
 
 if TYPE_CHECKING:
     from s2h_fx.pruner import Pruner
@@ -94,10 +94,11 @@ class _S2HStep:
     step; the mask gradients the backward gathered are dropped."""
 
     def __init__(self, pruner: Pruner, method: str, schedule: CosineSchedule | None = None,
-                 settle: bool = False) -> None:
+                 settle: bool = False, target: Callable[[], float | None] | None = None) -> None:
         self.pruner, self.method = pruner, method
         self.decoupled = method != "no_decouple"
         self.schedule, self.settle = schedule, settle
+        self.target = target
 
     def begin(self) -> None:
         self.pruner.train()
@@ -111,6 +112,8 @@ class _S2HStep:
     def forward(self, x: torch.Tensor, y: torch.Tensor
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         p = self.pruner
+        if self.target is not None:
+            p.set_flops_target(self.target())
         if self.method in ("s2h", "no_decouple"):
             soft, hard = p(x)
             return p.losses((soft, hard), y, decoupled=self.decoupled), {"soft": soft, "hard": hard}
@@ -140,13 +143,49 @@ class _S2HStep:
             if self.schedule is not None:  # called after the weights' step, before the
                 p.mask_optimizer.lr_scale = self.schedule.factor()  # schedule's
             p.mask_step()
-        return {"flops": float(p.flops_ratio(p.mask_widths()))}
+        return {"flops": float(p.flops_ratio(p.mask_widths())), "target": p.flops_target}
 
     def discard(self) -> None:
         self.pruner.discard_step()
 
     def params(self) -> list[nn.Parameter]:
         return self.pruner.weight_parameters() + self.pruner.mask_parameters()
+
+
+class _HardStep:
+    """A settling step that trains the hard network alone on the task loss (the
+    architecture fixed, no soft branch): ``S2HConfig.settle_mode == "hard"``."""
+
+    def __init__(self, pruner: Pruner) -> None:
+        self.pruner = pruner
+
+    def begin(self) -> None:
+        self.pruner.train()
+
+    def end(self) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        p = self.pruner
+        p.snapshot_statistics()
+        out = p.hard_forward(x)
+        return {"task": F.cross_entropy(out, y)}, {"hard": out}
+
+    def backward(self, losses: dict[str, torch.Tensor], scaler: Any) -> bool | None:
+        loss = losses["task"]
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return None  # the loop checks the gradients
+
+    def after(self) -> Metrics:
+        self.pruner.drop_mask_grads()
+        return {"flops": float(self.pruner.flops_ratio())}
+
+    def discard(self) -> None:
+        self.pruner.discard_step()
+
+    def params(self) -> list[nn.Parameter]:
+        return self.pruner.weight_parameters()
 
 
 class _PlainStep:
@@ -280,8 +319,11 @@ def fit(
     _start(loop, store, resume)
     warm = _PlainStep(pruner.graph_module, list(pruner.masks().values()))
     schedule = loop.sched if pruner.s2h.mask_lr_follows_schedule else None
-    s2h = _S2HStep(pruner, method, schedule)
-    settling = _S2HStep(pruner, method, schedule, settle=True)
+    descent = _descent(pruner, loop.sched, warmup_epochs)
+    s2h = _S2HStep(pruner, method, schedule, target=descent)
+    settling: _S2HStep | _HardStep = (
+        _HardStep(pruner) if pruner.s2h.settle_mode == "hard"
+        else _S2HStep(pruner, method, schedule, settle=True))
     total = epochs + warmup_epochs
     while loop.state.epoch < total:
         g = loop.state.epoch
@@ -299,10 +341,32 @@ def fit(
         loop.end_epoch(_record(pruner, sums, n, val_loader, dev).to_dict())
     if epochs == 0:
         _from_full_width(pruner)
+    pruner.set_flops_target(None)
     history = [EpochRecord.from_dict(d) for d in loop.state.history]
     if finish:
         finish_training(pruner, train_loader, bn_batches)
     return history
+
+
+def _descent(pruner: Pruner, sched: CosineSchedule, warmup_epochs: int
+             ) -> Callable[[], float | None] | None:
+    """``S2HConfig.descent_epochs``: the FLOPs target of each S2H step, from 1 (the full
+    network) down to the budget along a half cosine over that many epochs, then the
+    budget. It reads the optimiser steps the schedule counted, so a resume continues
+    the descent where it stopped; while the epoch length is unknown (a loader without
+    ``__len__`` and no ``steps_per_epoch``) the target is the budget."""
+    epochs = pruner.s2h.descent_epochs
+    if not epochs:
+        return None
+    budget = pruner.config.budget
+
+    def target() -> float | None:
+        if sched.steps_per_epoch is None:
+            return None
+        done = sched.steps - warmup_epochs * sched.steps_per_epoch
+        length = max(round(epochs * sched.steps_per_epoch), 1)
+        return min(1.0, budget + (1.0 - budget) * cosine_factor(done, length))
+    return target
 
 
 def _from_full_width(pruner: Pruner) -> None:
@@ -334,7 +398,9 @@ def _record(pruner: Pruner, sums: dict[str, Any], n: int, val_loader: Iterable[A
             dev: torch.device) -> EpochRecord:
     record = EpochRecord(n, epoch_means(sums, S2H_TERMS),
                          float(pruner.flops_ratio(pruner.mask_widths())),
-                         epoch_accuracy(sums, "soft"), epoch_accuracy(sums, "hard"),
+                         # nan: a settling epoch of the hard network alone has no soft branch
+                         epoch_accuracy(sums, "soft") if "soft" in sums["correct"]
+                         else float("nan"), epoch_accuracy(sums, "hard"),
                          steps=list(sums["steps"]), skipped=int(sums["skipped"]))
     if val_loader is not None:
         record.val_soft_acc, record.val_hard_acc = evaluate(pruner, val_loader, dev)
@@ -344,6 +410,9 @@ def _record(pruner: Pruner, sums: dict[str, Any], n: int, val_loader: Iterable[A
 
 
 def _postfix(step: Metrics) -> dict[str, str]:
+    if "soft_acc" not in step:  # a settling step of the hard network alone
+        return {"L": f"{step['task']:.3f}", "flops": f"{step['flops']:.3f}",
+                "acc h": f"{step['hard_acc']:.2f}"}
     return {"L": f"{step['task']:.3f}", "R": f"{step['resource']:.4f}",
             "Gh": f"{step['kd_hard']:.3f}", "Gs": f"{step['kd_soft']:.3f}",
             "flops": f"{step['flops']:.3f}",

@@ -235,9 +235,10 @@ def test_fit_sets_the_mask_step_size_from_the_cosine_schedule(
 
 
 # ---- settling -------------------------------------------------------------------------
-def test_settle_epochs_fix_the_architecture_while_the_weights_train() -> None:
+@pytest.mark.parametrize("mode", ["distill", "hard"])
+def test_settle_epochs_fix_the_architecture_while_the_weights_train(mode: str) -> None:
     epochs, settle = 3, 2
-    p = pruner(S2HConfig(settle_epochs=settle))
+    p = pruner(S2HConfig(settle_epochs=settle, settle_mode=mode))
     seen: list[dict[str, Any]] = []
 
     def record(metrics: dict[str, float]) -> None:
@@ -262,6 +263,75 @@ def test_settle_epochs_fix_the_architecture_while_the_weights_train() -> None:
     assert p.mask_optimizer.steps == (epochs - settle) * BATCHES
     assert all(u.grad is None for u in p.mask_parameters())
     assert history[-1].flops_ratio == first["flops"]
+
+
+def test_hard_settling_trains_the_hard_network_alone() -> None:
+    """settle_mode="hard": the soft branch does not run (its BatchNorm statistics stay),
+    the hard network's own statistics and the weights it uses move, the weights it
+    does not use get no gradient, and the hard loss falls."""
+    epochs, settle = 3, 2
+    p = pruner(S2HConfig(settle_epochs=settle, settle_mode="hard"))
+    soft_calls = 0
+    inner = p.soft_forward
+
+    def counting(*args: Any) -> Any:
+        nonlocal soft_calls
+        soft_calls += 1
+        return inner(*args)
+
+    p.soft_forward = counting  # type: ignore[method-assign]
+    seen: list[dict[str, Any]] = []
+
+    def record(metrics: dict[str, float]) -> None:
+        seen.append({"soft_calls": soft_calls, "loss": metrics["task"],
+                     "soft_bn": p.graph_module.get_submodule("a.1").running_mean.clone(),
+                     "hard_bn": [b.clone() for b in p.hard_stats.buffers()]})
+
+    history = p.fit(data() * 4, epochs, progress=False, finish=False, on_step=record)
+    n_learn = (epochs - settle) * BATCHES * 4
+    settling = seen[n_learn - 1:]
+    assert all(s["soft_calls"] == settling[0]["soft_calls"] for s in settling)
+    assert all(torch.equal(s["soft_bn"], settling[0]["soft_bn"]) for s in settling)
+    assert any(not torch.equal(a, b) for a, b in zip(settling[0]["hard_bn"],
+                                                     settling[-1]["hard_bn"]))
+    losses = [s["loss"] for s in settling[1:]]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert math.isnan(history[-1].soft_acc) and 0 <= history[-1].hard_acc <= 1
+
+
+# ---- gradual descent --------------------------------------------------------------------
+def test_descent_moves_the_target_from_full_to_the_budget() -> None:
+    """descent_epochs=1 of 3: the first step aims at the full network, the target falls
+    monotonically to the budget by the end of the first epoch and stays there; the
+    resource loss measures the distance to the target, not to the budget."""
+    budget = 0.4
+    p = pruner(S2HConfig(descent_epochs=1.0), budget=budget)
+    targets: list[float] = []
+    resources: list[float] = []
+
+    def record(metrics: dict[str, float]) -> None:
+        targets.append(metrics["target"])
+        resources.append(metrics["resource"])
+
+    p.fit(data(), 3, progress=False, finish=False, on_step=record)
+    assert targets[0] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(targets, targets[1:]))
+    assert targets[1] < 1.0 and targets[BATCHES - 1] > budget
+    assert targets[BATCHES:] == [pytest.approx(budget)] * (2 * BATCHES)
+    assert resources[0] < (1.0 - budget) ** 2 / 2  # at full width, next to the target 1.0
+    assert p.flops_target == budget  # fit leaves the budget as the target
+
+
+def test_flops_target_is_checked_and_reset() -> None:
+    p = pruner(budget=0.4)
+    assert p.flops_target == 0.4
+    for bad in (0.3, 1.1):
+        with pytest.raises(ValueError, match="FLOPs target"):
+            p.set_flops_target(bad)
+    p.set_flops_target(0.7)
+    r_far = float(p.resource_loss()[0].detach())
+    p.set_flops_target(None)
+    assert p.flops_target == 0.4 and float(p.resource_loss()[0].detach()) != r_far
 
 
 def test_settle_epochs_must_leave_epochs_to_learn() -> None:
@@ -304,6 +374,8 @@ def test_settling_run_resumes_exactly(tmp_path: Path) -> None:
     {"mask_nesterov": True}, {"mask_nesterov": 1, "mask_momentum": 0.9},
     {"mask_lr_follows_schedule": "yes"},
     {"settle_epochs": -1}, {"settle_epochs": 1.5}, {"settle_epochs": True},
+    {"settle_mode": "soft"}, {"settle_mode": None},
+    {"descent_epochs": -1}, {"descent_epochs": float("nan")}, {"descent_epochs": "2"},
 ])
 def test_bad_option_values_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="S2HConfig"):
