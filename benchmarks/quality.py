@@ -316,6 +316,7 @@ def run_s2h(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int
     return pruner.export(), {"trained_flops_ratio": trained, "projected": projected,
                              "skipped_steps": sum(r.skipped for r in history),
                              "s2h_config": dataclasses.asdict(config),
+                             "widths": {str(g): w for g, w in pruner.widths.items()},
                              "final_train_hard_acc": history[-1].hard_acc if history else None}
 
 
@@ -328,7 +329,8 @@ def run_oneshot(dense: nn.Module, budget: float, args: argparse.Namespace, seed:
     net = pruner.export()
     train_loader, _ = loaders(args, seed)
     torch.manual_seed(seed)
-    return finetune(net, train_loader, args, device), {}
+    return finetune(net, train_loader, args, device), {
+        "widths": {str(g): w for g, w in pruner.widths.items()}}
 
 
 def run_dense(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int,

@@ -406,6 +406,10 @@ class Pruner(nn.Module):
         # back what still fits (below the budget: the whole way up to it)
         widths = grow_widths(self.flops_model, self.grouping, scores, ranks, budget,
                              start=widths)
+        if widths == self.widths:  # below the band, and nothing more fits the budget
+            log.info("hard network at %.4f of the FLOPs, budget %.4f: no width can grow "
+                     "within the budget", ratio, budget)
+            return False
         self.set_widths(widths)
         after = float(self.flops_ratio())
         log.warning("hard network at %.4f of the FLOPs, budget %.4f: projected to %.4f%s",

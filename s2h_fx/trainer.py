@@ -335,6 +335,11 @@ def fit(
             _from_full_width(pruner)
         n = g - warmup_epochs + 1
         if n > epochs - settle:
+            if n == epochs - settle + 1 and loop.state.step == 0:
+                # the architecture the settling epochs train is the one exported: bring
+                # it into the budget band now, not after it has been trained
+                pruner.set_flops_target(None)
+                pruner.project()
             sums = loop.run_epoch(settling, f"S2H epoch {n}/{epochs} (settling)", _postfix)
         else:
             sums = loop.run_epoch(s2h, f"S2H epoch {n}/{epochs}", _postfix)

@@ -265,6 +265,31 @@ def test_settle_epochs_fix_the_architecture_while_the_weights_train(mode: str) -
     assert history[-1].flops_ratio == first["flops"]
 
 
+@pytest.mark.parametrize("mode", ["distill", "hard"])
+def test_settling_starts_from_the_projected_architecture(mode: str) -> None:
+    """The search ends above the budget (forced to full width at its last step): the
+    settling epochs train an architecture within the budget band, and finishing has
+    nothing left to project, so the exported network is the one they trained."""
+    epochs, settle, budget = 2, 1, 0.4
+    p = pruner(S2HConfig(settle_epochs=settle, settle_mode=mode), budget=budget)
+    flops: list[float] = []
+
+    def record(metrics: dict[str, float]) -> None:
+        flops.append(metrics["flops"])
+        if len(flops) == (epochs - settle) * BATCHES:
+            p.set_widths({})  # every group at full width: far above the budget
+
+    p.fit(data(), epochs, progress=False, finish=False, on_step=record)
+    settling = flops[(epochs - settle) * BATCHES:]
+    tol = p.s2h.tolerance
+    # within the budget (Tiny's groups step in 4 channels: the band's floor may be
+    # out of reach, the projection then stops at the widest fit under the budget)
+    assert all(f <= budget + tol for f in settling) and len(set(settling)) == 1, settling
+    widths = p.widths
+    from s2h_fx.trainer import finish_training
+    assert finish_training(p, data()) is False and p.widths == widths
+
+
 def test_hard_settling_trains_the_hard_network_alone() -> None:
     """settle_mode="hard": the soft branch does not run (its BatchNorm statistics stay),
     the hard network's own statistics and the weights it uses move, the weights it
