@@ -267,7 +267,7 @@ def deploy(module: nn.Module, x: torch.Tensor, runtime: str, *, device: str = "c
         fn, info = _onnxruntime(module, x, device, threads)
     else:
         fn, info = _tensorrt(module, x, precision)
-    log.info("deployed on %s (%s, %s): %s", runtime, device, precision, info)
+    log.debug("deployed on %s (%s, %s): %s", runtime, device, precision, info)
     return Deployed(runtime, precision, device, fn, x, info)
 
 
