@@ -68,7 +68,8 @@ class Deployed:
     info: dict[str, Any] = field(default_factory=dict)
 
     def run(self) -> Any:
-        return self.fn(self.x)
+        with torch.no_grad():  # as in timing: torch.compile guards on grad mode
+            return self.fn(self.x)
 
 
 # ---- availability ------------------------------------------------------------------

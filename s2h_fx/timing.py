@@ -115,7 +115,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], batch: int, *, rounds
                          f"{warmup}")
     names = list(fns)
     timer = timer if timer is not None else timer_for(device)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: torch.compile would recompile for it
         for i in range(warmup):
             for name in interleaved_order(names, i):
                 fns[name]()
