@@ -153,9 +153,12 @@ def available_runtimes(device: str = "cpu") -> list[str]:
 
 # ---- loading -----------------------------------------------------------------------
 def load_program(path: str | Path) -> nn.Module:
-    """The module of a ``.pt2`` that ``s2h-fx prune/export`` wrote."""
+    """The module of a ``.pt2`` that ``s2h-fx prune/export`` wrote, as a plain
+    ``GraphModule`` (the module torch.export unlifts refuses ``.eval()``; its graph
+    already runs in eval mode)."""
     try:
-        return torch.export.load(str(path)).module()
+        module = torch.export.load(str(path)).module()
+        return torch.fx.GraphModule(module, module.graph).eval()
     except Exception as exc:  # a missing, truncated or foreign file: several types
         raise DeployError(f"cannot load {str(path)!r} as a torch.export program (.pt2): "
                           f"{type(exc).__name__}: {exc}") from exc

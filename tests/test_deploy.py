@@ -15,7 +15,7 @@ from torch import nn
 
 import s2h_fx
 from s2h_fx import cli, deploy
-from s2h_fx.deploy import DeployError, Deployed
+from s2h_fx.deploy import Deployed, DeployError
 from s2h_fx.measure import count_flops
 from s2h_fx.tp_match import bisect_ratio, find_classifier, match_flops
 
@@ -212,6 +212,10 @@ def test_load_program_round_trip_and_bad_file(small: Any, tmp_path: Path) -> Non
     loaded = deploy.load_program(path)
     with torch.no_grad():
         assert torch.allclose(loaded(x), pruned(x), atol=1e-6)
+    assert not loaded.training and sum(p.numel() for p in loaded.parameters()) == sum(
+        p.numel() for p in pruned.parameters())
+    assert count_flops(loaded, x) == count_flops(pruned, x)
+    _assert_matches(loaded, x, "onnxruntime")
     (tmp_path / "junk.pt2").write_bytes(b"not a program")
     with pytest.raises(DeployError, match="cannot load .*junk.pt2"):
         deploy.load_program(tmp_path / "junk.pt2")

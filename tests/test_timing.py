@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from s2h_fx.timing import (CpuTimer, CudaTimer, Timing, environment, interleaved_order,
-                           time_interleaved, timer_for)
+from s2h_fx.timing import (
+    CpuTimer,
+    CudaTimer,
+    Timing,
+    environment,
+    interleaved_order,
+    time_interleaved,
+    timer_for,
+)
 
 
 class FakeClock:
