@@ -120,3 +120,42 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
     monkeypatch.setattr(deploy.importlib, "import_module", no_ort)
     assert "pip install 's2h-fx[onnx]'" in _error([*base, "--runtime", "onnxruntime"], capsys)
+
+
+# ---- benchmarks/latency.py -----------------------------------------------------------
+def _latency() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_latency", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_latency_resume_runs_only_what_is_missing(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    lat = _latency()
+    out = tmp_path / "l.jsonl"
+    row = {"budget": 0.5, "divisor": 8, "precision": "fp32", "device": "cpu", "median_ms": 2.0,
+           "flops_ratio": 1.0, "efficiency": 1.0}
+    rows = [{**row, "model": "resnet18", "runtime": "eager", "batch": 1, "network": "dense"},
+            {**row, "model": "resnet18", "runtime": "eager", "batch": 1, "network": "s2h-fx",
+             "median_ms": 1.0, "flops_ratio": 0.5, "efficiency": 1.0},
+            {**row, "model": "resnet18", "runtime": "onnxruntime", "batch": 32,
+             "network": "dense"}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sho')
+    args = lat.parse_args(["--models", "resnet18,resnet50", "--budgets", "0.5",
+                           "--batches", "1,32", "--out", str(out), "--resume"])
+    jobs = lat.todo(args, ["eager", "onnxruntime"], lat.done_keys(lat.read_rows(out)))
+    # resnet18 lacks (eager, 32) and (onnxruntime, 1); resnet50 lacks everything
+    assert jobs == [("resnet18", 0.5, 8, ["eager", "onnxruntime"], [32, 1]),
+                    ("resnet50", 0.5, 8, ["eager", "onnxruntime"], [1, 32])]
+    argv = lat.bench_argv(args, *jobs[0])
+    assert argv[:2] == ["bench", "resnet18"] and "--jsonl" in argv
+    assert cli._build_parser().parse_args(argv).batch == [32, 1]  # bench accepts it
+    assert lat.main(["--table", "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split()[:9] == ["resnet18", "0.5", "8", "eager", "1", "2.00", "1.00",
+                                    "0.500", "1.00"]
