@@ -666,7 +666,7 @@ def _bench_networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dic
 def _bench_group(args: argparse.Namespace, networks: dict[str, nn.Module], meta: dict[str, Any],
                  runtime: str, batch: int) -> list[dict[str, Any]]:
     """Deploy, check and time every network on one runtime at one batch size: one row each."""
-    from s2h_fx.deploy import TOLERANCE, DeployError, check, deploy
+    from s2h_fx.deploy import TOLERANCE, Deployed, DeployError, check, deploy
     from s2h_fx.timing import environment, time_interleaved
 
     torch.manual_seed(args.seed + batch)
@@ -677,7 +677,8 @@ def _bench_group(args: argparse.Namespace, networks: dict[str, nn.Module], meta:
             "divisor": args.divisor, "pruned_file": str(args.pruned) if args.pruned else None,
             "rounds": args.rounds, "warmup": args.warmup,
             "tolerance": TOLERANCE[args.precision]}
-    deployed, errors = {}, {}
+    deployed: dict[str, Deployed] = {}
+    errors: dict[str, float | str] = {}
     for name, module in networks.items():
         try:
             deployed[name] = deploy(module, x, runtime, device=args.device,
@@ -782,7 +783,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json is not None:
         doc = {"rows": rows, "environment": environment(args.device)}
         text = json.dumps(doc, indent=1).encode()
-        _write_atomic(args.json, lambda f: f.write(text))
+
+        def write(f: IO[bytes]) -> None:
+            f.write(text)
+        _write_atomic(args.json, write)
         print(f"wrote {args.json} ({len(rows)} rows)")
     if args.plot is not None:
         _bench_plot(rows, args.plot, f"{args.model}: speed-up against FLOPs ratio")

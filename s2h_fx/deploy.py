@@ -195,7 +195,8 @@ def _onnx_bytes(module: nn.Module, x: torch.Tensor) -> tuple[bytes, str]:
             assert program is not None
             return program.model_proto.SerializeToString(), exporter
         buffer = io.BytesIO()
-        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=["x"])
+        torch.onnx.export(module, (x,), buffer,  # type: ignore[arg-type]  # takes a buffer
+                          dynamo=False, input_names=["x"])
         return buffer.getvalue(), exporter
 
 
