@@ -166,7 +166,9 @@ def run_one(method: str, budget: float, args: argparse.Namespace, dense_flops: i
     torch.manual_seed(args.seed)
     model = torchvision.models.resnet18(num_classes=10, weights=None)
     x1 = torch.zeros(1, 3, 32, 32)
-    config = S2HConfig(mask_lr=args.mask_lr) if args.mask_lr else None
+    # the search alone: no settling epochs (they train the hard network by itself,
+    # which would leave the soft branch behind and say nothing about the methods)
+    config = S2HConfig(settle_epochs=0, **({"mask_lr": args.mask_lr} if args.mask_lr else {}))
     pruner = s2h_fx.prune_graph(model, budget, example_inputs=(torch.zeros(2, 3, 32, 32),),
                                 config=config)
     t0 = time.perf_counter()

@@ -102,7 +102,19 @@ SETTINGS = ("e0", "e1", "train_size", "test_size", "batch_size", "lr")
 # S2HConfig fields set over the library's defaults. Every row keeps the full
 # S2HConfig it ran with (``s2h_config``), so a table read after the defaults change
 # still says what ran.
-VARIANTS: dict[str, dict[str, Any]] = {}
+VARIANTS: dict[str, dict[str, Any]] = {
+    # the defaults before issue 12: constant mask steps without momentum, no descent,
+    # no settling
+    "before": {"mask_lr": 0.05, "mask_momentum": 0.0, "mask_nesterov": False,
+               "mask_lr_follows_schedule": False, "descent_epochs": 0.0, "settle_epochs": 0},
+    # today's defaults with one change taken out
+    "no-settle": {"settle_epochs": 0},
+    "no-descent": {"descent_epochs": 0.0},
+    "no-momentum": {"mask_lr": 0.05, "mask_momentum": 0.0, "mask_nesterov": False},
+    "constant-mask-lr": {"mask_lr_follows_schedule": False},
+    "settle-distill": {"settle_mode": "distill"},
+}
+ABLATION = tuple(f"s2h:{v}" for v in VARIANTS)
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"models": "resnet20", "train_size": 10000, "test_size": 10000, "e0": 4, "e1": 10,
             "budgets": "0.15,0.35,0.55", "seeds": "0,1,2"},

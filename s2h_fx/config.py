@@ -40,6 +40,9 @@ class PruneConfig:
 
 
 SETTLE_MODES = ("distill", "hard")
+# the defaults of S2HConfig.descent_epochs / settle_epochs (None): shares of fit's epochs
+DESCENT_SHARE = 0.15
+SETTLE_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -54,31 +57,38 @@ class S2HConfig:
     ``fix_importance``: keep the channel order from the start instead of
     recomputing it after every mask step.
 
-    Candidate training changes, off by default (today's behaviour):
-    ``mask_momentum``: momentum in [0, 1) of the mask optimiser over its combined
-    step direction, as torch's SGD (0: none); ``mask_nesterov``: Nesterov momentum
-    (needs ``mask_momentum > 0``). ``mask_lr_follows_schedule``: in ``fit`` the mask
-    step size is ``mask_lr`` times the weights' schedule factor (lr now / base lr).
-    ``settle_epochs``: the last this many S2H epochs of ``fit`` keep the architecture
-    fixed (no mask step: logits, ranks and widths stay) while the weights keep
-    training with the same losses and decoupled backward; must be smaller than
-    ``fit``'s ``epochs`` when nonzero. A user's own loop settles by not calling
-    ``mask_step``.
+    How ``fit`` trains (the defaults were chosen by ``benchmarks/quality.py``'s
+    ablation; see the README): the mask optimiser keeps a momentum buffer
+    (``mask_momentum`` in [0, 1), as torch's SGD; ``mask_nesterov``: Nesterov
+    momentum, needs ``mask_momentum > 0``) and its step size is ``mask_lr`` times
+    the weights' schedule factor (lr now / base lr) when
+    ``mask_lr_follows_schedule``. ``descent_epochs``: the FLOPs target of the
+    resource loss and the mask step falls from 1 (the full network) to the budget
+    along a half cosine over this many epochs (0: the budget from the start).
+    ``settle_epochs``: the last this many epochs keep the architecture fixed (it is
+    projected into the budget band first, then no mask step: logits, ranks and
+    widths stay) while the weights train on; ``settle_mode`` says how: ``"hard"``
+    trains the hard network alone on the task loss (the soft branch does not run),
+    ``"distill"`` keeps the two branches, their losses and the decoupled backward.
+    Must be smaller than ``fit``'s ``epochs`` when nonzero. ``None`` (the default of
+    both) is a share of ``fit``'s epochs: :data:`DESCENT_SHARE` and
+    :data:`SETTLE_SHARE` (see :meth:`phases`). A user's own loop descends with
+    :meth:`Pruner.set_flops_target` and settles by not calling ``mask_step``.
     """
 
     temperature: float = 1.0
     resource_weight: float = 1.0
     kd_weight: float = 1.0
-    mask_lr: float = 0.05
+    mask_lr: float = 0.01
     tolerance: float = 0.005
     balance_cap: float = 10.0
     fix_importance: bool = False
-    mask_momentum: float = 0.0
-    mask_nesterov: bool = False
-    mask_lr_follows_schedule: bool = False
-    settle_epochs: int = 0
-    settle_mode: str = "distill"
-    descent_epochs: float = 0.0
+    mask_momentum: float = 0.9
+    mask_nesterov: bool = True
+    mask_lr_follows_schedule: bool = True
+    settle_epochs: int | None = None
+    settle_mode: str = "hard"
+    descent_epochs: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "mask_lr", "tolerance", "balance_cap"):
@@ -105,9 +115,19 @@ class S2HConfig:
             raise ValueError(f"S2HConfig.settle_mode must be one of {', '.join(SETTLE_MODES)}, "
                              f"got {self.settle_mode!r}")
         d = self.descent_epochs
-        if (isinstance(d, bool) or not isinstance(d, numbers.Real) or math.isnan(d)
-                or float(d) < 0):
-            raise ValueError(f"S2HConfig.descent_epochs must be a number >= 0, got {d!r}")
+        if d is not None and (isinstance(d, bool) or not isinstance(d, numbers.Real)
+                              or math.isnan(d) or float(d) < 0):
+            raise ValueError(f"S2HConfig.descent_epochs must be a number >= 0 or None, got {d!r}")
         s = self.settle_epochs
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"S2HConfig.settle_epochs must be an integer >= 0, got {s!r}")
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+            raise ValueError(f"S2HConfig.settle_epochs must be an integer >= 0 or None, "
+                             f"got {s!r}")
+
+    def phases(self, epochs: int) -> tuple[float, int]:
+        """(descent epochs, settling epochs) of an S2H run of ``epochs`` epochs: the
+        fields where set, else their share of ``epochs`` (:data:`DESCENT_SHARE`,
+        :data:`SETTLE_SHARE`; at least one epoch of search is left)."""
+        descent = DESCENT_SHARE * epochs if self.descent_epochs is None else self.descent_epochs
+        if self.settle_epochs is not None:
+            return float(descent), self.settle_epochs
+        return float(descent), max(0, min(round(SETTLE_SHARE * epochs), epochs - 1))

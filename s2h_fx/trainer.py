@@ -296,7 +296,7 @@ def fit(
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=DIR (where the checkpoints are)")
-    settle = pruner.s2h.settle_epochs
+    descent_epochs, settle = pruner.s2h.phases(epochs)
     if settle and settle >= epochs:
         raise ValueError(f"S2HConfig.settle_epochs={settle} must be smaller than epochs="
                          f"{epochs} (the architecture is learnt in the epochs before)")
@@ -319,7 +319,7 @@ def fit(
     _start(loop, store, resume)
     warm = _PlainStep(pruner.graph_module, list(pruner.masks().values()))
     schedule = loop.sched if pruner.s2h.mask_lr_follows_schedule else None
-    descent = _descent(pruner, loop.sched, warmup_epochs)
+    descent = _descent(pruner, descent_epochs, loop.sched, warmup_epochs)
     s2h = _S2HStep(pruner, method, schedule, target=descent)
     settling: _S2HStep | _HardStep = (
         _HardStep(pruner) if pruner.s2h.settle_mode == "hard"
@@ -353,14 +353,13 @@ def fit(
     return history
 
 
-def _descent(pruner: Pruner, sched: CosineSchedule, warmup_epochs: int
+def _descent(pruner: Pruner, epochs: float, sched: CosineSchedule, warmup_epochs: int
              ) -> Callable[[], float | None] | None:
     """``S2HConfig.descent_epochs``: the FLOPs target of each S2H step, from 1 (the full
     network) down to the budget along a half cosine over that many epochs, then the
     budget. It reads the optimiser steps the schedule counted, so a resume continues
     the descent where it stopped; while the epoch length is unknown (a loader without
     ``__len__`` and no ``steps_per_epoch``) the target is the budget."""
-    epochs = pruner.s2h.descent_epochs
     if not epochs:
         return None
     budget = pruner.config.budget

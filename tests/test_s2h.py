@@ -19,9 +19,11 @@ from helpers import build, rel_err
 def test_mask_parameterisation() -> None:
     m = ChannelMask(0, 32, divisor=8)
     m.rank.copy_(torch.tensor(list(range(31, -1, -1))))  # class 31 most important
-    # initial hard width is the full width, the last width has probability (C - d) / C
+    # initial hard width is the full width: the last width has probability
+    # 1 - d / (2C) = 7/8, the three others 1/24 each: E = 28 + (8 + 16 + 24) / 24 = 30
     assert float(m.hard_width().detach()) == 32
-    assert float(m.probabilities()[-1].detach()) == pytest.approx(24 / 32)
+    assert float(m.probabilities()[-1].detach()) == pytest.approx(7 / 8)
+    assert float(m.expected_width().detach()) == pytest.approx(30.0)
     w = m.width_values()
     w = w.detach()
     assert torch.all(w[:-1] >= w[1:]) and float(w[0]) == pytest.approx(1.0)
@@ -31,6 +33,12 @@ def test_mask_parameterisation() -> None:
     m.set_width(16)
     assert float(m.hard_width()) == 16
     assert list(m.kept(16)) == list(range(16, 32))
+    # the hard width is the nearest multiple of d, so the smallest width is reachable
+    two = ChannelMask(1, 16, divisor=8)
+    for p_narrow, expected in ((0.6, 8), (0.9, 8), (0.4, 16), (0.5, 16)):  # E = 16 - 8 p
+        with torch.no_grad():
+            two.logits.copy_(torch.log(torch.tensor([p_narrow, 1 - p_narrow])))
+        assert float(two.hard_width().detach()) == expected, p_narrow
     # straight-through: dn/dE = 1
     e = m.expected_width()
     (g_n,) = torch.autograd.grad(m.hard_width(), m.logits)
@@ -158,7 +166,10 @@ def test_state_dict_round_trip() -> None:
     for g, mask in pruner.masks().items():
         other = fresh.masks()[g]
         assert torch.equal(mask.logits, other.logits) and torch.equal(mask.rank, other.rank)
-    assert fresh.mask_optimizer.state_dict() == pruner.mask_optimizer.state_dict()
+    a, b = fresh.mask_optimizer.state_dict(), pruner.mask_optimizer.state_dict()
+    buffers_a, buffers_b = a.pop("buffers"), b.pop("buffers")  # the momentum buffers
+    assert a == b and len(buffers_a) == len(buffers_b) == len(pruner.masks())
+    assert all(torch.equal(u, v) for u, v in zip(buffers_a, buffers_b))
     assert fresh.widths == pruner.widths
     assert all(np.array_equal(fresh.plan.keep[g], pruner.plan.keep[g]) for g in pruner.widths)
     pruner.eval()
