@@ -508,7 +508,7 @@ def _prune_loaders(args: argparse.Namespace) -> tuple[Any, Any, int, str]:
                                              num_workers=args.workers)
             what = f"image folder {args.data_dir}"
         classes = data.num_classes_of(train)
-    except (data.DataError, InputError, OSError) as exc:
+    except (InputError, OSError) as exc:  # DataError is an InputError
         raise CliError(str(exc)) from exc
     if classes < 2:
         raise CliError(f"{what} has {classes} class; S2H training needs at least 2")

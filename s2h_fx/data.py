@@ -11,7 +11,7 @@
   never downloads.
 * :func:`fashion_mnist_loaders`: Fashion-MNIST's four IDX files (plain or
   gzipped) from Debian's ``dataset-fashion-mnist`` folder or any other; never
-  downloads; a missing folder or file raises :class:`~s2h_fx.errors.InputError`.
+  downloads; a missing folder or file raises :class:`~s2h_fx.errors.DataError`.
 
 Every function returns ``(train_loader, val_loader)`` yielding ``(x, y)``
 batches; train batches are shuffled (seeded) and lightly augmented where the
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from s2h_fx.errors import DataError
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -40,10 +42,6 @@ CIFAR_FILES = {
                 "test_batch", "batches.meta"],
     "cifar100": ["train", "test", "meta"],
 }
-
-
-class DataError(ValueError):
-    """A dataset that is missing or not in the expected layout."""
 
 
 def _loaders(train: Dataset[Any], val: Dataset[Any], batch_size: int, seed: int,
@@ -225,7 +223,6 @@ def read_idx(path: str | Path) -> np.ndarray:
     numpy array of its stored shape. Only unsigned-byte data, as (Fashion-)MNIST has."""
     import gzip
 
-    from s2h_fx.errors import InputError
 
     path = Path(path)
     opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
@@ -233,18 +230,18 @@ def read_idx(path: str | Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as exc:
-        raise InputError(f"cannot read IDX file {str(path)!r}: {exc}") from exc
+        raise DataError(f"cannot read IDX file {str(path)!r}: {exc}") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise InputError(f"{str(path)!r} is not an IDX file of unsigned bytes (magic "
+        raise DataError(f"{str(path)!r} is not an IDX file of unsigned bytes (magic "
                          f"{raw[:4].hex() or 'missing'}, expected 0000080N)")
     ndim = raw[3]
     header = 4 + 4 * ndim
     if ndim == 0 or len(raw) < header:
-        raise InputError(f"{str(path)!r}: truncated IDX header")
+        raise DataError(f"{str(path)!r}: truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(shape))
     if len(raw) - header != size:
-        raise InputError(f"{str(path)!r}: the header says {'x'.join(map(str, shape))} = "
+        raise DataError(f"{str(path)!r}: the header says {'x'.join(map(str, shape))} = "
                          f"{size} values, the file holds {len(raw) - header}")
     return np.frombuffer(raw, dtype=_IDX_TYPES[raw[2]], offset=header).reshape(shape)
 
@@ -253,8 +250,7 @@ def fashion_mnist_arrays(root: str | Path | None = None) -> dict[str, np.ndarray
     """The four Fashion-MNIST IDX files under ``root`` (default: where Debian's
     ``dataset-fashion-mnist`` puts them), plain or gzipped, as uint8 arrays keyed
     like :data:`FASHION_MNIST_FILES`. Missing files raise
-    :class:`~s2h_fx.errors.InputError` naming them."""
-    from s2h_fx.errors import InputError
+    :class:`~s2h_fx.errors.DataError` naming them."""
 
     root = Path(root) if root is not None else FASHION_MNIST_ROOT
     paths = {k: _idx_path(root, stem) for k, stem in FASHION_MNIST_FILES.items()}
@@ -262,17 +258,17 @@ def fashion_mnist_arrays(root: str | Path | None = None) -> dict[str, np.ndarray
     if missing:
         where = (f"{str(root)!r} is incomplete: missing {', '.join(missing)}" if root.is_dir()
                  else f"{str(root)!r} does not exist (needs {', '.join(missing)})")
-        raise InputError(f"Fashion-MNIST not found: {where}. Install it with `apt-get install "
+        raise DataError(f"Fashion-MNIST not found: {where}. Install it with `apt-get install "
                          f"dataset-fashion-mnist` (into {FASHION_MNIST_ROOT}) or give the "
                          "folder that holds the four IDX files; s2h-fx never downloads")
     arrays = {k: read_idx(p) for k, p in paths.items() if p is not None}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise InputError(f"Fashion-MNIST {split} files under {str(root)!r} disagree: "
+            raise DataError(f"Fashion-MNIST {split} files under {str(root)!r} disagree: "
                              f"images {images.shape}, labels {labels.shape}")
         if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-            raise InputError(f"Fashion-MNIST {split} labels under {str(root)!r} go up to "
+            raise DataError(f"Fashion-MNIST {split} labels under {str(root)!r} go up to "
                              f"{int(labels.max())}; expected 0-9")
     return arrays
 

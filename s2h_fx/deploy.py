@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from s2h_fx.errors import S2HError
+from s2h_fx.errors import DeployError
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,6 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
 EXTRAS = {"onnxruntime": "onnx", "tensorrt": "trt"}
 
 
-class DeployError(S2HError):
-    """A runtime is unknown, not installed, or cannot run here; or a deployed network
-    disagrees with the module it was built from."""
 
 
 @dataclass

@@ -19,6 +19,16 @@ class InputError(S2HError, ValueError):
     """Example inputs are missing or do not fit the model."""
 
 
+class DataError(InputError):
+    """A dataset is missing, incomplete, unreadable or not in the expected layout
+    (the message names the path and, where there is one, what to install)."""
+
+
+class DeployError(S2HError):
+    """A runtime is unknown, not installed, or cannot run here; or a deployed network
+    disagrees with the module it was built from."""
+
+
 class NoPrunableChannelsError(S2HError):
     """Every channel group of the model is frozen."""
 

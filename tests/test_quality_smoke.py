@@ -17,7 +17,7 @@ import torch
 
 from s2h_fx.cli import main as cli_main
 from s2h_fx.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_loaders, read_idx
-from s2h_fx.errors import InputError
+from s2h_fx.errors import DataError, InputError
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 N_TRAIN, N_TEST = 48, 24
@@ -91,17 +91,18 @@ def test_loaders_values_subset_and_channels(fashion):
 
 
 def test_missing_folder_names_files_and_package(tmp_path):
-    with pytest.raises(InputError) as err:
+    with pytest.raises(DataError) as err:
         fashion_mnist_loaders(tmp_path / "nowhere")
     msg = str(err.value)
     assert "nowhere" in msg and "apt-get install dataset-fashion-mnist" in msg
     assert "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
+    assert isinstance(err.value, InputError)  # one kind of error for missing data, also bad input
 
 
 def test_incomplete_folder_names_the_missing_file(tmp_path):
     write_fashion(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(InputError, match="missing t10k-labels-idx1-ubyte") as err:
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte") as err:
         fashion_mnist_loaders(tmp_path)
     assert "train-images" not in str(err.value)
 
@@ -109,7 +110,7 @@ def test_incomplete_folder_names_the_missing_file(tmp_path):
 def test_corrupt_file_is_an_input_error(tmp_path):
     write_fashion(tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 5)
-    with pytest.raises(InputError, match="t10k-images-idx3-ubyte"):
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         fashion_mnist_loaders(tmp_path)
 
 
@@ -208,6 +209,36 @@ def test_quality_every_method_table_flops_and_resume(fashion, tmp_path, capsys):
         assert "5 row(s) already in" in capsys.readouterr().err
         with pytest.raises(SystemExit):  # an existing file without --resume
             quality.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_quality_s2h_variants(fashion, tmp_path, capsys):
+    """An ablation variant runs S2H with its S2HConfig, which its row keeps; rows of
+    another config are other cells (resume and table); a bad field is refused."""
+    quality = load_quality()
+    root, _ = fashion
+    out = tmp_path / "v.jsonl"
+    argv = ["--models", "resnet20", "--budgets", "0.35", "--seeds", "0", "--e0", "0",
+            "--e1", "2", "--train-size", "32", "--batch-size", "16", "--device", "cpu",
+            "--threads", "1", "--data", str(root), "--out", str(out), "--resume",
+            "--variant", "quick=settle_epochs=0,mask_lr=0.2"]
+    threads = torch.get_num_threads()
+    try:
+        assert quality.main(argv + ["--methods", "s2h:quick,s2h:before"]) == 0
+        rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert set(rows) == {"s2h:quick", "s2h:before"}
+        quick, before = rows["s2h:quick"]["s2h_config"], rows["s2h:before"]["s2h_config"]
+        assert quick["settle_epochs"] == 0 and quick["mask_lr"] == 0.2
+        assert quick["mask_momentum"] == 0.9  # the rest: today's defaults
+        assert before["mask_momentum"] == 0.0 and before["descent_epochs"] == 0.0
+        assert quality.main(argv + ["--methods", "s2h:quick"]) == 0  # done: skipped
+        assert len(out.read_text().splitlines()) == 2
+        table = capsys.readouterr().out
+        assert "s2h:quick" in table and "s2h:before" in table
+        with pytest.raises(SystemExit):
+            quality.main(argv[:-1] + ["nope=not_a_field=1", "--methods", "s2h:nope"])
+        assert "not an S2HConfig field" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
 
