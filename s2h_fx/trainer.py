@@ -312,8 +312,12 @@ def fit(
     store = CheckpointStore(checkpoint, keep_checkpoints) if checkpoint is not None else None
     meta: dict[str, Any] = {"kind": "fit", "epochs": epochs, "warmup_epochs": warmup_epochs,
                             "method": method}
-    if settle:  # only then: checkpoints written before the option still resume
-        meta["settle_epochs"] = settle
+    # the phases are part of the run (only where used: checkpoints from before the
+    # options, which had neither, still resume into a run without them)
+    if settle:
+        meta.update(settle_epochs=settle, settle_mode=pruner.s2h.settle_mode)
+    if descent_epochs:
+        meta["descent_epochs"] = descent_epochs
     loop = Loop(pruner, train_loader, opt, dev, settings, store=store, meta=meta,
                 on_step=on_step)
     _start(loop, store, resume)
@@ -324,6 +328,23 @@ def fit(
     settling: _S2HStep | _HardStep = (
         _HardStep(pruner) if pruner.s2h.settle_mode == "hard"
         else _S2HStep(pruner, method, schedule, settle=True))
+    try:
+        _run_epochs(loop, pruner, (warm, s2h, settling), epochs, warmup_epochs, settle,
+                    val_loader, dev)
+    finally:  # a way-point of the descent is not left behind, even on an error
+        pruner.set_flops_target(None)
+    history = [EpochRecord.from_dict(d) for d in loop.state.history]
+    if finish:
+        finish_training(pruner, train_loader, bn_batches)
+    return history
+
+
+def _run_epochs(loop: Loop, pruner: Pruner, steps: tuple[Any, Any, Any], epochs: int,
+                warmup_epochs: int, settle: int, val_loader: Iterable[Any] | None,
+                dev: torch.device) -> None:
+    """The epochs of ``fit`` from where the loop stands: warm-up, then S2H (descent and
+    search), then settling."""
+    warm, s2h, settling = steps
     total = epochs + warmup_epochs
     while loop.state.epoch < total:
         g = loop.state.epoch
@@ -346,11 +367,6 @@ def fit(
         loop.end_epoch(_record(pruner, sums, n, val_loader, dev).to_dict())
     if epochs == 0:
         _from_full_width(pruner)
-    pruner.set_flops_target(None)
-    history = [EpochRecord.from_dict(d) for d in loop.state.history]
-    if finish:
-        finish_training(pruner, train_loader, bn_batches)
-    return history
 
 
 def _descent(pruner: Pruner, epochs: float, sched: CosineSchedule, warmup_epochs: int

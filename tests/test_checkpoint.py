@@ -184,10 +184,11 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_run(killed: Path) -> N
     assert state["schedule"]["steps"] == 8 and state["schedule"]["steps_per_epoch"] == 6
     assert "_extra_state" in state["model"] and state["optimizer"]["state"]  # momentum
     # the default settling share of the epochs is part of the run's identity
-    settle = S2HConfig().phases(EPOCHS)[1]
-    assert settle > 0
+    descent, settle = S2HConfig().phases(EPOCHS)
+    assert settle > 0 and descent > 0
     assert state["meta"] == {"kind": "fit", "epochs": EPOCHS, "warmup_epochs": 0,
-                             "method": "s2h", "settle_epochs": settle}
+                             "method": "s2h", "settle_epochs": settle, "settle_mode": "hard",
+                             "descent_epochs": descent}
 
 
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(

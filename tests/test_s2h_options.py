@@ -354,6 +354,18 @@ def test_descent_moves_the_target_from_full_to_the_budget() -> None:
     assert p.flops_target == budget  # fit leaves the budget as the target
 
 
+def test_an_interrupted_fit_leaves_the_budget_as_the_target() -> None:
+    p = pruner(S2HConfig(descent_epochs=2.0, settle_epochs=0), budget=0.4)
+
+    def stop(metrics: dict[str, float]) -> None:
+        assert metrics["target"] > 0.4  # mid-descent
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        p.fit(data(), 3, progress=False, finish=False, on_step=stop)
+    assert p.flops_target == 0.4
+
+
 def test_flops_target_is_checked_and_reset() -> None:
     p = pruner(budget=0.4)
     assert p.flops_target == 0.4
