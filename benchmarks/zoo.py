@@ -41,10 +41,11 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from s2h_fx.tp_match import bisect_ratio, find_classifier  # quality.py uses both from here
+
 TOLERANCE = 1e-5      # max relative error for "exported == hard network"
 TP_TRIALS = 6         # bisection trials for Torch-Pruning's pruning_ratio
 TP_RATIO_TOL = 0.01   # stop bisecting when |tp ratio - target| is below this
-TP_MAX_RATIO = 0.95   # upper end of the pruning_ratio search
 
 Row = dict[str, Any]
 
@@ -155,32 +156,6 @@ def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[i
 
 # ---- Torch-Pruning ----------------------------------------------------------------
 
-def find_classifier(model: nn.Module, x: torch.Tensor) -> str | None:
-    """Name of the last Conv/Linear that runs whose width is the output's (num classes).
-
-    Falls back to the last Conv/Linear that runs.
-    """
-    order: list[tuple[str, int]] = []
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            hooks.append(m.register_forward_hook(
-                lambda *_, n=name, w=width: order.append((n, w))))
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    if not order:
-        return None
-    leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dim() > 1]
-    classes = leaves[0].shape[1] if leaves else None
-    matching = [n for n, w in order if w == classes]
-    return matching[-1] if matching else order[-1][0]
-
-
 def tp_trial(model: nn.Module, x: torch.Tensor, ratio: float,
              classifier: str | None) -> tuple[nn.Module, float]:
     """Prune a deepcopy of ``model`` at ``pruning_ratio=ratio``; (model, build+prune seconds)."""
@@ -197,25 +172,16 @@ def tp_trial(model: nn.Module, x: torch.Tensor, ratio: float,
 
 
 def bisect_tp(trial: Callable[[float], tuple[float, Any]], target: float) -> tuple[float, Any]:
-    """Bisect pruning_ratio so that ``trial(ratio)[0]`` (a FLOPs ratio) meets ``target``.
-
-    FLOPs fall about as (1 - ratio)^2, which gives the first guess. Returns the
-    trial closest to the target: (pruning_ratio, what trial returned).
-    """
-    lo, hi = 0.0, TP_MAX_RATIO
-    ratio = min(max(1.0 - math.sqrt(max(target, 0.0)), lo), hi)
-    best: tuple[float, float, Any] | None = None
-    for _ in range(TP_TRIALS):
+    """Bisect pruning_ratio so that ``trial(ratio)[0]`` (a FLOPs ratio) meets ``target``
+    (:func:`s2h_fx.tp_match.bisect_ratio`, with this module's ``TP_TRIALS`` and
+    ``TP_RATIO_TOL``, which callers may set). Returns the trial closest to the target:
+    (pruning_ratio, what trial returned)."""
+    def whole(ratio: float) -> tuple[float, Any]:
         result = trial(ratio)
-        miss = abs(result[0] - target)
-        if best is None or miss < best[0]:
-            best = (miss, ratio, result)
-        if miss < TP_RATIO_TOL:
-            break
-        lo, hi = (ratio, hi) if result[0] > target else (lo, ratio)
-        ratio = (lo + hi) / 2
-    assert best is not None
-    return best[1], best[2]
+        return result[0], result
+
+    ratio, _, result, _ = bisect_ratio(whole, target, trials=TP_TRIALS, tol=TP_RATIO_TOL)
+    return ratio, result
 
 
 def measure_tp(model: nn.Module, x: torch.Tensor, target: float, dense: tuple[int, Any],
