@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -178,11 +179,13 @@ def plot_history(history: list[EpochRecord], budget: float, path: str | Path, *,
     x = range(1, len(steps) + 1)
     fig, (ax_acc, ax_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
 
-    ax_acc.plot(x, [s["soft_acc"] for s in steps], color="tab:blue", alpha=0.45, lw=1,
-                label="soft, train (running, per epoch)")
+    # settling steps of the hard network alone have no soft branch: a gap in the line
+    ax_acc.plot(x, [s.get("soft_acc", math.nan) for s in steps], color="tab:blue", alpha=0.45,
+                lw=1, label="soft, train (running, per epoch)")
     ax_acc.plot(x, [s["hard_acc"] for s in steps], color="tab:orange", alpha=0.45, lw=1,
                 label="hard, train (running, per epoch)")
-    val_soft = [(e, r.val_soft_acc) for e, r in zip(ends, history) if r.val_soft_acc is not None]
+    val_soft = [(e, r.val_soft_acc) for e, r in zip(ends, history)
+                if r.val_soft_acc is not None]
     val_hard = [(e, r.val_hard_acc) for e, r in zip(ends, history) if r.val_hard_acc is not None]
     if val_soft:
         ax_acc.plot(*zip(*val_soft), "o-", color="tab:blue", label="soft, val")
@@ -237,10 +240,13 @@ def last_epoch_note(history: list[EpochRecord]) -> str:
 
 
 def history_json(history: list[EpochRecord]) -> list[dict[str, Any]]:
+    """The history as plain JSON (no NaN: a settling epoch's soft accuracy is null)."""
     out = []
     for rec in history:
         d = asdict(rec)
         d["val_gap"] = rec.val_gap
+        if isinstance(d["soft_acc"], float) and math.isnan(d["soft_acc"]):
+            d["soft_acc"] = None
         out.append(d)
     return out
 
@@ -301,6 +307,10 @@ def run_demo(
     wall["s2h_train"] = time.perf_counter() - t
     final_ratio = float(pruner.flops_ratio())
     for rec in history:
+        if rec.settling:  # the hard network alone, architecture fixed
+            print_fn(f"S2H epoch {rec.epoch} (settling): task {rec.losses['task']:.3f}, hard "
+                     f"FLOPs {rec.flops_ratio:.3f}, val hard {rec.val_hard_acc:.4f}")
+            continue
         print_fn(f"S2H epoch {rec.epoch}: task {rec.losses['task']:.3f} resource "
                  f"{rec.losses['resource']:.4f} kd_hard {rec.losses['kd_hard']:.3f} kd_soft "
                  f"{rec.losses['kd_soft']:.3f}, hard FLOPs {rec.flops_ratio:.3f}, val soft "
@@ -332,7 +342,7 @@ def run_demo(
         "history": history_json(history), "wall_s": wall,
     }
     json_path = out / "s2h_demo.json"
-    json_path.write_text(json.dumps(result_json, indent=1))
+    json_path.write_text(json.dumps(result_json, indent=1, allow_nan=False))
     print_fn(f"wrote {json_path} and {plot} ({wall['total']:.0f} s in all)")
     return {"rows": rows, "history": history, "dense_history": dense_history,
             "json": json_path, "plot": plot, "wall_s": wall, "pruner": pruner,

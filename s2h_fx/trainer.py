@@ -56,6 +56,7 @@ class EpochRecord:
     val_hard_acc: float | None = None
     steps: list[dict[str, float]] = field(default_factory=list)
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    settling: bool = False  # an epoch with the architecture fixed (S2HConfig.settle_epochs)
 
     @property
     def val_gap(self) -> float | None:
@@ -364,7 +365,9 @@ def _run_epochs(loop: Loop, pruner: Pruner, steps: tuple[Any, Any, Any], epochs:
             sums = loop.run_epoch(settling, f"S2H epoch {n}/{epochs} (settling)", _postfix)
         else:
             sums = loop.run_epoch(s2h, f"S2H epoch {n}/{epochs}", _postfix)
-        loop.end_epoch(_record(pruner, sums, n, val_loader, dev).to_dict())
+        record = _record(pruner, sums, n, val_loader, dev)
+        record.settling = n > epochs - settle
+        loop.end_epoch(record.to_dict())
     if epochs == 0:
         _from_full_width(pruner)
 

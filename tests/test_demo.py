@@ -156,7 +156,8 @@ def test_cifar_missing_or_corrupt_names_the_path(tmp_path: Path) -> None:
 # ---- the demo ----------------------------------------------------------------------
 def test_run_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     budget = 0.3
-    result = run_demo(epochs=1, budget=budget, out_dir=tmp_path / "demo", batch_size=32,
+    # two epochs: the default phases make the second a settling one (hard network alone)
+    result = run_demo(epochs=2, budget=budget, out_dir=tmp_path / "demo", batch_size=32,
                       size=16, max_train=64, max_val=48, latency_runs=3, progress=False)
     rows = {r.name: r for r in result["rows"]}
     assert list(rows) == ["dense", "soft", "hard", "exported"]
@@ -171,8 +172,12 @@ def test_run_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert result["plot"].is_file() and result["plot"].stat().st_size > 10_000
     saved = json.loads(result["json"].read_text())
     assert [r["name"] for r in saved["rows"]] == list(rows)
-    assert len(saved["history"]) == 1 and len(saved["history"][0]["steps"]) == 2
+    assert len(saved["history"]) == 2 and len(saved["history"][0]["steps"]) == 2
+    first, second = saved["history"]
+    assert not first["settling"] and second["settling"] and second["soft_acc"] is None
+    assert all("soft_acc" not in step for step in second["steps"])
     out = capsys.readouterr().out
+    assert "S2H epoch 2 (settling)" in out
     assert "network" in out and "speed-up" in out and "exported" in out
 
 
