@@ -235,6 +235,9 @@ def last_epoch_note(history: list[EpochRecord]) -> str:
     last = history[-1] if history else None
     if last is None or last.val_soft_acc is None or last.val_hard_acc is None:
         return ""
+    if last.settling:  # the soft branch stopped training when the settling began
+        return (f"end of the last S2H epoch (settling), before fit re-estimated BatchNorm "
+                f"statistics for the hard network: val hard {last.val_hard_acc:.4f}")
     return (f"end of the last S2H epoch, before fit re-estimated BatchNorm statistics for the "
             f"hard network: val soft {last.val_soft_acc:.4f}, hard {last.val_hard_acc:.4f}")
 
