@@ -25,6 +25,12 @@ order (a fresh loader with the seed's generator for each method):
 - ``oneshot-l1``: s2h-fx's one-shot widths (``prune_graph(...).export()``: L1
   importance, least importance lost per FLOP), then ``fit_dense``.
 - ``dense``: the E0 model trained E1 more epochs (``fit_dense``): E0 + E1 in all.
+- ``s2h:NAME``: S2H with a variant's S2HConfig (the ablation): the built-in
+  :data:`VARIANTS` (``before``: the training settings before issue 12;
+  ``no-settle``, ``no-descent``, ``no-momentum``, ``constant-mask-lr``,
+  ``settle-distill``: today's defaults with one change taken out or swapped), or
+  ``--variant NAME=field=value,...``. Each S2H row keeps its whole S2HConfig
+  (``s2h_config``); rows of different configs are never averaged together.
 
 Each row (appended to ``--out`` as it finishes): test accuracy of the exported
 (pruned) network on the test split, its FLOPs over the dense model's
@@ -44,6 +50,9 @@ stages 16/32/64, 1x1-conv "option B" shortcuts where the shape changes),
     python benchmarks/quality.py --models resnet20 --budgets 0.35 --seeds 0 --e0 1 --e1 1 \\
         --train-size 2000 --out check.jsonl
     python benchmarks/quality.py --table quality_cpu.jsonl --plot quality_cpu.png
+    python benchmarks/quality.py --preset cpu --budgets 0.35 --threads 1 --resume \
+        --methods s2h:before,s2h:no-settle,s2h:settle-distill,s2h:no-descent,s2h:no-momentum,s2h:constant-mask-lr \
+        --out ablation_cpu.jsonl          # the ablation (seed by seed)
 
 Presets (explicit options override them):
 
