@@ -109,8 +109,8 @@ def test_resource_loss_reaches_masks_under_params_budget() -> None:
     pruner.reset_masks()  # full width: the resource loss is far from zero
     pruner.train()
     loss, ratio = pruner.resource_loss()
-    assert float(ratio) == pytest.approx(1.0)
-    assert float(loss) == pytest.approx((1.0 - 0.4) ** 2)
+    assert float(ratio.detach()) == pytest.approx(1.0)
+    assert float(loss.detach()) == pytest.approx((1.0 - 0.4) ** 2)
     loss.backward()
     grads = [p.grad for p in pruner.mask_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
