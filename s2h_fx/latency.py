@@ -286,6 +286,18 @@ def axis_grid(axis: AxisSize, grouping: GroupingResult, sizes: dict[int, int],
     return tuple(sorted({max(1, v) for v in values}))
 
 
+def monotone(table: np.ndarray) -> np.ndarray:
+    """The lower monotone envelope of measured timings: each entry becomes the smallest
+    at its widths or wider, along every axis. Timing noise only ever adds time, so
+    a narrower layer that measured slower than a wider one is noise; and the
+    one-shot chooser needs a cost that does not grow as widths shrink."""
+    out = np.asarray(table, dtype=float)
+    for axis in range(out.ndim):
+        flipped = np.flip(out, axis)
+        out = np.flip(np.minimum.accumulate(flipped, axis=axis), axis)
+    return out
+
+
 @dataclass(frozen=True)
 class LatencyOptions:
     """How the tables are built: grid points per axis, and where they are cached."""
@@ -320,7 +332,7 @@ def build_latency_model(gm: fx.GraphModule, grouping: GroupingResult, x: torch.T
             sz = tuple(int(grids[a][i]) for a, i in enumerate(idx))
             table[idx] = cache.get(f"{spec.key()} @ {list(sz)}",
                                    lambda s=sz, sp=spec: measure.layer(sp, s))  # type: ignore[misc]
-        terms.append(LatencyTerm(node.name, spec, axes, grids, table))
+        terms.append(LatencyTerm(node.name, spec, axes, grids, monotone(table)))
     cache.save()
     dense = float(measure.network(gm, x))
     covered = sum(t.base for t in terms)

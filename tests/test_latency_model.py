@@ -23,6 +23,7 @@ from s2h_fx.latency import (
     axis_grid,
     build_latency_model,
     interpolate,
+    monotone,
 )
 from s2h_fx.passes import find_channel_groups, trace_model
 
@@ -155,6 +156,13 @@ def test_interpolate_2d_and_constant_axis() -> None:
     assert interpolate(grids, table, (12, 15)) == pytest.approx((1 + 2 + 3 + 5) / 4)
     assert interpolate(grids, table, (16, 10)) == pytest.approx(3.0)
     assert interpolate(((32.0,),), np.array([7.0]), (8,)) == pytest.approx(7.0)
+
+
+def test_monotone_envelope() -> None:
+    noisy = np.array([[3.0, 2.0, 5.0], [1.0, 4.0, 6.0]])
+    # each entry: the least over itself and every wider entry (both axes)
+    np.testing.assert_array_equal(monotone(noisy), [[1.0, 2.0, 5.0], [1.0, 4.0, 6.0]])
+    np.testing.assert_array_equal(monotone(np.array([2.0, 1.0, 3.0])), [1.0, 1.0, 3.0])
 
 
 def test_axis_grid_at_the_divisor(tmp_path: Path) -> None:
