@@ -226,7 +226,8 @@ class LatencyCache:
 
 
 # ---- building ------------------------------------------------------------------
-_CONVS = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+_CONVS: dict[type[nn.Module], str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d",
+                                     nn.Conv3d: "conv3d"}
 
 
 def _channel_axis(node: Any, dim: int, grouping: GroupingResult,
@@ -268,7 +269,7 @@ def _axes(node: fx.Node, spec: LayerSpec, grouping: GroupingResult,
     if ax_in is not None and ax_in == ax_out:
         return ("inout",), (ax_in,)
     if spec.groups > 1 and (ax_in is None) != (ax_out is None):
-        return ("inout",), (ax_in or ax_out,)  # type: ignore[return-value]
+        return ("inout",), tuple(a for a in (ax_in, ax_out) if a is not None)
     roles = tuple(r for r, a in (("in", ax_in), ("out", ax_out)) if a is not None)
     return roles, tuple(a for a in (ax_in, ax_out) if a is not None)
 
