@@ -161,3 +161,20 @@ def test_cli_export_params_budget(tmp_path: Path, capsys: pytest.CaptureFixture[
     ratio = next(float(line.split()[-1]) for line in out.splitlines()
                  if line.startswith("M params"))
     assert ratio <= 0.5 + TOL
+
+
+def test_latency_budget_on_an_unknown_runtime() -> None:
+    with pytest.raises(DeployError, match="unknown runtime 'nope'"):
+        s2h_fx.prune_graph(SmallCNN(), {"latency": 0.5, "runtime": "nope"},
+                           example_inputs=(torch.randn(1, 3, 8, 8),))
+
+
+class Scaled(SmallCNN):
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x) * scale
+
+
+def test_latency_budget_needs_one_tensor_input() -> None:
+    with pytest.raises(s2h_fx.InputError, match="one example input tensor"):
+        s2h_fx.prune_graph(Scaled(), {"latency": 0.5, "runtime": "eager"},
+                           example_inputs=(torch.randn(1, 3, 8, 8), torch.ones(1)))
