@@ -80,6 +80,8 @@ def test_params_budget_met(make: type[nn.Module], size: int, budget: float) -> N
     model = make().eval()
     pruner = s2h_fx.prune_graph(model, {"params": budget},
                                 example_inputs=(torch.randn(1, 3, size, size),))
+    one_shot = float(pruner.cost_ratio())  # the one-shot widths meet it before export()
+    assert budget - 0.1 < one_shot <= budget + TOL
     pruned = pruner.export()
     ratio = n_params(pruned) / n_params(model)
     assert ratio <= budget + TOL
@@ -106,6 +108,10 @@ def test_params_model_by_hand() -> None:
 def test_resource_loss_reaches_masks_under_params_budget() -> None:
     pruner = s2h_fx.prune_graph(SmallCNN(), {"params": 0.4},
                                 example_inputs=(torch.randn(1, 3, 16, 16),))
+    # the resource loss counts parameters (at the one-shot widths, not the FLOPs ratio)
+    _, at_one_shot = pruner.resource_loss()
+    assert float(at_one_shot.detach()) == pytest.approx(float(pruner.cost_ratio()))
+    assert abs(float(at_one_shot.detach()) - float(pruner.flops_ratio())) > 1e-3
     pruner.reset_masks()  # full width: the resource loss is far from zero
     pruner.train()
     loss, ratio = pruner.resource_loss()

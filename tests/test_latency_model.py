@@ -245,7 +245,8 @@ def test_latency_budget_through_prune_graph(tmp_path: Path) -> None:
     ratio = (remainder + exported_cost(pruned)) / (remainder + exported_cost(Chain()))
     assert ratio <= 0.6 + pruner.s2h.tolerance
     assert float(pruner.cost_ratio()) == pytest.approx(ratio)
-    # the gradient of the resource loss reaches every mask
+    # the resource loss counts the latency model, and its gradient reaches every mask
+    assert float(pruner.resource_loss()[1].detach()) == pytest.approx(ratio)
     pruner.reset_masks()
     pruner.train()
     loss, _ = pruner.resource_loss()
