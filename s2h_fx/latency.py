@@ -120,7 +120,7 @@ def interpolate(grids: tuple[tuple[float, ...], ...], table: np.ndarray,
             continue
         x = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
         i = int(np.clip(np.searchsorted(g, x) - 1, 0, len(g) - 2))
-        t = (v - g[i]) / (g[i + 1] - g[i])
+        t = (v - float(g[i])) / float(g[i + 1] - g[i])  # keeps a tensor's dtype
         cells.append((i, i + 1))
         weights.append((1 - t, t))
     value: Any = 0.0

@@ -254,3 +254,9 @@ def test_latency_budget_through_prune_graph(tmp_path: Path) -> None:
     for p in pruner.mask_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all()
         assert float(p.grad.abs().sum()) > 0
+
+
+def test_interpolate_keeps_the_dtype() -> None:
+    v = torch.tensor(12.0, requires_grad=True)
+    out = interpolate(((8.0, 16.0),), np.array([1.0, 3.0]), (v,))
+    assert out.dtype == torch.float32 and float(out.detach()) == pytest.approx(2.0)
