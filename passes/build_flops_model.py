@@ -107,12 +107,24 @@ def axis_extent(ids: np.ndarray, axis: int, kept: np.ndarray) -> int:
 
 
 def _axis_size(f: Factor, t: int, grouping: GroupingResult, sizes: dict[int, int]) -> AxisSize:
-    full = f.ids.shape[t]
-    groups = np.unique(grouping.group_of_id[f.ids])
+    return ids_axis_size(f.ids, t, grouping, sizes)
+
+
+def slot_axis_size(ids: np.ndarray, grouping: GroupingResult, sizes: dict[int, int]) -> AxisSize:
+    """Size of a parameter's sliced axis (``grouping.slots`` ids) as widths change."""
+    flat = ids.reshape(-1)
+    return ids_axis_size(flat, 0, grouping, sizes)
+
+
+def ids_axis_size(ids: np.ndarray, t: int, grouping: GroupingResult,
+                  sizes: dict[int, int]) -> AxisSize:
+    """Size of axis ``t`` of channel ids ``ids`` as the groups' widths change."""
+    full = ids.shape[t]
+    groups = np.unique(grouping.group_of_id[ids])
     coefs = []
     for g in groups[groups >= 0].tolist():
         kept = grouping.group_of_id != g
-        dropped = full - axis_extent(f.ids, t, kept)
+        dropped = full - axis_extent(ids, t, kept)
         if dropped:
             coefs.append((g, dropped / sizes[g]))
     return AxisSize(float(full), tuple(coefs))

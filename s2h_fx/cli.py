@@ -111,7 +111,8 @@ def _build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", parents=[common],
                             help="prune a model to a FLOPs budget and save it")
     export.add_argument("--budget", type=float, required=True,
-                        help="fraction of the FLOPs to keep, in (0, 1]")
+                        help="fraction of the FLOPs (or --budget-kind) to keep, in (0, 1]")
+    _budget_options(export, batch=False)
     export.add_argument("-o", "--output", type=Path, required=True, metavar="FILE",
                         help="where to save: FILE.pt2 (torch.export, recommended) or FILE.pt "
                              "(pickle; load with torch.load(FILE, weights_only=False))")
@@ -119,6 +120,41 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_prune_parser(sub)
     _add_bench_parser(sub)
     return parser
+
+
+def _budget_options(p: argparse.ArgumentParser, batch: bool) -> None:
+    p.add_argument("--budget-kind", default="flops", metavar="KIND",
+                   help="what --budget counts: flops (default), params, or latency (measured "
+                        "on --runtime at --batch; layer tables cached in ~/.cache/s2h-fx)")
+    p.add_argument("--runtime", default=None,
+                   help="the runtime of a latency budget: eager, compile, onnxruntime, tensorrt")
+    if batch:
+        p.add_argument("--batch", type=_positive_int, default=1,
+                       help="batch size of a latency budget's timings (default 1)")
+
+
+def _budget_of(args: argparse.Namespace) -> float | dict[str, Any]:
+    """The budget that --budget, --budget-kind, --runtime and --batch describe, checked
+    (an unknown kind, a latency budget without a runtime, or a runtime that cannot run
+    here is a CliError: exit status 2)."""
+    kind = getattr(args, "budget_kind", "flops")
+    runtime = getattr(args, "runtime", None)
+    budget: float | dict[str, Any] = args.budget
+    if kind != "flops" or runtime is not None:
+        budget = {kind: args.budget}
+        if kind == "latency" or runtime is not None:
+            budget.update(runtime=runtime, batch=args.batch)
+            if getattr(args, "threads", None):
+                budget["threads"] = args.threads
+    try:
+        config = PruneConfig(budget, args.divisor, args.strict)  # type: ignore[arg-type]
+        if config.kind == "latency":
+            from s2h_fx.deploy import check_runtime
+
+            check_runtime(config.runtime or "", config.device)
+    except (ValueError, S2HError) as exc:  # BudgetError is a ValueError too
+        raise CliError(str(exc)) from exc
+    return budget
 
 
 def _training_options(p: argparse.ArgumentParser, epochs: int, batch_size: int) -> None:
@@ -165,7 +201,8 @@ def _add_prune_parser(sub: Any) -> None:
                     "network.")
     prune.add_argument("model", help="torchvision classification model name, e.g. resnet18")
     prune.add_argument("--budget", type=float, required=True,
-                       help="fraction of the FLOPs to keep, in (0, 1]")
+                       help="fraction of the FLOPs (or --budget-kind) to keep, in (0, 1]")
+    _budget_options(prune, batch=True)
     data = prune.add_mutually_exclusive_group(required=True)
     data.add_argument("--data-dir", type=Path, metavar="DIR",
                       help="an image folder dataset: DIR/train/<class>/* and DIR/val/<class>/*")
@@ -301,10 +338,11 @@ def _load_model(name: str, **kwargs: Any) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **kwargs).eval()
 
 
-def _build(args: argparse.Namespace, budget: float) -> tuple[nn.Module, torch.Tensor, Pruner]:
+def _build(args: argparse.Namespace,
+           budget: float | dict[str, Any]) -> tuple[nn.Module, torch.Tensor, Pruner]:
     """The model with seeded random weights, an example input and its pruner (eval mode)."""
     try:
-        PruneConfig(budget, args.divisor, args.strict)  # fail before the slow steps
+        PruneConfig(budget, args.divisor, args.strict)  # type: ignore[arg-type]  # fail early
     except ValueError as exc:  # BudgetError is a ValueError too
         raise CliError(str(exc)) from exc
     torch.manual_seed(args.seed)
@@ -418,7 +456,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     _check_output(args.output)
-    model, x, pruner = _build(args, args.budget)
+    model, x, pruner = _build(args, _budget_of(args))
     pruned = pruner.export()
     with torch.no_grad():
         err = _max_rel_error(pruner(x), pruned(x))
@@ -523,10 +561,7 @@ def _prune(args: argparse.Namespace) -> int:
     _check_output(args.output)
     if args.plot is not None and not args.plot.parent.resolve().is_dir():
         raise CliError(f"directory {str(args.plot.parent)!r} of --plot does not exist")
-    try:
-        PruneConfig(args.budget, args.divisor, args.strict)  # fail before the slow steps
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    budget = _budget_of(args)  # fail before the slow steps
     if args.threads:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
@@ -565,7 +600,7 @@ def _prune(args: argparse.Namespace) -> int:
     dense = dense.to(device)
 
     log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
-    pruner = prune_graph(model, args.budget, (x,), divisor=args.divisor, strict=args.strict)
+    pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict)
     torch.manual_seed(args.seed)
     history = pruner.fit(train_loader, args.epochs, val_loader=val_loader, lr=args.lr,
                          device=device, progress=args.progress,

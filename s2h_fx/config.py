@@ -8,10 +8,23 @@ from dataclasses import dataclass
 
 from s2h_fx.errors import BudgetError
 
+BUDGET_KINDS = ("flops", "params", "latency")
+# keys a latency budget dict may carry besides the kind itself
+LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir")
+
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """``budget``: fraction of the whole network's FLOPs the pruned network keeps.
+    """``budget``: the fraction of the whole network's cost the pruned network keeps.
+
+    A number is a FLOPs budget. A dict names its kind: ``{"flops": 0.5}``,
+    ``{"params": 0.4}`` (parameters), or ``{"latency": 0.5, "runtime": "onnxruntime",
+    "batch": 1}``: the fraction of the dense network's latency measured on that
+    runtime, batch and thread count (``threads``, default the runtime's own;
+    ``device``, default ``"cpu"``; ``cache_dir`` of the latency tables, default
+    ``~/.cache/s2h-fx``). After validation ``budget`` is the fraction (a float) and
+    ``kind``, ``runtime``, ``batch``, ``threads``, ``device``, ``cache_dir`` hold
+    the rest.
 
     ``divisor``: widths are multiples of it where a group allows (default 8).
     ``strict``: raise on ops without a coupling rule instead of freezing them.
@@ -20,23 +33,68 @@ class PruneConfig:
     budget: float
     divisor: int = 8
     strict: bool = False
+    kind: str = "flops"
+    runtime: str | None = None
+    batch: int = 1
+    threads: int | None = None
+    device: str = "cpu"
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         b = self.budget
         if isinstance(b, dict):
-            if set(b) != {"flops"}:
-                raise BudgetError(f"budget dict supports only the key 'flops', got {sorted(b)}")
-            b = b["flops"]
+            b = self._from_dict(b)
+        if self.kind not in BUDGET_KINDS:
+            raise BudgetError(f"unknown budget kind {self.kind!r}; choose from "
+                              f"{', '.join(BUDGET_KINDS)}")
+        what = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}[self.kind]
         if isinstance(b, bool) or not isinstance(b, numbers.Real):
             raise BudgetError(
-                f"budget must be a number in (0, 1], the fraction of FLOPs to keep; "
+                f"budget must be a number in (0, 1], the fraction of {what} to keep; "
                 f"got {b!r} of type {type(b).__name__}"
             )
         if math.isnan(b) or not 0 < b <= 1:
-            raise BudgetError(f"budget must be in (0, 1] (fraction of FLOPs kept); got {b}")
+            raise BudgetError(f"budget must be in (0, 1] (fraction of {what} kept); got {b}")
         object.__setattr__(self, "budget", float(b))
         if not isinstance(self.divisor, int) or self.divisor < 1:
             raise ValueError(f"divisor must be a positive integer, got {self.divisor!r}")
+        self._check_latency()
+
+    def _from_dict(self, b: dict[str, object]) -> object:
+        kinds = [k for k in b if k in BUDGET_KINDS]
+        if len(kinds) != 1:
+            raise BudgetError(f"a budget dict names exactly one kind of {', '.join(BUDGET_KINDS)}"
+                              f" (e.g. {{'params': 0.4}}); got keys {sorted(map(str, b))}")
+        kind = kinds[0]
+        extra = sorted(str(k) for k in b if k != kind)
+        allowed = LATENCY_OPTIONS if kind == "latency" else ()
+        bad = [k for k in extra if k not in allowed]
+        if bad:
+            raise BudgetError(f"unknown key(s) {bad} in a {kind} budget; "
+                              + (f"a latency budget takes {', '.join(LATENCY_OPTIONS)}"
+                                 if kind == "latency" else f"a {kind} budget takes none"))
+        object.__setattr__(self, "kind", kind)
+        for k in extra:
+            object.__setattr__(self, k, b[k])
+        return b[kind]
+
+    def _check_latency(self) -> None:
+        if self.kind != "latency":
+            if self.runtime is not None:
+                raise BudgetError(f"runtime {self.runtime!r} is for latency budgets; this one "
+                                  f"is a {self.kind} budget")
+            return
+        if not self.runtime:
+            raise BudgetError("a latency budget needs a runtime, e.g. {'latency': 0.5, "
+                              "'runtime': 'onnxruntime', 'batch': 1}")
+        if not isinstance(self.runtime, str):
+            raise BudgetError(f"runtime must be a name, got {self.runtime!r}")
+        b = self.batch
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise BudgetError(f"batch must be a positive integer, got {b!r}")
+        t = self.threads
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise BudgetError(f"threads must be a positive integer or None, got {t!r}")
 
 
 SETTLE_MODES = ("distill", "hard")

@@ -1,6 +1,9 @@
 """One-shot widths: a global greedy choice that meets a FLOPs budget, dropping the
 channels that cost least L1 importance per FLOP saved (the no-training baseline
-that S2H training must beat; also the final projection after training)."""
+that S2H training must beat; also the final projection after training).
+
+Any :class:`~s2h_fx.cost.CostModel` stands for the FLOPs model: the same greedy
+meets a parameter or latency budget (``what`` names the cost in messages)."""
 
 from __future__ import annotations
 
@@ -10,15 +13,15 @@ from typing import Any
 import numpy as np
 
 from s2h_fx.channels import GroupingResult
+from s2h_fx.cost import CostModel
 from s2h_fx.errors import BudgetError
-from s2h_fx.passes.build_flops_model import FlopsModel  # noqa: I001
 
 log = logging.getLogger(__name__)
 
 
 def choose_widths(
-    flops: FlopsModel, grouping: GroupingResult, importance: dict[int, np.ndarray], budget: float,
-    start: dict[int, int] | None = None,
+    flops: CostModel, grouping: GroupingResult, importance: dict[int, np.ndarray], budget: float,
+    start: dict[int, int] | None = None, what: str = "FLOPs",
 ) -> dict[int, int]:
     """Greedy: repeatedly shrink the group that loses least importance per FLOP saved,
     from ``start`` (default: full widths) until the FLOPs fit the budget."""
@@ -30,7 +33,7 @@ def choose_widths(
     if floor > target + 1e-6 * flops.total:
         frozen = flops({g: 0 for g in groups})
         raise BudgetError(
-            f"budget {budget:g} asks for {target:.4g} FLOPs, but the smallest network the "
+            f"budget {budget:g} asks for {target:.4g} {what}, but the smallest network the "
             f"groups allow costs {floor:.4g} ({floor / flops.total:.3f} of the full "
             f"{flops.total:.4g}); the frozen part alone costs {frozen:.4g} "
             f"({frozen / flops.total:.3f}). Raise the budget or freeze fewer channels."
@@ -70,12 +73,13 @@ def choose_widths(
         current = flops(widths)
         for h in neighbours[g] | {g}:
             scores[h] = score(h)
-    log.info("one-shot widths: %.4f of full FLOPs (budget %.4f)", current / flops.total, budget)
+    log.info("one-shot widths: %.4f of full %s (budget %.4f)", current / flops.total, what,
+             budget)
     return widths
 
 
 def grow_widths(
-    flops: FlopsModel, grouping: GroupingResult, importance: dict[int, np.ndarray],
+    flops: CostModel, grouping: GroupingResult, importance: dict[int, np.ndarray],
     ranks: dict[int, np.ndarray], ceiling: float, start: dict[int, int],
 ) -> dict[int, int]:
     """Greedy inverse of :func:`choose_widths`: while the FLOPs stay within ``ceiling``

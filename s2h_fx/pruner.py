@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.config import PruneConfig, S2HConfig
+from s2h_fx.cost import COST_NAMES, CostModel, build_cost_model
 from s2h_fx.distill import decoupled_backward, s2h_losses
 from s2h_fx.errors import (
     BudgetError,
@@ -52,12 +53,13 @@ log = logging.getLogger(__name__)
 
 def prune_graph(
     model: nn.Module,
-    budget: float,
+    budget: float | dict[str, Any],
     example_inputs: tuple[Any, ...] | None = None,
     *,
     divisor: int = 8,
     strict: bool = False,
     config: S2HConfig | None = None,
+    latency_measure: Any = None,
 ) -> Pruner:
     """Trace ``model``, group its coupled channels, insert masks and choose widths.
 
@@ -67,8 +69,13 @@ def prune_graph(
     The one-shot widths are written into the masks, so the pruner in either
     mode, and ``export()``, are at the budget from the start. ``config`` holds
     S2H training settings.
+
+    ``budget`` may name its kind (see :class:`~s2h_fx.config.PruneConfig`):
+    ``{"params": 0.4}``, or ``{"latency": 0.5, "runtime": "onnxruntime", "batch": 1}``
+    (layer latency tables are measured on that runtime, or by ``latency_measure``,
+    a :class:`s2h_fx.latency.Measure`, and cached on disk).
     """
-    prune_config = PruneConfig(budget, divisor, strict)
+    prune_config = PruneConfig(budget, divisor, strict)  # type: ignore[arg-type]
     if example_inputs is None:
         raise InputError(
             "example_inputs is required to trace shapes, e.g. "
@@ -84,8 +91,10 @@ def prune_graph(
             + grouping.table()
         )
     flops = build_flops_model(gm, grouping)
+    cost = build_cost_model(prune_config, gm, grouping, flops, tuple(example_inputs),
+                            latency_measure)
     gm = insert_masks(gm, grouping)
-    pruner = Pruner(gm, grouping, flops, prune_config, config or S2HConfig())
+    pruner = Pruner(gm, grouping, flops, prune_config, config or S2HConfig(), cost)
     pruner.train(model.training)
     return pruner
 
@@ -107,12 +116,15 @@ class Pruner(nn.Module):
 
     def __init__(
         self, gm: fx.GraphModule, grouping: GroupingResult, flops: FlopsModel,
-        config: PruneConfig, s2h: S2HConfig,
+        config: PruneConfig, s2h: S2HConfig, cost: CostModel | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = gm
         self.grouping = grouping
         self.flops_model = flops
+        # what the budget counts (FLOPs, parameters or latency): the resource loss,
+        # the one-shot widths, project() and export() use it
+        self.cost_model: CostModel = flops if cost is None else cost
         self.config = config
         self.s2h = s2h
         self._masks: dict[int, ChannelMask] = {
@@ -132,8 +144,9 @@ class Pruner(nn.Module):
         self._target: float | None = None
         self._loaded: dict[str, Any] | None = None
         scores = self.update_importance()
-        widths = choose_widths(flops, grouping, {g: s.numpy() for g, s in scores.items()},
-                               config.budget)
+        widths = choose_widths(self.cost_model, grouping,
+                               {g: s.numpy() for g, s in scores.items()}, config.budget,
+                               what=COST_NAMES[config.kind])
         self.set_widths(widths)
 
     # ---- inspection ------------------------------------------------------
@@ -170,6 +183,11 @@ class Pruner(nn.Module):
 
     def flops_ratio(self, widths: dict[int, Any] | None = None) -> Any:
         return self.flops(widths) / self.flops_model.total
+
+    def cost_ratio(self, widths: dict[int, Any] | None = None) -> Any:
+        """The budget's cost (FLOPs, parameters or latency: ``config.kind``) of the hard
+        network at ``widths`` (default: the current widths), over the full network's."""
+        return self.cost_model.ratio(self.widths if widths is None else widths)
 
     # ---- widths ----------------------------------------------------------
     def update_importance(self) -> dict[int, torch.Tensor]:
@@ -288,9 +306,10 @@ class Pruner(nn.Module):
 
     def resource_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lambda_R (F(n)/F - target)^2, F(n)/F) with straight-through hard widths n;
-        the target is the budget (see :attr:`flops_target`)."""
+        the target is the budget (see :attr:`flops_target`). F is the budget's cost
+        (:attr:`cost_model`: FLOPs, parameters or latency)."""
         widths = {g: m.hard_width() for g, m in self._masks.items()}
-        ratio = self.flops_model.ratio(widths)
+        ratio = self.cost_model.ratio(widths)
         return self.s2h.resource_weight * (ratio - self.flops_target) ** 2, ratio
 
     def losses(
@@ -348,7 +367,7 @@ class Pruner(nn.Module):
         """One step of the mask optimiser on the gradients gathered by :meth:`backward`,
         then re-rank channels by importance (unless ``fix_importance``)."""
         if self._mask_grads is not None:
-            gap = float(self.flops_ratio()) - self.flops_target
+            gap = float(self.cost_ratio()) - self.flops_target
             self.mask_optimizer.step(self._mask_grads["task"], self._mask_grads["resource"], gap)
         self.drop_mask_grads()
         if not self.s2h.fix_importance:
@@ -392,7 +411,7 @@ class Pruner(nn.Module):
         tolerance]: above it, shrink the widths that cost least importance per FLOP;
         then (and when far below it) give back the channels that add most importance
         per FLOP while the FLOPs stay within the budget. Returns whether it changed."""
-        ratio = float(self.flops_ratio())
+        ratio = float(self.cost_ratio())
         budget, tol = self.config.budget, self.s2h.tolerance
         if budget - floor_margin <= ratio <= budget + tol:
             return False
@@ -400,20 +419,21 @@ class Pruner(nn.Module):
         ranks = {g: m.rank.cpu().numpy() for g, m in self._masks.items()}
         widths = self.widths
         if ratio > budget + tol:
-            widths = choose_widths(self.flops_model, self.grouping, scores, budget,
-                                   start=widths)
+            widths = choose_widths(self.cost_model, self.grouping, scores, budget,
+                                   start=widths, what=COST_NAMES[self.config.kind])
         # one divisor step of a wide group can overshoot far below the budget: give
         # back what still fits (below the budget: the whole way up to it)
-        widths = grow_widths(self.flops_model, self.grouping, scores, ranks, budget,
+        widths = grow_widths(self.cost_model, self.grouping, scores, ranks, budget,
                              start=widths)
+        what = COST_NAMES[self.config.kind]
         if widths == self.widths:  # below the band, and nothing more fits the budget
-            log.info("hard network at %.4f of the FLOPs, budget %.4f: no width can grow "
-                     "within the budget", ratio, budget)
+            log.info("hard network at %.4f of the %s, budget %.4f: no width can grow "
+                     "within the budget", ratio, what, budget)
             return False
         self.set_widths(widths)
-        after = float(self.flops_ratio())
-        log.warning("hard network at %.4f of the FLOPs, budget %.4f: projected to %.4f%s",
-                    ratio, budget, after,
+        after = float(self.cost_ratio())
+        log.warning("hard network at %.4f of the %s, budget %.4f: projected to %.4f%s",
+                    ratio, what, budget, after,
                     "" if budget - floor_margin <= after <= budget + tol else
                     " (the groups' widths cannot land inside the band)")
         return True
@@ -428,19 +448,19 @@ class Pruner(nn.Module):
         NonFiniteError if a weight or statistic of the network is not finite.
         """
         limit = self.config.budget + self.s2h.tolerance
-        ratio = float(self.flops_ratio())
+        ratio = float(self.cost_ratio())
         if enforce_budget and ratio > limit:
             self._check_finite(emit_pruned(self.graph_module, self.plan,
                                            overrides=self.hard_stats.tensors()))
-            log.warning("export: the hard network is at %.4f of the FLOPs, above the budget "
+            log.warning("export: the hard network is at %.4f of the %s, above the budget "
                         "%.4f + %.4f; projecting it onto the budget (export(enforce_budget="
-                        "False) keeps it as it is)", ratio, self.config.budget,
-                        self.s2h.tolerance)
+                        "False) keeps it as it is)", ratio, COST_NAMES[self.config.kind],
+                        self.config.budget, self.s2h.tolerance)
             self.project()
-            if float(self.flops_ratio()) > limit:
+            if float(self.cost_ratio()) > limit:
                 raise BudgetError(f"no widths of this network meet budget "
                                   f"{self.config.budget:g}: projection ends at "
-                                  f"{float(self.flops_ratio()):.4f}")
+                                  f"{float(self.cost_ratio()):.4f}")
         pruned = emit_pruned(self.graph_module, self.plan, overrides=self.hard_stats.tensors())
         if any(n.startswith("s2h_mask") for n, _ in pruned.named_modules()):
             raise InvariantError("mask modules left in the emitted graph")

@@ -1,0 +1,262 @@
+"""The latency model: its terms on a toy network (a known per-layer cost function
+is recovered), interpolation, the disk cache, the runtime measure driven by a fake
+clock, and a latency budget through prune_graph (gradients reach the masks, the
+exported network meets the budget under the known cost)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import s2h_fx
+from s2h_fx.latency import (
+    LatencyModel,
+    LatencyOptions,
+    LayerSpec,
+    RuntimeMeasure,
+    axis_grid,
+    build_latency_model,
+    interpolate,
+    monotone,
+)
+from s2h_fx.passes import find_channel_groups, trace_model
+
+X = torch.randn(1, 3, 8, 8)
+DENSE = 0.05  # seconds: what the fake runtime says the whole dense network takes
+
+
+class Chain(nn.Module):
+    """a: 3 -> 16, b: 16 -> 32 (stride 2), dw: depthwise 32, c: 32 -> 16 (1x1),
+    head: 16 -> 10. Prunable groups: a's output (16), b's output tied through the
+    depthwise conv (32), c's output (16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.b = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.c = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.a(x)))
+        x = torch.relu(self.dw(torch.relu(self.b(x))))
+        return self.head(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def cost(cin: int, cout: int, groups: int) -> float:
+    """The known per-layer cost: bilinear in (in, out) channels, so a multilinear
+    interpolation on any grid reproduces it exactly."""
+    return 1e-6 * cin * cout / groups + 1e-5 * cout + 1e-4
+
+
+class FakeMeasure:
+    """A runtime whose layers cost :func:`cost`; counts what it is asked to measure."""
+
+    def __init__(self, dense: float = DENSE, **key: Any) -> None:
+        self._key = {"runtime": "fake", **key}
+        self.dense = dense
+        self.layers: list[tuple[str, tuple[int, ...]]] = []
+        self.networks = 0
+
+    def key(self) -> dict[str, Any]:
+        return self._key
+
+    def layer(self, spec: LayerSpec, sizes: tuple[int, ...]) -> float:
+        self.layers.append((spec.key(), sizes))
+        return cost(*spec.channels(sizes))
+
+    def network(self, module: nn.Module, x: torch.Tensor) -> float:
+        self.networks += 1
+        return self.dense
+
+
+def chain_model(tmp_path: Path, measure: Any, points: int = 4) -> tuple[LatencyModel, Any]:
+    gm = trace_model(Chain().eval(), (X,))
+    grouping = find_channel_groups(gm, divisor=8)
+    model = build_latency_model(gm, grouping, X, measure, LatencyOptions(points, tmp_path))
+    return model, grouping
+
+
+def group_by_size(grouping: Any) -> dict[str, int]:
+    """The prunable groups of Chain, named by the module that produces them."""
+    out = {}
+    for g in grouping.prunable:
+        (name,) = [m[:-4] for m in g.members if m in ("a:out", "b:out", "c:out")]
+        out[name] = g.index
+    assert sorted(out) == ["a", "b", "c"]
+    return out
+
+
+def by_hand(wa: int, wb: int, wc: int) -> float:
+    layers = [(3, wa, 1), (wa, wb, 1), (wb, wb, wb), (wb, wc, 1), (wc, 10, 1)]
+    return sum(cost(*layer) for layer in layers)
+
+
+# ---- structure: the known cost is recovered ---------------------------------------
+def test_terms_of_the_toy_network(tmp_path: Path) -> None:
+    model, grouping = chain_model(tmp_path, FakeMeasure())
+    roles = {t.node: t.spec.roles for t in model.terms}
+    assert roles == {"a": ("out",), "b": ("in", "out"), "dw": ("inout",),
+                     "c": ("in", "out"), "head": ("in",)}
+    grids = {t.node: t.grids for t in model.terms}
+    assert grids["b"] == ((8, 16), (8, 16, 24, 32))
+    assert grids["dw"] == ((8, 16, 24, 32),)
+    assert model.measured_dense == DENSE
+    # the remainder is what the layers at full width leave of the dense network
+    assert model.constant == pytest.approx(DENSE - by_hand(16, 32, 16))
+    assert model.total == pytest.approx(DENSE)
+
+
+def test_known_cost_recovered_at_every_width(tmp_path: Path) -> None:
+    model, grouping = chain_model(tmp_path, FakeMeasure())
+    g = group_by_size(grouping)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        wa, wc = (int(v) for v in rng.choice([8, 16], 2))
+        wb = int(rng.choice([8, 16, 24, 32]))
+        got = float(model({g["a"]: wa, g["b"]: wb, g["c"]: wc}))
+        assert got == pytest.approx(model.constant + by_hand(wa, wb, wc), rel=1e-9)
+    # between grid points too (a coarse grid of 2 points per axis)
+    coarse, _ = chain_model(tmp_path / "coarse", FakeMeasure(), points=2)
+    assert float(coarse({g["b"]: 24})) == pytest.approx(coarse.constant + by_hand(16, 24, 16))
+
+
+def test_gradient_of_the_widths(tmp_path: Path) -> None:
+    model, grouping = chain_model(tmp_path, FakeMeasure())
+    g = group_by_size(grouping)
+    wc = torch.tensor(8.0, requires_grad=True)
+    model({g["c"]: wc}).backward()
+    # d/dwc of cost(32, wc, 1) + cost(wc, 10, 1)
+    assert float(wc.grad) == pytest.approx(1e-6 * 32 + 1e-5 + 1e-6 * 10)
+
+
+# ---- interpolation ------------------------------------------------------------------
+def test_interpolate_1d() -> None:
+    grids, table = ((8.0, 16.0, 32.0),), np.array([1.0, 3.0, 11.0])
+    assert interpolate(grids, table, (16,)) == pytest.approx(3.0)
+    assert interpolate(grids, table, (12,)) == pytest.approx(2.0)
+    assert interpolate(grids, table, (24,)) == pytest.approx(7.0)
+    assert interpolate(grids, table, (40,)) == pytest.approx(15.0)  # the last cell's trend
+    assert interpolate(grids, table, (4,)) == pytest.approx(0.0)  # the first cell's trend
+    v = torch.tensor(24.0, requires_grad=True)
+    interpolate(grids, table, (v,)).backward()
+    assert float(v.grad) == pytest.approx(8 / 16)
+
+
+def test_interpolate_2d_and_constant_axis() -> None:
+    grids = ((8.0, 16.0), (10.0, 20.0))
+    table = np.array([[1.0, 2.0], [3.0, 5.0]])
+    assert interpolate(grids, table, (12, 15)) == pytest.approx((1 + 2 + 3 + 5) / 4)
+    assert interpolate(grids, table, (16, 10)) == pytest.approx(3.0)
+    assert interpolate(((32.0,),), np.array([7.0]), (8,)) == pytest.approx(7.0)
+
+
+def test_monotone_envelope() -> None:
+    noisy = np.array([[3.0, 2.0, 5.0], [1.0, 4.0, 6.0]])
+    # each entry: the least over itself and every wider entry (both axes)
+    np.testing.assert_array_equal(monotone(noisy), [[1.0, 2.0, 5.0], [1.0, 4.0, 6.0]])
+    np.testing.assert_array_equal(monotone(np.array([2.0, 1.0, 3.0])), [1.0, 1.0, 3.0])
+
+
+def test_axis_grid_at_the_divisor(tmp_path: Path) -> None:
+    model, grouping = chain_model(tmp_path, FakeMeasure())
+    dw = next(t for t in model.terms if t.node == "dw")
+    sizes = {g.index: g.size for g in grouping.prunable}
+    assert axis_grid(dw.axes[0], grouping, sizes, 4) == (8, 16, 24, 32)
+    assert axis_grid(dw.axes[0], grouping, sizes, 3) == (8, 24, 32)
+    assert axis_grid(dw.axes[0], grouping, sizes, 50) == (8, 16, 24, 32)
+
+
+# ---- the cache ----------------------------------------------------------------------
+def test_cache_reused_for_the_same_key(tmp_path: Path) -> None:
+    first = FakeMeasure(batch=1)
+    m1, _ = chain_model(tmp_path, first)
+    # grid points: a 2, b 2x4, dw 4, c 4x2, head 2
+    assert len(first.layers) == 24
+    again = FakeMeasure(batch=1)
+    m2, _ = chain_model(tmp_path, again)
+    assert again.layers == []  # every layer from the cache
+    assert again.networks == 1  # the dense network is measured each time
+    for t1, t2 in zip(m1.terms, m2.terms):
+        np.testing.assert_array_equal(t1.table, t2.table)
+
+
+def test_cache_rebuilt_when_the_key_changes(tmp_path: Path) -> None:
+    chain_model(tmp_path, FakeMeasure(batch=1, threads=2))
+    other = FakeMeasure(batch=1, threads=4)
+    chain_model(tmp_path, other)
+    assert len(other.layers) == 24
+    assert len(list(tmp_path.glob("latency-*.json"))) == 2
+
+
+def test_cache_file_of_another_key_ignored(tmp_path: Path) -> None:
+    chain_model(tmp_path, FakeMeasure(batch=1))
+    (path,) = tmp_path.glob("latency-*.json")
+    data = json.loads(path.read_text())
+    data["key"]["batch"] = 99  # as if written for another key
+    data["entries"] = {k: 1.0 for k in data["entries"]}
+    path.write_text(json.dumps(data))
+    again = FakeMeasure(batch=1)
+    model, _ = chain_model(tmp_path, again)
+    assert len(again.layers) == 24
+    assert model.total == pytest.approx(DENSE)
+
+
+# ---- the runtime measure, with a fake clock ------------------------------------------
+def test_runtime_measure_with_a_fake_timer() -> None:
+    """Eager runtime, a timer that reads one 'nanosecond' per output element: a layer's
+    figure is its own minus the one-weight network's (batch outputs)."""
+    def timer(fn: Any) -> float:
+        return float(fn().numel()) * 1e-9
+
+    measure = RuntimeMeasure("eager", batch=2, rounds=3, warmup=0, timer=timer)
+    spec = LayerSpec("conv2d", (2, 16, 8, 8), 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, True,
+                     ("in", "out"))
+    assert measure.layer(spec, (8, 24)) == pytest.approx((2 * 24 * 8 * 8 - 2) * 1e-9)
+    assert measure.network(nn.Linear(4, 3), torch.randn(2, 4)) == pytest.approx(6e-9)
+    key = measure.key()
+    assert (key["runtime"], key["batch"], key["device"]) == ("eager", 2, "cpu")
+    assert key["torch"] == torch.__version__
+
+
+# ---- a latency budget through prune_graph --------------------------------------------
+def exported_cost(module: nn.Module) -> float:
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(cost(m.in_channels, m.out_channels, m.groups) if isinstance(m, nn.Conv2d)
+               else cost(m.in_features, m.out_features, 1) for m in layers)
+
+
+def test_latency_budget_through_prune_graph(tmp_path: Path) -> None:
+    budget = {"latency": 0.6, "runtime": "eager", "cache_dir": str(tmp_path)}
+    dense = by_hand(16, 32, 16) + 2e-4  # a small remainder, so that 0.6 can be met
+    pruner = s2h_fx.prune_graph(Chain().eval(), budget, example_inputs=(X,),
+                                latency_measure=FakeMeasure(dense))
+    assert pruner.cost_model.constant == pytest.approx(2e-4)
+    assert isinstance(pruner.cost_model, LatencyModel)
+    pruned = pruner.export()
+    remainder = pruner.cost_model.constant
+    ratio = (remainder + exported_cost(pruned)) / (remainder + exported_cost(Chain()))
+    assert ratio <= 0.6 + pruner.s2h.tolerance
+    assert float(pruner.cost_ratio()) == pytest.approx(ratio)
+    # the resource loss counts the latency model, and its gradient reaches every mask
+    assert float(pruner.resource_loss()[1].detach()) == pytest.approx(ratio)
+    pruner.reset_masks()
+    pruner.train()
+    loss, _ = pruner.resource_loss()
+    loss.backward()
+    for p in pruner.mask_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert float(p.grad.abs().sum()) > 0
+
+
+def test_interpolate_keeps_the_dtype() -> None:
+    v = torch.tensor(12.0, requires_grad=True)
+    out = interpolate(((8.0, 16.0),), np.array([1.0, 3.0]), (v,))
+    assert out.dtype == torch.float32 and float(out.detach()) == pytest.approx(2.0)
