@@ -120,9 +120,9 @@ class S2HConfig:
     (``mask_momentum`` in [0, 1), as torch's SGD; ``mask_nesterov``: Nesterov
     momentum, needs ``mask_momentum > 0``) and its step size is ``mask_lr`` times
     the weights' schedule factor (lr now / base lr) when
-    ``mask_lr_follows_schedule``. ``descent_epochs``: the FLOPs target of the
-    resource loss and the mask step falls from 1 (the full network) to the budget
-    along a half cosine over this many epochs (0: the budget from the start).
+    ``mask_lr_follows_schedule``. ``descent_epochs``: the target cost ratio (FLOPs
+    unless the budget says otherwise) of the resource loss and the mask step falls
+    from 1 (the full network) to the budget along a half cosine over this many epochs (0: the budget from the start).
     ``settle_epochs``: the last this many epochs keep the architecture fixed (it is
     projected into the budget band first, then no mask step: logits, ranks and
     widths stay) while the weights train on; ``settle_mode`` says how: ``"hard"``
@@ -131,7 +131,7 @@ class S2HConfig:
     Must be smaller than ``fit``'s ``epochs`` when nonzero. ``None`` (the default of
     both) is a share of ``fit``'s epochs: :data:`DESCENT_SHARE` and
     :data:`SETTLE_SHARE` (see :meth:`phases`). A user's own loop descends with
-    :meth:`Pruner.set_flops_target` and settles by not calling ``mask_step``.
+    :meth:`Pruner.set_target_ratio` and settles by not calling ``mask_step``.
     """
 
     temperature: float = 1.0

@@ -291,26 +291,27 @@ class Pruner(nn.Module):
 
     # ---- S2H training steps ------------------------------------------------
     @property
-    def flops_target(self) -> float:
-        """The FLOPs ratio the resource loss and the mask step aim at: the budget,
-        unless :meth:`set_flops_target` set a way-point above it (a gradual descent)."""
+    def target_ratio(self) -> float:
+        """The cost ratio (the budget's kind: FLOPs, parameters or latency) the resource
+        loss and the mask step aim at: the budget, unless :meth:`set_target_ratio` set
+        a way-point above it (a gradual descent)."""
         return self.config.budget if self._target is None else self._target
 
-    def set_flops_target(self, ratio: float | None) -> None:
+    def set_target_ratio(self, ratio: float | None) -> None:
         """Aim training at ``ratio`` in [budget, 1] for now (None: the budget).
         :meth:`project` and :meth:`export` always hold the budget itself."""
         if ratio is not None and not self.config.budget <= ratio <= 1:
-            raise ValueError(f"a FLOPs target must lie in [budget {self.config.budget:g}, 1], "
+            raise ValueError(f"a target ratio must lie in [budget {self.config.budget:g}, 1], "
                              f"got {ratio!r}")
         self._target = None if ratio is None else float(ratio)
 
     def resource_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lambda_R (F(n)/F - target)^2, F(n)/F) with straight-through hard widths n;
-        the target is the budget (see :attr:`flops_target`). F is the budget's cost
+        the target is the budget (see :attr:`target_ratio`). F is the budget's cost
         (:attr:`cost_model`: FLOPs, parameters or latency)."""
         widths = {g: m.hard_width() for g, m in self._masks.items()}
         ratio = self.cost_model.ratio(widths)
-        return self.s2h.resource_weight * (ratio - self.flops_target) ** 2, ratio
+        return self.s2h.resource_weight * (ratio - self.target_ratio) ** 2, ratio
 
     def losses(
         self, outputs: tuple[torch.Tensor, torch.Tensor], target: Any,
@@ -367,7 +368,7 @@ class Pruner(nn.Module):
         """One step of the mask optimiser on the gradients gathered by :meth:`backward`,
         then re-rank channels by importance (unless ``fix_importance``)."""
         if self._mask_grads is not None:
-            gap = float(self.cost_ratio()) - self.flops_target
+            gap = float(self.cost_ratio()) - self.target_ratio
             self.mask_optimizer.step(self._mask_grads["task"], self._mask_grads["resource"], gap)
         self.drop_mask_grads()
         if not self.s2h.fix_importance:

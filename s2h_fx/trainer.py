@@ -114,7 +114,7 @@ class _S2HStep:
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         p = self.pruner
         if self.target is not None:
-            p.set_flops_target(self.target())
+            p.set_target_ratio(self.target())
         if self.method in ("s2h", "no_decouple"):
             soft, hard = p(x)
             return p.losses((soft, hard), y, decoupled=self.decoupled), {"soft": soft, "hard": hard}
@@ -144,7 +144,8 @@ class _S2HStep:
             if self.schedule is not None:  # called after the weights' step, before the
                 p.mask_optimizer.lr_scale = self.schedule.factor()  # schedule's
             p.mask_step()
-        return {"flops": float(p.flops_ratio(p.mask_widths())), "target": p.flops_target}
+        return {"flops": float(p.flops_ratio(p.mask_widths())), "cost": float(p.cost_ratio()),
+                "target": p.target_ratio}
 
     def discard(self) -> None:
         self.pruner.discard_step()
@@ -333,7 +334,7 @@ def fit(
         _run_epochs(loop, pruner, (warm, s2h, settling), epochs, warmup_epochs, settle,
                     val_loader, dev)
     finally:  # a way-point of the descent is not left behind, even on an error
-        pruner.set_flops_target(None)
+        pruner.set_target_ratio(None)
     history = [EpochRecord.from_dict(d) for d in loop.state.history]
     if finish:
         finish_training(pruner, train_loader, bn_batches)
@@ -360,7 +361,7 @@ def _run_epochs(loop: Loop, pruner: Pruner, steps: tuple[Any, Any, Any], epochs:
             if n == epochs - settle + 1 and loop.state.step == 0:
                 # the architecture the settling epochs train is the one exported: bring
                 # it into the budget band now, not after it has been trained
-                pruner.set_flops_target(None)
+                pruner.set_target_ratio(None)
                 pruner.project()
             sums = loop.run_epoch(settling, f"S2H epoch {n}/{epochs} (settling)", _postfix)
         else:
@@ -374,7 +375,7 @@ def _run_epochs(loop: Loop, pruner: Pruner, steps: tuple[Any, Any, Any], epochs:
 
 def _descent(pruner: Pruner, epochs: float, sched: CosineSchedule, warmup_epochs: int
              ) -> Callable[[], float | None] | None:
-    """``S2HConfig.descent_epochs``: the FLOPs target of each S2H step, from 1 (the full
+    """``S2HConfig.descent_epochs``: the target cost ratio of each S2H step, from 1 (the full
     network) down to the budget along a half cosine over that many epochs, then the
     budget. It reads the optimiser steps the schedule counted, so a resume continues
     the descent where it stopped; while the epoch length is unknown (a loader without

@@ -17,7 +17,7 @@ X = torch.randn(2, 3, 16, 16)
 
 
 @pytest.mark.parametrize("budget", [0, -0.1, 1.0001, 2, math.nan, math.inf, "0.5", None, True,
-                                    {"params": 0.5}])
+                                    {"paramz": 0.5}, {"latency": 0.5}])
 def test_bad_budget(budget: object) -> None:
     with pytest.raises(s2h_fx.BudgetError, match="budget"):
         s2h_fx.prune_graph(Residual(), budget, example_inputs=(X,))  # type: ignore[arg-type]

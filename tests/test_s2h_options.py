@@ -351,7 +351,7 @@ def test_descent_moves_the_target_from_full_to_the_budget() -> None:
     assert targets[1] < 1.0 and targets[BATCHES - 1] > budget
     assert targets[BATCHES:] == [pytest.approx(budget)] * (2 * BATCHES)
     assert resources[0] < (1.0 - budget) ** 2 / 2  # at full width, next to the target 1.0
-    assert p.flops_target == budget  # fit leaves the budget as the target
+    assert p.target_ratio == budget  # fit leaves the budget as the target
 
 
 def test_an_interrupted_fit_leaves_the_budget_as_the_target() -> None:
@@ -363,19 +363,19 @@ def test_an_interrupted_fit_leaves_the_budget_as_the_target() -> None:
 
     with pytest.raises(KeyboardInterrupt):
         p.fit(data(), 3, progress=False, finish=False, on_step=stop)
-    assert p.flops_target == 0.4
+    assert p.target_ratio == 0.4
 
 
-def test_flops_target_is_checked_and_reset() -> None:
+def test_target_ratio_is_checked_and_reset() -> None:
     p = pruner(budget=0.4)
-    assert p.flops_target == 0.4
+    assert p.target_ratio == 0.4
     for bad in (0.3, 1.1):
-        with pytest.raises(ValueError, match="FLOPs target"):
-            p.set_flops_target(bad)
-    p.set_flops_target(0.7)
+        with pytest.raises(ValueError, match="target ratio"):
+            p.set_target_ratio(bad)
+    p.set_target_ratio(0.7)
     r_far = float(p.resource_loss()[0].detach())
-    p.set_flops_target(None)
-    assert p.flops_target == 0.4 and float(p.resource_loss()[0].detach()) != r_far
+    p.set_target_ratio(None)
+    assert p.target_ratio == 0.4 and float(p.resource_loss()[0].detach()) != r_far
 
 
 def test_settle_epochs_must_leave_epochs_to_learn() -> None:
