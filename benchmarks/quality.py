@@ -74,6 +74,11 @@ Presets (explicit options override them):
   side), the 1-thread figures give about 1.7 s a S2H step and 0.3-0.6 s a plain
   one: about 5.5 h for the preset on a machine as busy as that. On a shared
   machine use ``--threads 1``; ``--resume`` continues a stopped run.
+  Measured 2026-11-24 with today's S2H defaults, two 1-thread runs side by side on
+  2 cores (this protocol and the ablation): dense start 267 s, s2h 645-997 s,
+  tp-magnitude 314 s, tp-taylor 456 s, oneshot-l1 367 s, dense 577 s: about 50 min
+  a seed and budget, so the whole preset (3 budgets x 3 seeds) takes about 5 h
+  that way; the ablation's variants without settling take 1350-1900 s a run.
 - ``gpu``: all four models, all 60,000 training images, E0 = 15, E1 = 30, the
   same budgets and seeds. Not run yet (no GPU was lent while this was written).
 """
