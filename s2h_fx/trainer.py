@@ -144,8 +144,9 @@ class _S2HStep:
             if self.schedule is not None:  # called after the weights' step, before the
                 p.mask_optimizer.lr_scale = self.schedule.factor()  # schedule's
             p.mask_step()
-        return {"flops": float(p.flops_ratio(p.mask_widths())), "cost": float(p.cost_ratio()),
-                "target": p.target_ratio}
+        flops = float(p.flops_ratio())
+        cost = flops if p.cost_model is p.flops_model else float(p.cost_ratio())
+        return {"flops": flops, "cost": cost, "target": p.target_ratio}
 
     def discard(self) -> None:
         self.pruner.discard_step()
@@ -281,10 +282,11 @@ def fit(
 
     The pruner's :class:`~s2h_fx.config.S2HConfig` sets the mask optimiser's
     momentum, whether its step size follows the weights' schedule
-    (``mask_lr_follows_schedule``), and ``settle_epochs``: the last that many of the
-    ``epochs`` run with the architecture fixed (no mask step; the weights train on
-    with the same losses), decided by the loop's epoch counter, so a resume
-    continues in the right phase.
+    (``mask_lr_follows_schedule``), the descent of the target (``descent_epochs``)
+    and ``settle_epochs``: the last that many of the ``epochs`` run with the
+    architecture projected into the budget band and fixed (no mask step; by default
+    the hard network trains alone, ``settle_mode``), decided by the loop's epoch
+    counter, so a resume continues in the right phase.
 
     Under ``torch.distributed`` (torchrun; give each rank its shard of the data,
     e.g. with a ``DistributedSampler``) the weights' gradients are averaged over
