@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from s2h_fx.channels import S2H_MASK_SITE
+from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE
+from s2h_fx.passes.find_channel_groups import S2H_FLOP_REFS, S2H_MIXING
 from s2h_fx.passes.plan_surgery import SurgeryPlan  # noqa: I001
+from s2h_fx.rules.sizes import S2H_SIZE_DEPS
 from s2h_fx.surgery import apply_surgery
+
+# node.meta written by find_channel_groups: large (channel ids) and about the unpruned graph
+_ANALYSIS_META = frozenset({S2H_LAYOUT, S2H_FLOP_REFS, S2H_MIXING, S2H_SIZE_DEPS})
 
 
 def slice_tensor(t: torch.Tensor, cuts: tuple[tuple[int, torch.Tensor], ...]) -> torch.Tensor:
@@ -38,6 +43,17 @@ def emit_pruned(
     if share:
         for t in list(gm.parameters()) + list(gm.buffers()):
             memo[id(t)] = t
+    else:  # tensors about to be sliced (or dropped with the masks) are not copied whole
+        for path in list(plan.params) + list(overrides or {}):
+            t = _lookup(gm, path)
+            if isinstance(t, torch.Tensor):
+                memo[id(t)] = t
+        for name, mod in gm.named_children():
+            if name.startswith("s2h_mask_g"):
+                for t in list(mod.parameters()) + list(mod.buffers()):
+                    memo[id(t)] = t
+    for node in gm.graph.nodes:  # the analysis' meta stays behind (it is the unpruned net's)
+        memo[id(node.meta)] = {k: v for k, v in node.meta.items() if k not in _ANALYSIS_META}
     new = copy.deepcopy(gm, memo)
     graph = new.graph
     for node in list(graph.nodes):
@@ -70,6 +86,8 @@ def emit_pruned(
         else:
             setattr(owner, attr, value)
         touched.add(owner_path)
+    if not share:
+        _unshare(new, gm)
     first_input = _first_inputs(graph)
     for owner_path in sorted(touched):
         if owner_path:
@@ -78,6 +96,27 @@ def emit_pruned(
     graph.lint()
     new.recompile()
     return new
+
+
+def _unshare(new: nn.Module, old: nn.Module) -> None:
+    """Copy any tensor ``new`` still shares with ``old`` (one that the memo kept back
+    from the deepcopy and that was not sliced: a weight tied to a sliced one)."""
+    shared = {id(t) for _, t in old.named_parameters(remove_duplicate=False)}
+    shared |= {id(t) for _, t in old.named_buffers(remove_duplicate=False)}
+    for mod in new.modules():
+        for store in (mod._parameters, mod._buffers):
+            for attr, t in store.items():
+                if t is not None and id(t) in shared:
+                    with torch.no_grad():
+                        copy_ = t.detach().clone()
+                    store[attr] = (nn.Parameter(copy_, requires_grad=t.requires_grad)
+                                   if isinstance(t, nn.Parameter) else copy_)
+
+
+def _lookup(module: nn.Module, path: str) -> Any:
+    owner_path, _, attr = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    return getattr(owner, attr, None)
 
 
 def _first_inputs(graph: fx.Graph) -> dict[str, str]:

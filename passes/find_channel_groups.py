@@ -7,8 +7,11 @@ Returns: a frozen :class:`GroupingResult`; the graph itself is not changed.
 
 Every op is handled by a coupling rule (``s2h_fx.rules``); a rule that raises is
 a bug and raises :class:`InvariantError` naming the node, the rule and the user's
-line. Coupled ids form classes (union-find); classes linked by a producer or by
-a block constraint form components (``networkx``), split into channel groups
+line. Rules record coupled id pairs; their connected components are the classes,
+and classes linked by a producer or by a block constraint form components
+(both with scipy's sparse-graph components, then numpy over whole id arrays: no
+Python loop runs per channel id, so a ViT-Base with its relative-position tables,
+about 750,000 ids, groups in about a second), split into channel groups
 that every space and tensor uses uniformly (so each tensor's width is a function
 of the groups' widths). A group is frozen, with reasons, when it reaches a model
 output, touches an op without a rule, or is used in a way its channels cannot
@@ -24,8 +27,9 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-import networkx as nx
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import fx, nn
 
 from s2h_fx.channels import (
@@ -160,41 +164,40 @@ def _attr_layout(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
 
 
 def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> GroupingResult:
+    """Classes, parts and groups from the coupled ids, in time near-linear in the ids."""
     n = ctx.num_ids
-    root = np.fromiter((ctx.uf[i] for i in range(n)), dtype=np.int64, count=n)
-    space_of = np.repeat(np.arange(len(ctx.spaces)), [s.size for s in ctx.spaces])
-    link = nx.Graph()
-    link.add_nodes_from(np.unique(root).tolist())
-    producer_spaces = {int(space_of[ctx.slots[k][0]]) for k in ctx.producers}
-    for si in sorted(producer_spaces):
-        s = ctx.spaces[si]
-        nx.add_path(link, np.unique(root[s.offset : s.offset + s.size]).tolist())
-    for blk in ctx.blocks:
-        nx.add_path(link, np.unique(root[blk]).tolist())
+    root = _components(n, ctx.edges)  # class of every id
+    num_classes = int(root.max()) + 1 if n else 0
+    link = [root[s] for s in (ctx.slots[k] for k in ctx.producers)] + [root[b] for b in ctx.blocks]
+    comp_of = _components(num_classes, [(c[:-1], c[1:]) for c in link])
+    atom_of = _components(num_classes, [(root[b][:-1], root[b][1:]) for b in ctx.blocks])
     arrays = _use_arrays(ctx, gm)
-    comps = []
-    for part in _split_by_use(ctx, root, link, arrays):
-        in_group = np.isin(root, part)
-        spaces = np.unique(space_of[in_group])
-        if producer_spaces.intersection(spaces.tolist()):
-            comps.append((int(np.flatnonzero(in_group)[0]), part))
-    comps.sort()
-    group_of = np.full(n, -1, dtype=np.int64)
-    class_of = np.full(n, -1, dtype=np.int64)
+    part_of = _split_by_use(root, num_classes, comp_of, atom_of, arrays)[root]  # per id
+    # parts that hold a producer's channels become groups, in order of their first id
+    prod_ids = np.concatenate([ctx.slots[k] for k in ctx.producers] or [np.zeros(0, np.int64)])
+    parts, first = np.unique(part_of, return_index=True)
+    grouped = np.isin(parts, part_of[prod_ids])
+    order = parts[grouped][np.argsort(first[grouped], kind="stable")]
+    group_of_part = np.full(int(part_of.max()) + 1 if n else 0, -1, dtype=np.int64)
+    group_of_part[order] = np.arange(len(order))
+    group_of = group_of_part[part_of] if n else np.zeros(0, np.int64)
+    # inside a group, classes are numbered in order of their first id
+    _, first_of_class = np.unique(root, return_index=True)
+    group_of_class = np.full(num_classes, -1, dtype=np.int64)
+    group_of_class[root] = group_of
+    by = np.lexsort((first_of_class, group_of_class))
+    by = by[group_of_class[by] >= 0]
+    sizes = np.bincount(group_of_class[by], minlength=len(order)).tolist()
+    index_of_class = np.full(num_classes, -1, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    index_of_class[by] = np.arange(len(by)) - starts[group_of_class[by]]
+    class_of = np.where(group_of >= 0, index_of_class[root], -1) if n else group_of
     reasons: dict[int, list[str]] = defaultdict(list)
-    sizes, atoms, atom_maps = [], [], []
-    for gi, (_, roots) in enumerate(comps):
-        ids = np.flatnonzero(np.isin(root, roots))
-        # classes in order of first appearance
-        _, first = np.unique(root[ids], return_index=True)
-        ordered = root[ids][np.sort(first)]
-        cls_index = {int(r): k for k, r in enumerate(ordered.tolist())}
-        group_of[ids] = gi
-        class_of[ids] = [cls_index[int(r)] for r in root[ids].tolist()]
-        sizes.append(len(ordered))
-        size, atom_of = _atoms(ctx, root, cls_index, reasons[gi])
+    atoms, atom_maps = [], []
+    for gi in range(len(order)):
+        size, atom_map = _atoms(atom_of[by[starts[gi] : starts[gi + 1]]], reasons[gi])
         atoms.append(size)
-        atom_maps.append(atom_of)
+        atom_maps.append(atom_map)
     for deps, sized, user in ctx.size_checks:
         used = set(np.unique(group_of[deps]).tolist()) - {-1}
         own = set(np.unique(group_of[sized]).tolist()) - {-1} if sized is not None else set()
@@ -206,15 +209,19 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
             if g >= 0:
                 reasons[g].append(reason)
     _check_uniform(arrays, group_of, class_of, sizes, reasons)
+    members = _members(ctx, group_of, len(order))
+    producers: dict[int, list[SlotKey]] = defaultdict(list)
+    for k in ctx.producers:
+        for g in np.unique(group_of[ctx.slots[k]]).tolist():
+            producers[g].append(k)
     groups = []
-    for gi in range(len(comps)):
+    for gi in range(len(order)):
         d = _divisor(sizes[gi], atoms[gi], divisor)
         why = _summarise(reasons[gi])
         if not why and sizes[gi] // d < 2:
             why = [FreezeReason.TOO_SMALL.value + f" ({d})"]
-        members = _members(ctx, group_of, gi)
-        prods = tuple(k for k in ctx.producers if np.any(group_of[ctx.slots[k]] == gi))
-        groups.append(ChannelGroup(gi, sizes[gi], d, atoms[gi], members, prods, tuple(why)))
+        groups.append(ChannelGroup(gi, sizes[gi], d, atoms[gi], members[gi],
+                                   tuple(producers[gi]), tuple(why)))
     keep = np.array([g.prunable for g in groups] + [False], dtype=bool)
     group_of = np.where(keep[group_of], group_of, -1)
     class_of = np.where(group_of >= 0, class_of, -1)
@@ -222,6 +229,22 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         tuple(groups), tuple(ctx.spaces), dict(ctx.slots), group_of, class_of,
         tuple(dict.fromkeys(ctx.unknown)), tuple(atom_maps),
     )
+
+
+def _components(n: int, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Connected component of each of ``n`` items linked by the (a[i], b[i]) pairs,
+    numbered 0, 1, ... in order of each component's smallest item."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    a = np.concatenate([p[0] for p in pairs] + [np.zeros(0, np.int64)]).astype(np.int64)
+    b = np.concatenate([p[1] for p in pairs] + [np.zeros(0, np.int64)]).astype(np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    # relabel by first occurrence, so the numbering does not depend on scipy's
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.ravel()]
 
 
 def _summarise(reasons: list[str], limit: int = 3) -> list[str]:
@@ -240,24 +263,18 @@ def _summarise(reasons: list[str], limit: int = 3) -> list[str]:
     return out
 
 
-def _atoms(
-    ctx: RuleContext, root: np.ndarray, cls: dict[int, int], why: list[str]
-) -> tuple[int, np.ndarray]:
-    """Atom size and, per class, the atom it belongs to (atoms are kept or dropped whole)."""
-    uf = nx.utils.UnionFind(cls.keys())
-    for blk in ctx.blocks:
-        rs = [int(r) for r in np.unique(root[blk]).tolist()]
-        if rs[0] in cls:
-            uf.union(*rs)
-    sets = sorted(uf.to_sets(), key=lambda s: min(cls[r] for r in s))
-    atom_of = np.zeros(len(cls), dtype=np.int64)
-    for k, members in enumerate(sets):
-        atom_of[[cls[r] for r in members]] = k
-    sizes = {len(s) for s in sets}
+def _atoms(atom_of: np.ndarray, why: list[str]) -> tuple[int, np.ndarray]:
+    """Atom size and, per class (given in class order with its global atom), the atom it
+    belongs to, numbered in order of their first class (atoms are kept or dropped whole)."""
+    _, first, inverse = np.unique(atom_of, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    local = rank[inverse.ravel()]
+    sizes = set(np.bincount(local).tolist())
     if len(sizes) > 1:
         why.append(FreezeReason.NON_UNIFORM.value + " (blocks of unequal size)")
-        return 1, np.arange(len(cls))
-    return (sizes.pop() if sizes else 1), atom_of
+        return 1, np.arange(len(atom_of))
+    return (sizes.pop() if sizes else 1), local
 
 
 def _divisor(size: int, atom: int, default: int) -> int:
@@ -279,10 +296,24 @@ def _use_arrays(ctx: RuleContext, gm: fx.GraphModule) -> list[tuple[np.ndarray, 
     return arrays
 
 
+def _class_counts(
+    arrays: list[tuple[np.ndarray, str]], class_of: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every (array, class) pair that occurs: array index, class and how often."""
+    sizes = [ids.size for ids, _ in arrays]
+    which = np.repeat(np.arange(len(arrays), dtype=np.int64), sizes)
+    cls = class_of[np.concatenate([ids for ids, _ in arrays] + [np.zeros(0, np.int64)])]
+    keep = cls >= 0
+    key, counts = np.unique(which[keep] * max(num_classes, 1) + cls[keep], return_counts=True)
+    return key // max(num_classes, 1), key % max(num_classes, 1), counts
+
+
 def _split_by_use(
-    ctx: RuleContext, root: np.ndarray, link: nx.Graph, arrays: list[tuple[np.ndarray, str]]
-) -> list[np.ndarray]:
-    """Split each linked component into parts that every space and tensor uses uniformly.
+    root: np.ndarray, num_classes: int, comp_of: np.ndarray, atom_of: np.ndarray,
+    arrays: list[tuple[np.ndarray, str]],
+) -> np.ndarray:
+    """Split each linked component into parts that every space and tensor uses
+    uniformly; returns the part of every class.
 
     ``conv(cat(a, b)) + cat(a, b)`` links a's and b's channels through the conv's
     output; a split on the cat boundary uses a's part only. Each part gets its own
@@ -292,27 +323,20 @@ def _split_by_use(
     atom of unlike classes (a conv group across a cat boundary) thus lands apart from
     the atoms of one kind, and _check_uniform freezes its part, and nothing else.
     """
-    classes, inv = np.unique(root, return_inverse=True)
-    if classes.size == 0:
-        return []
+    if num_classes == 0:
+        return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(0)
-    sig = np.zeros(len(classes), dtype=np.uint64)
-    for ids, _ in arrays:
-        used, counts = np.unique(inv[ids], return_counts=True)
-        k1, k2 = rng.integers(1, 2**62, size=2, dtype=np.uint64)
-        sig[used] += k1 * counts.astype(np.uint64) + k2
-    atom = nx.utils.UnionFind(range(len(classes)))
-    for blk in ctx.blocks:
-        atom.union(*np.unique(inv[blk]).tolist())
-    atom_of = np.fromiter((atom[c] for c in range(len(classes))), np.int64, len(classes))
-    atom_sig = np.zeros(len(classes), dtype=np.uint64)  # the set of its classes' signatures
+    keys = rng.integers(1, 2**62, size=(len(arrays), 2), dtype=np.uint64)
+    which, cls, counts = _class_counts(arrays, root, num_classes)
+    sig = np.zeros(num_classes, dtype=np.uint64)
+    np.add.at(sig, cls, keys[which, 0] * counts.astype(np.uint64) + keys[which, 1])
+    atom_sig = np.zeros(num_classes, dtype=np.uint64)  # the set of its classes' signatures
     pairs = np.unique(np.stack([atom_of.astype(np.uint64), sig]), axis=1)
     np.add.at(atom_sig, pairs[0].astype(np.int64), _mix(pairs[1]))
-    comp_of = np.zeros(len(classes), dtype=np.uint64)
-    for c, comp in enumerate(nx.connected_components(link)):
-        comp_of[np.searchsorted(classes, sorted(comp))] = c
-    _, part_of = np.unique(np.stack([comp_of, atom_sig[atom_of]]), axis=1, return_inverse=True)
-    return [classes[part_of.ravel() == k] for k in range(int(part_of.max()) + 1)]
+    _, part_of = np.unique(
+        np.stack([comp_of.astype(np.uint64), atom_sig[atom_of]]), axis=1, return_inverse=True
+    )
+    return part_of.ravel().astype(np.int64)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -329,32 +353,43 @@ def _check_uniform(
 ) -> None:
     """Every space and every tensor axis must use all channels of a group equally often
     (only parts merged by a block can break it)."""
-    for ids, where in arrays:
-        g = group_of[ids]
-        for gi in np.unique(g[g >= 0]).tolist():
-            counts = np.bincount(class_of[ids[g == gi]], minlength=sizes[gi])
-            if counts.min() != counts.max():
-                reasons[gi].append(f"{FreezeReason.PARTIAL_USE.value} at {where}")
+    if not sizes:
+        return
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    flat = np.where(group_of >= 0, offsets[np.maximum(group_of, 0)] + class_of, -1)
+    which, cls, counts = _class_counts(arrays, flat, int(offsets[-1]))
+    group = np.searchsorted(offsets, cls, side="right") - 1
+    # per (array, group): how many of the group's classes occur, and their counts' range
+    pair, start = np.unique(np.stack([which, group]), axis=1, return_index=True)
+    present = np.diff(np.append(start, len(which)))
+    lo, hi = np.minimum.reduceat(counts, start), np.maximum.reduceat(counts, start)
+    bad = (present != np.asarray(sizes)[pair[1]]) | (lo != hi)
+    for a, g in pair[:, bad].T.tolist():
+        reasons[g].append(f"{FreezeReason.PARTIAL_USE.value} at {arrays[a][1]}")
 
 
-def _members(ctx: RuleContext, group_of: np.ndarray, gi: int) -> tuple[str, ...]:
-    names = []
+def _members(ctx: RuleContext, group_of: np.ndarray, num_groups: int) -> list[tuple[str, ...]]:
+    """Each group's members (producers, parameter axes), in slot order."""
+    weights = {k[0] for k in ctx.producers}
+    producers = set(ctx.producers)
+    names: list[list[str]] = [[] for _ in range(num_groups)]
     for (path, axis), ids in ctx.slots.items():
-        if gi not in group_of[ids]:
-            continue
         owner, _, param = path.rpartition(".")
         weight = f"{owner}.weight"
-        if (path, axis) in ctx.producers:
-            names.append(f"{owner or path}:out")
-        elif param == "bias" and any(k[0] == weight for k in ctx.producers):
+        if (path, axis) in producers:
+            name = f"{owner or path}:out"
+        elif param == "bias" and weight in weights:
             continue
         elif param == "weight" and owner and _get_attr(ctx.gm, path).dim() >= 2:
-            names.append(f"{owner}:in")
+            name = f"{owner}:in"
         elif not owner:  # a bare parameter of the model itself
-            names.append(f"{path}[{axis}]")
+            name = f"{path}[{axis}]"
         else:
-            names.append(owner)
-    return tuple(dict.fromkeys(names))
+            name = owner
+        for g in np.unique(group_of[ids]).tolist():
+            if g >= 0:
+                names[g].append(name)
+    return [tuple(dict.fromkeys(n)) for n in names]
 
 
 def slot_keys(result: GroupingResult) -> list[SlotKey]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import linecache
+import sys
 import traceback
 from typing import Any
 
@@ -46,7 +48,16 @@ LEAF_MODULES: list[type] = list(_default_leaves())
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
-        self.record_stack_traces = True  # errors point at the user's line
+        # errors point at the user's line: create_node records it (torch.fx's own
+        # record_stack_traces formats the whole stack of every node, which costs more than
+        # the rest of tracing on a ViT)
+        self.record_stack_traces = False
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if "stack_trace" not in node.meta:
+            node.meta["stack_trace"] = _first_user_frame(sys._getframe(1))
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, tuple(LEAF_MODULES)) or super().is_leaf_module(m, qualname)
@@ -104,6 +115,17 @@ def user_line(node: fx.Node) -> str:
 
 
 _LIBRARY_PATHS = ("/torch/", "/s2h_fx/", "/passes/")
+
+
+def _first_user_frame(frame: Any) -> str:
+    """The innermost frame outside torch and s2h-fx, as a traceback line and its code."""
+    while frame is not None:
+        code = frame.f_code
+        if not any(p in code.co_filename for p in _LIBRARY_PATHS):
+            line = linecache.getline(code.co_filename, frame.f_lineno).strip()
+            return f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n    {line}\n'
+        frame = frame.f_back
+    return ""
 
 
 def _source_of_failure(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ equal ``pruner.flops()``."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,3 +333,14 @@ def test_len_as_the_size_of_the_same_channels_adapts() -> None:
     assert group_of(result, "stem.0:out").prunable  # len has a rule: not an unknown op
     pruner = check_invariants(ViewByLen(), X)
     assert group_of(pruner, "stem.0:out").prunable
+
+
+def test_components_numbered_by_smallest_member() -> None:
+    """Classes come from the coupled pairs alone (no per-id loop): 3-0, 1-2 and 2-3
+    make 0..3 one class, 6-5 another, 4 and 7 are alone; numbering follows each
+    component's smallest id (not the order the pairs came in)."""
+    from s2h_fx.passes.find_channel_groups import _components
+
+    pairs = [(np.array([6, 3]), np.array([5, 0])), (np.array([1, 2]), np.array([2, 3]))]
+    assert _components(8, pairs).tolist() == [0, 0, 0, 0, 1, 2, 2, 3]
+    assert _components(3, []).tolist() == [0, 1, 2]

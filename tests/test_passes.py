@@ -129,3 +129,21 @@ def test_exported_graph_pickles_without_s2h_fx(tmp_path) -> None:
         assert not any(b"s2h_fx" in z.read(n) for n in z.namelist() if n.endswith(".pkl"))
     loaded = torch.load(path, weights_only=False)
     assert rel_err(loaded(*inputs), pruned(*inputs)) == 0
+
+
+def test_export_shares_no_tensor_with_the_pruner() -> None:
+    """emit_pruned keeps the tensors it will slice out of its deepcopy (they are not
+    copied whole first); the emitted network must still own every tensor: training
+    the pruner on after export() must not move the exported network."""
+    for name in ("residual", "shared", "cat_split"):
+        model, inputs = build(name)
+        pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=inputs).eval()
+        pruned = pruner.export()
+        live = {t.data_ptr() for t in pruner.state_dict().values() if isinstance(t, torch.Tensor)}
+        owned = [n for n, t in pruned.state_dict().items() if t.data_ptr() in live]
+        assert not owned, f"{name}: {owned} alias the pruner's tensors"
+        before = pruned(*inputs)
+        with torch.no_grad():
+            for p in pruner.parameters():
+                p.add_(1.0)
+        assert torch.equal(pruned(*inputs), before)

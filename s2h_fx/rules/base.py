@@ -15,7 +15,6 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from networkx.utils import UnionFind
 from torch import fx, nn
 
 from s2h_fx.channels import (
@@ -94,7 +93,6 @@ class RuleContext:
         self.gm = gm
         self.spaces: list[ChannelSpace] = []
         self.num_ids = 0
-        self.uf = UnionFind()
         self.slots: dict[SlotKey, np.ndarray] = {}
         self.producers: list[SlotKey] = []
         self.frozen: list[tuple[np.ndarray, str]] = []
@@ -108,7 +106,8 @@ class RuleContext:
         # (node, size node): a channel count the surgery replaces by a constant (slice bounds
         # and split sizes on a channel axis), so it is not a use of the count as a value
         self.constant_sizes: set[tuple[str, str]] = set()
-        self._edges: list[tuple[np.ndarray, np.ndarray]] = []
+        # coupled id pairs (a[i], b[i]); their connected components are the classes
+        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
         # grouped convs that keep their groups and prune inside each (see rules.layers)
         self.tied_groups: frozenset[str] = frozenset()
 
@@ -161,10 +160,7 @@ class RuleContext:
         """Make ``a[i]`` and ``b[i]`` the same channel, position by position."""
         if a.shape != b.shape:
             raise ValueError(f"cannot couple ids of shapes {a.shape} and {b.shape}")
-        self._edges.append((a.ravel(), b.ravel()))
-        for x, y in zip(a.ravel().tolist(), b.ravel().tolist()):
-            if x != y:
-                self.uf.union(x, y)
+        self.edges.append((a.ravel(), b.ravel()))
 
     def freeze(self, ids: np.ndarray, reason: FreezeReason, node: fx.Node | None) -> None:
         if ids.size == 0:
