@@ -157,11 +157,12 @@ def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[i
 # ---- Torch-Pruning ----------------------------------------------------------------
 
 def tp_trial(model: nn.Module, x: torch.Tensor, ratio: float,
-             classifier: str | None) -> tuple[nn.Module, float]:
-    """Prune a deepcopy of ``model`` at ``pruning_ratio=ratio``; (model, build+prune seconds)."""
+             classifier: str | None, copy_model: bool = True) -> tuple[nn.Module, float]:
+    """Prune a deepcopy of ``model`` (``model`` itself with ``copy_model=False``) at
+    ``pruning_ratio=ratio``; (pruned model, build+prune seconds, the copy not counted)."""
     import torch_pruning as tp
 
-    work = copy.deepcopy(model)
+    work = copy.deepcopy(model) if copy_model else model
     ignored = [work.get_submodule(classifier)] if classifier else []
     importance = tp.importance.MagnitudeImportance(p=1)
     t0 = time.perf_counter()

@@ -90,3 +90,23 @@ def test_resume_keeps_previous_rows(tmp_path, capsys):
     assert [r.get("model") for r in records if not r.get("summary")] == ["resnet18"]
     assert sum(bool(r.get("summary")) for r in records) == 1
     assert "s2h-fx: 1/1 exported == hard network" in capsys.readouterr().out
+
+
+def test_prune_time_table(tmp_path, capsys):
+    """benchmarks/prune_time.py on a small model: one JSON line per model, both tools
+    timed, Torch-Pruning matched to s2h-fx's FLOPs."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmarks_prune_time", ZOO.parent / "prune_time.py")
+    assert spec is not None and spec.loader is not None
+    prune_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prune_time)
+    out = tmp_path / "t.jsonl"
+    assert prune_time.main(["--models", "resnet18", "--input-size", "3,32,32", "--repeat", "1",
+                            "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["model"] == "resnet18" and row["tp_runs"] is True
+    assert row["s2h_flops_ratio"] <= 0.5 + 0.005
+    assert abs(row["tp_flops_ratio"] - row["s2h_flops_ratio"]) < 0.05
+    for key in ("s2h_median_s", "tp_median_s", "tp_copy_median_s"):
+        assert row[key] > 0
+    assert "resnet18" in capsys.readouterr().out
