@@ -38,7 +38,12 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import warnings  # noqa: E402
+
 from zoo import bisect_tp, count_flops, find_classifier, short_error, tp_trial  # noqa: E402
+
+# Torch-Pruning warns about every bare parameter (class tokens, relative-position tables)
+warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
 
 DEFAULT_MODELS = "resnet50,vit_b_16,timm:beitv2_base_patch16_224"
 

@@ -331,12 +331,21 @@ def _split_by_use(
     sig = np.zeros(num_classes, dtype=np.uint64)
     np.add.at(sig, cls, keys[which, 0] * counts.astype(np.uint64) + keys[which, 1])
     atom_sig = np.zeros(num_classes, dtype=np.uint64)  # the set of its classes' signatures
-    pairs = np.unique(np.stack([atom_of.astype(np.uint64), sig]), axis=1)
-    np.add.at(atom_sig, pairs[0].astype(np.int64), _mix(pairs[1]))
-    _, part_of = np.unique(
-        np.stack([comp_of.astype(np.uint64), atom_sig[atom_of]]), axis=1, return_inverse=True
-    )
-    return part_of.ravel().astype(np.int64)
+    _, first = _pair_labels(atom_of, sig)
+    np.add.at(atom_sig, atom_of[first], _mix(sig[first]))
+    return _pair_labels(comp_of, atom_sig[atom_of])[0]
+
+
+def _pair_labels(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense labels of the distinct (a[i], b[i]) pairs (in sorted order), and one
+    index holding each (a lexsort: np.unique(axis=1) sorts structured rows, ten
+    times slower on a ViT's 750,000 classes)."""
+    order = np.lexsort((b, a))
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (a[order][1:] != a[order][:-1]) | (b[order][1:] != b[order][:-1])
+    labels = np.empty(len(order), dtype=np.int64)
+    labels[order] = np.cumsum(new) - 1
+    return labels, order[new]
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
