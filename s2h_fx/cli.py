@@ -608,7 +608,8 @@ def _prune(args: argparse.Namespace) -> int:
                          resume=args.resume)
     pruned = pruner.export()
     rows = compare(dense, pruner, pruned, val_loader, x, dense_acc=dense_acc,
-                   latency_runs=args.latency_runs, device=device)
+                   latency_runs=args.latency_runs, device=device,
+                   settled=any(r.settling for r in history))
     dense_label = (f"dense trained {args.epochs} epochs" if args.dense_baseline
                    else "dense = the starting weights, untrained")
     print(format_table(rows, f"{args.model}, budget {args.budget:g}, {args.epochs} epochs; "

@@ -53,6 +53,7 @@ class Row:
     params_m: float
     latency_ms: float
     speedup: float
+    note: str = ""  # printed under the table, the row's name marked with *
 
 
 # ---- training the dense baseline ----------------------------------------------
@@ -112,12 +113,14 @@ def latencies(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, ru
 def compare(
     dense: nn.Module, pruner: Pruner, pruned: nn.Module, val_loader: Iterable[Any],
     example: torch.Tensor, *, dense_acc: float | None = None, latency_runs: int = 50,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", settled: bool = False,
 ) -> list[Row]:
     """The dense / soft / hard / exported rows. Accuracy on ``val_loader`` (on
     ``device``); FLOPs, params and CPU latency on ``example`` (batch 1 on CPU).
 
-    ``dense_acc``: the dense model's accuracy when already measured."""
+    ``dense_acc``: the dense model's accuracy when already measured. ``settled``:
+    the run ended with settling epochs, which train the hard network alone, so the
+    soft row is the soft network as the search left it (its note says so)."""
     dense.eval()
     pruner.eval()
     pruned.eval()
@@ -139,8 +142,14 @@ def compare(
               "exported": pruned_params}
     ms = latencies(fns, x, latency_runs)
     accs = {"dense": dense_acc, "soft": soft_acc, "hard": hard_acc, "exported": pruned_acc}
+    notes = {"soft": SOFT_AFTER_SETTLING} if settled else {}
     return [Row(name, accs[name], flops[name] / 1e9, flops[name] / flops["dense"],
-                params[name] / 1e6, ms[name], ms["dense"] / ms[name]) for name in fns]
+                params[name] / 1e6, ms[name], ms["dense"] / ms[name], notes.get(name, ""))
+            for name in fns]
+
+
+SOFT_AFTER_SETTLING = ("soft: the soft network as the search phase left it; the settling "
+                       "epochs trained the hard network alone (the exported one), not it")
 
 
 def format_table(rows: list[Row], title: str = "") -> str:
@@ -149,8 +158,10 @@ def format_table(rows: list[Row], title: str = "") -> str:
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.name:10}{r.val_acc:9.4f}{r.gflops:10.4f}{r.flops_ratio:8.3f}"
+        name = r.name + ("*" if r.note else "")
+        lines.append(f"{name:10}{r.val_acc:9.4f}{r.gflops:10.4f}{r.flops_ratio:8.3f}"
                      f"{r.params_m:10.3f}{r.latency_ms:9.2f}{r.speedup:9.2f}x")
+    lines += [f"* {r.note}" for r in rows if r.note]
     return "\n".join(lines)
 
 
@@ -324,7 +335,8 @@ def run_demo(
     t = time.perf_counter()
     pruned = pruner.export()
     rows = compare(dense, pruner, pruned, val_loader, example, dense_acc=dense_acc,
-                   latency_runs=latency_runs, device=device)
+                   latency_runs=latency_runs, device=device,
+                   settled=any(r.settling for r in history))
     wall["measure"] = time.perf_counter() - t
     table = format_table(rows, f"resnet18 on digits {size}x{size}, budget {budget:g}, "
                                f"{epochs} epochs each (latency: batch 1, median of "

@@ -178,6 +178,9 @@ def test_run_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert all("soft_acc" not in step for step in second["steps"])
     out = capsys.readouterr().out
     assert "S2H epoch 2 (settling)" in out
+    # the soft row after settling is marked: the soft network did not train in those epochs
+    assert rows["soft"].note and "\nsoft*" in out and "* soft: the soft network" in out
+    assert not rows["hard"].note
     assert "network" in out and "speed-up" in out and "exported" in out
 
 
