@@ -67,6 +67,8 @@ def find_channel_groups(
         else:
             for n, meta in saved.items():
                 n.meta.update(meta)
+    if ctx.graph_changed:
+        gm.recompile()
     if ctx.unknown:
         msg = "ops without a coupling rule (their channels are kept whole): " + "; ".join(
             dict.fromkeys(ctx.unknown)

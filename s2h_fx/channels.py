@@ -43,10 +43,22 @@ class FreezeReason(enum.Enum):
 
 @dataclass(frozen=True, eq=False)
 class Factor:
-    """Channel ids laid over one or more tensor axes (``ids.shape`` = sizes of ``axes``)."""
+    """Channel ids laid over one or more tensor axes (``ids.shape`` = sizes of ``axes``).
+
+    ``tiled``: a channel axis split in several (a fused qkv output viewed as
+    (3, heads, head_dim)) whose slices were coupled, so every ``ids[i, ..., :]``
+    holds the same channels in the same order: one set of channels repeated along
+    the leading dims of ``ids``. An op that treats those leading axes as batch
+    axes (attention over heads) may then use the last dim alone (:meth:`untiled`).
+    """
 
     axes: tuple[int, ...]
     ids: np.ndarray
+    tiled: bool = False
+
+    def untiled(self) -> Factor:
+        """The repeated set of channels on the last axis of ``ids`` alone."""
+        return Factor((self.axes[-1],), self.ids.reshape(-1, self.ids.shape[-1])[0])
 
     def __post_init__(self) -> None:
         if self.ids.ndim != len(self.axes):

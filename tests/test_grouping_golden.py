@@ -83,6 +83,31 @@ GOLDEN: dict[str, list[tuple[int, list[str], str | None]]] = {
         (16, ["b.0:out", "b.1", "c:in"], None),
         (4, ["c:out"], OUT),
     ],
+    # attention: the 96 qkv outputs are (3, 2 heads, 16): one set of 16 head-width
+    # channels for q, k and v and both heads (SDPA couples q, k and v); the residual
+    # stream of 32 is its own group
+    "attention_sdpa": [
+        (32, ["embed:out", "head:in", "proj:out", "qkv:in"], None),
+        (16, ["proj:in", "qkv:out"], None),
+        (5, ["head:out"], OUT),
+    ],
+    "attention_matmul": [
+        (32, ["embed:out", "head:in", "proj:out", "qkv:in"], None),
+        (16, ["proj:in", "qkv:out"], None),  # the fused view ties q, k and v here too
+        (5, ["head:out"], OUT),
+    ],
+    # chunked: q and k are contracted together (one width), v goes on to proj (another)
+    "attention_chunk": [
+        (32, ["embed:out", "head:in", "proj:out", "qkv:in"], None),
+        (16, ["qkv:out"], None),
+        (16, ["proj:in", "qkv:out"], None),
+        (5, ["head:out"], OUT),
+    ],
+    "attention_separate": [
+        (32, ["embed:out", "head:in", "k:in", "proj:out", "q:in", "v:in"], None),
+        (16, ["k:out", "proj:in", "q:out", "v:out"], None),
+        (5, ["head:out"], OUT),
+    ],
 }
 DIVISORS = {("grouped", 1): 16, ("norms", 2): 8}  # atoms: conv groups of 16, GN groups of 8
 

@@ -233,6 +233,49 @@ class Unknown(nn.Module):
         return self.c(self.b(_opaque(self.a(x))))
 
 
+class Attention(nn.Module):
+    """One attention block over tokens, in the forms models write it: a fused qkv
+    viewed as (3, heads, head_dim) and unbound or indexed, a qkv chunked into q, k,
+    v, or three projections; SDPA or q·kᵀ, softmax, ·v. The head width is pruned
+    (one width for q, k and v), the heads stay whole."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, self.heads, self.dim = form, 2, 32
+        self.embed = nn.Linear(12, 32)
+        if form == "separate":
+            self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        else:
+            self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        hd = self.dim // self.heads
+        if self.form == "chunk":
+            parts = self.qkv(h).chunk(3, dim=-1)
+            q, k, v = (parts[i].view(b, n, self.heads, hd).transpose(1, 2) for i in range(3))
+        elif self.form == "separate":
+            q, k, v = (p(h).view(b, n, self.heads, hd).transpose(1, 2)
+                       for p in (self.q, self.k, self.v))
+        else:
+            qkv = self.qkv(h).reshape(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0) if self.form == "sdpa" else (qkv[0], qkv[1], qkv[2])
+        if self.form in ("sdpa", "separate"):
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * hd ** -0.5) @ k.transpose(-2, -1)
+            o = attn.softmax(dim=-1) @ v
+        h = h + self.proj(o.transpose(1, 2).reshape(b, n, self.dim))
+        return self.head(h.mean(1))
+
+
+def tokens() -> torch.Tensor:
+    return torch.randn(2, 6, 12)
+
+
 def image(n: int = 2, c: int = 3, s: int = 16) -> torch.Tensor:
     return torch.randn(n, c, s, s)
 
@@ -252,4 +295,8 @@ TOY_ZOO = {
     "layers_1d": (Layers1d3d, lambda: torch.randint(0, 50, (2, 12))),
     "conv3d": (Conv3d, lambda: torch.randn(2, 2, 6, 6, 6)),
     "unknown_op": (Unknown, image),
+    "attention_sdpa": (lambda: Attention("sdpa"), tokens),
+    "attention_matmul": (lambda: Attention("index"), tokens),
+    "attention_chunk": (lambda: Attention("chunk"), tokens),
+    "attention_separate": (lambda: Attention("separate"), tokens),
 }

@@ -108,6 +108,8 @@ class RuleContext:
         self.constant_sizes: set[tuple[str, str]] = set()
         # coupled id pairs (a[i], b[i]); their connected components are the classes
         self.edges: list[tuple[np.ndarray, np.ndarray]] = []
+        # a rule rewrote a node's arguments (SDPA's scale made explicit): recompile after
+        self.graph_changed = False
         # grouped convs that keep their groups and prune inside each (see rules.layers)
         self.tied_groups: frozenset[str] = frozenset()
 

@@ -81,7 +81,7 @@ def join(
     shifted: list[tuple[list[Factor], tuple[int, ...]]] = []
     for lay, shp in operands:
         off = nd - len(shp)
-        fs = [Factor(tuple(a + off for a in f.axes), f.ids) for f in lay.factors]
+        fs = [Factor(tuple(a + off for a in f.axes), f.ids, f.tiled) for f in lay.factors]
         full = tuple(1 if k < off else shp[k - off] for k in range(nd))
         shifted.append((fs, full))
     out: list[Factor] = []
@@ -157,7 +157,7 @@ def reduction(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
             ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
             continue
         axes = f.axes if keep else tuple(a - sum(d < a for d in dims) for a in f.axes)
-        out.append(Factor(axes, f.ids))
+        out.append(Factor(axes, f.ids, f.tiled))
     return ChannelLayout(len(out_shape), tuple(out))
 
 

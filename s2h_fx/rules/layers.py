@@ -289,6 +289,7 @@ def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     la, lb, out_shape = ctx.layout(a), ctx.layout(b), ctx.shape(node)
     if la is None or lb is None or out_shape is None or la.ndim < 2 or lb.ndim < 2:
         return unknown_weights(ctx, node)
+    la, lb = _batched(la), _batched(lb)
     ka, kb = _single(ctx, node, la, la.ndim - 1), _single(ctx, node, lb, lb.ndim - 2)
     if ka is not None and kb is not None:
         ctx.couple(ka.ids, kb.ids)
@@ -308,3 +309,56 @@ def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     ctx.mixes(node, (0, la.ndim - 1))
     return res
 
+
+
+def _batched(lay: ChannelLayout) -> ChannelLayout:
+    """A tiled factor (one set of channels repeated over heads, see Factor) whose
+    repeated axes are batch axes of a matmul or attention (all but the last two)
+    is that set of channels on its last axis: each head holds the same channels."""
+    out = []
+    for f in lay.factors:
+        if f.tiled and all(a < lay.ndim - 2 for a in f.axes[:-1]) and f.axes[-1] >= lay.ndim - 2:
+            f = f.untiled()
+        out.append(f)
+    return ChannelLayout(lay.ndim, tuple(out))
+
+
+@register_rule(F.scaled_dot_product_attention)
+def scaled_dot_product_attention(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """softmax(q kᵀ · scale + mask) v over (..., L, E) queries, (..., S, E) keys and
+    (..., S, Ev) values: q's and k's E channels are contracted (coupled), and v's
+    pass to the output. v's are coupled to q's too (head width: one width for q, k
+    and v, as a fused qkv projection gives anyway), so the op's FLOPs, which grow
+    with E + Ev, scale with that one width. Channels on batch axes (heads) and on the
+    attention mask are frozen. The default scale is 1/sqrt(E) of the *unpruned* E:
+    the rule writes it into the call (``scale=``), so that pruning E leaves the
+    function as it was (the soft, hard and emitted networks all use it)."""
+    q, k, v = (ctx.arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    lq, lk, lv = (ctx.layout(t) for t in (q, k, v))
+    shape_q, out_shape = ctx.shape(q), ctx.shape(node)
+    if lq is None or lk is None or lv is None or shape_q is None or out_shape is None:
+        return unknown_weights(ctx, node)
+    lq, lk, lv = _batched(lq), _batched(lk), _batched(lv)
+    mask = ctx.arg(node, 3, "attn_mask")
+    ctx.freeze_layout(ctx.layout(mask), FreezeReason.IRREGULAR_LAYOUT, node)
+    last = [_single(ctx, node, lay, lay.ndim - 1) for lay in (lq, lk, lv)]
+    for lay in (lq, lk, lv):
+        for f in lay.factors:
+            if any(x != lay.ndim - 1 for x in f.axes):
+                ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+    tracked = [f for f in last if f is not None]
+    if tracked and (len(tracked) < 3 or len({f.ids.size for f in tracked}) > 1):
+        for f in tracked:  # an untracked operand, or value width unlike the query's
+            ctx.freeze(f.ids, FreezeReason.UNTRACKED_OPERAND, node)
+        tracked = []
+    if tracked:
+        ctx.couple(tracked[0].ids, tracked[1].ids)
+        ctx.couple(tracked[0].ids, tracked[2].ids)
+    if ctx.arg(node, 6, "scale") is None:
+        node.kwargs = {**node.kwargs, "scale": float(shape_q[-1]) ** -0.5}
+        ctx.graph_changed = True
+    nd = len(out_shape)
+    res = ChannelLayout(nd, (Factor((nd - 1,), tracked[2].ids),) if tracked else ())
+    ctx.flops(node, [(res, nd - 1)])
+    ctx.mixes(node, (0, lq.ndim - 1))  # q·k sums over E once (values are summed later)
+    return res

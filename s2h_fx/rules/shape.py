@@ -19,7 +19,8 @@ from s2h_fx.rules.elementwise import join
 def _permuted(lay: ChannelLayout, perm: list[int]) -> ChannelLayout:
     """Output axis k is input axis perm[k]."""
     return ChannelLayout(
-        lay.ndim, tuple(Factor(tuple(perm.index(a) for a in f.axes), f.ids) for f in lay.factors)
+        lay.ndim, tuple(Factor(tuple(perm.index(a) for a in f.axes), f.ids, f.tiled)
+                        for f in lay.factors)
     )
 
 
@@ -131,8 +132,8 @@ def _reshape_factor(
         # a channel axis split in several: keep the layout rectangular by making
         # every slice along the leading axes the same channels as the first one
         lead = arr.reshape(-1, arr.shape[-1])
-        for row in lead[1:]:
-            ctx.couple(row, lead[0])
+        ctx.couple(lead[1:], np.broadcast_to(lead[0], lead[1:].shape))
+        return [Factor(tuple(gj[t] for t in axes), np.ascontiguousarray(arr), tiled=True)]
     return [Factor(tuple(gj[t] for t in axes), np.ascontiguousarray(arr))] if axes else []
 
 
@@ -183,7 +184,7 @@ def stack(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         lay, shp = ctx.layout(t), ctx.shape(t)
         if lay is None or shp is None:
             return ctx.blank(node)
-        fs = tuple(Factor(tuple(a + (a >= dim) for a in f.axes), f.ids) for f in lay.factors)
+        fs = tuple(Factor(tuple(a + (a >= dim) for a in f.axes), f.ids, f.tiled) for f in lay.factors)
         ops.append((ChannelLayout(len(out_shape), fs), shp[:dim] + (1,) + shp[dim:]))
     return ChannelLayout(len(out_shape), join(ctx, node, ops, out_shape))
 
@@ -201,6 +202,11 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     dim = ctx.arg(node, 1 if name == "unbind" else 2, "dim", default)
     dim = int(dim) % len(shp)
     f = lay.factor_at(dim)
+    if name == "unbind" and f is not None and _leading(f, dim):
+        return tuple(ChannelLayout(len(shp) - 1, tuple(
+            _drop_axis(g, dim, s) if g is f else
+            Factor(tuple(a - (a > dim) for a in g.axes), g.ids, g.tiled) for g in lay.factors))
+            for s in range(shp[dim]))
     if f is not None and f.axes != (dim,):
         ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
         f = None
@@ -214,7 +220,7 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         if name == "unbind":
             if f is not None:
                 ctx.freeze(f.ids[start : start + 1], FreezeReason.CHANNEL_INDEXING, node)
-            fs = tuple(Factor(tuple(a - (a > dim) for a in g.axes), g.ids) for g in others)
+            fs = tuple(Factor(tuple(a - (a > dim) for a in g.axes), g.ids, g.tiled) for g in others)
             outs.append(ChannelLayout(len(shp) - 1, fs))
             start += 1
             continue
@@ -223,6 +229,19 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         outs.append(ChannelLayout(len(shp), others + piece))
         start += size
     return tuple(outs)
+
+
+def _leading(f: Factor, axis: int) -> bool:
+    """``axis`` is one of the repeated (leading) dims of a tiled factor."""
+    return f.tiled and axis in f.axes and f.axes.index(axis) < len(f.axes) - 1
+
+
+def _drop_axis(f: Factor, axis: int, index: int) -> Factor:
+    """Slice ``index`` of a tiled factor along one of its leading axes, which goes away."""
+    k = f.axes.index(axis)
+    axes = tuple(a - (a > axis) for a in f.axes if a != axis)
+    ids = np.take(f.ids, index, axis=k)
+    return Factor(axes, ids, tiled=ids.ndim > 1)
 
 
 @register_rule(operator.getitem)
@@ -256,6 +275,7 @@ def index_layout(
     mapping: dict[int, int] = {}
     out_axis = in_axis = 0
     dropped: set[int] = set()
+    index_of: dict[int, int] = {}
     slices: dict[int, slice] = {}
     raw_of = _raw_items(raw, items, expanded)
     for i, r in zip(expanded, raw_of):
@@ -263,6 +283,7 @@ def index_layout(
             out_axis += 1
         elif isinstance(i, int):
             dropped.add(in_axis)
+            index_of[in_axis] = i
             in_axis += 1
         else:
             mapping[in_axis] = out_axis
@@ -273,6 +294,12 @@ def index_layout(
             out_axis += 1
     out = []
     for f in lay.factors:
+        # qkv[0]: an integer index into the repeated axes of a tiled factor takes one slice
+        while f.tiled and set(f.axes) & dropped and _leading(f, min(set(f.axes) & dropped)):
+            a = min(set(f.axes) & dropped)
+            k = f.axes.index(a)
+            ids = np.take(f.ids, index_of[a] % shp[a], axis=k)
+            f = Factor(f.axes[:k] + f.axes[k + 1 :], ids, tiled=ids.ndim > 1)
         if set(f.axes) & dropped:
             ctx.freeze(f.ids, FreezeReason.CHANNEL_INDEXING, node)
             continue
@@ -284,7 +311,7 @@ def index_layout(
         if not full and len(f.axes) > 1:
             ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
             continue
-        out.append(Factor(tuple(mapping[a] for a in f.axes), f.ids[tuple(sl)]))
+        out.append(Factor(tuple(mapping[a] for a in f.axes), f.ids[tuple(sl)], f.tiled and full))
     return ChannelLayout(out_axis, tuple(f for f in out if f.ids.size > 0))
 
 
@@ -309,3 +336,25 @@ def _raw_items(raw: list[Any], items: list[Any], expanded: list[Any]) -> list[An
 def metadata(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     """Shape queries: no tensor flows out, so no channels either."""
     return ctx.blank(node)
+
+
+@register_rule("expand", torch.broadcast_to)
+def expand(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """Broadcast size-1 axes (a class token to the batch): channel axes keep their
+    ids, shifted right when leading axes are added. A channel axis given by an
+    explicit size (not -1) would keep the old width after pruning: frozen."""
+    src = node.args[0]
+    lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
+    if lay is None or shp is None or out_shape is None:
+        return ctx.blank(node)
+    sizes: list[Any] = list(node.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    off = len(out_shape) - len(shp)
+    out = []
+    for f in lay.factors:
+        if node.target != "expand" or any(sizes[a + off] != -1 for a in f.axes):
+            ctx.freeze(f.ids, FreezeReason.SIZE_AS_VALUE, node)
+            continue
+        out.append(Factor(tuple(a + off for a in f.axes), f.ids, f.tiled))
+    return ChannelLayout(len(out_shape), tuple(out))
