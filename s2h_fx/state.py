@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import fx
+from torch import fx, nn
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.importance import keep_from_ranks
@@ -44,7 +44,9 @@ from s2h_fx.passes.plan_surgery import SurgeryPlan, kept_ids, plan_surgery
 
 log = logging.getLogger(__name__)
 
-_STRUCTURES_KEPT = 8  # widths tuples whose structure (and skeleton) stay cached
+# widths tuples whose structure (and skeleton) stay cached: a skeleton holds no
+# tensor storage of its own (see _hollow), so many are cheap
+_STRUCTURES_KEPT = 64
 Cuts = tuple[tuple[int, torch.Tensor], ...]
 
 
@@ -240,7 +242,8 @@ class WidthState:
     def skeleton(self, structure: Structure) -> fx.GraphModule:
         """The emitted graph of ``structure``, sharing the live tensors (emitted once)."""
         if structure.skeleton is None:
-            structure.skeleton = emit_pruned(self.gm, structure.plan, share=True)
+            structure.skeleton = _hollow(emit_pruned(self.gm, structure.plan, share=True),
+                                         structure.plan)
             self.skeleton_builds += 1
         return structure.skeleton
 
@@ -260,3 +263,19 @@ class WidthState:
         sel = self.selection()
         return dataclasses.replace(structure.plan, keep=sel.keep,
                                    params=self.cuts(structure))
+
+
+def _hollow(skeleton: fx.GraphModule, plan: SurgeryPlan) -> fx.GraphModule:
+    """Drop the storage of the skeleton's sliced parameters and buffers: the hard
+    branch passes every parameter and buffer to ``functional_call``, so these
+    copies are never read (unsliced ones are shared with the masked graph)."""
+    for path in plan.params:
+        owner_path, _, attr = path.rpartition(".")
+        owner = skeleton.get_submodule(owner_path) if owner_path else skeleton
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            old = owner._parameters[attr]
+            owner._parameters[attr] = nn.Parameter(old.new_empty(0),
+                                                   requires_grad=old.requires_grad)
+        elif attr in owner._buffers and owner._buffers[attr] is not None:
+            owner._buffers[attr] = owner._buffers[attr].new_empty(0)  # type: ignore[union-attr]
+    return skeleton
