@@ -63,8 +63,9 @@ class MaskOptimizer:
         balance = min(abs(gap) / self.tolerance, self.cap)
         self.last_balance = balance
         zero = torch.zeros_like(gt)
+        # the same arithmetic, in the same order, as the host-side version was
         direction = (torch.where(nt > 0, gt / nt, zero)
-                     + balance * torch.where(nr > 0, gr / nr, zero))
+                     + torch.where(nr > 0, balance * gr / nr, zero))
         direction = torch.where(finite, direction, zero)
         lr = self.lr * self.lr_scale
         offset = 0
