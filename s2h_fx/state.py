@@ -272,8 +272,8 @@ def _hollow(skeleton: fx.GraphModule, plan: SurgeryPlan) -> fx.GraphModule:
     for path in plan.params:
         owner_path, _, attr = path.rpartition(".")
         owner = skeleton.get_submodule(owner_path) if owner_path else skeleton
-        if attr in owner._parameters and owner._parameters[attr] is not None:
-            old = owner._parameters[attr]
+        old = owner._parameters.get(attr)
+        if old is not None:
             owner._parameters[attr] = nn.Parameter(old.new_empty(0),
                                                    requires_grad=old.requires_grad)
         elif attr in owner._buffers and owner._buffers[attr] is not None:

@@ -190,3 +190,55 @@ def test_settling_step_on_cuda_does_not_synchronise() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+_READS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__")
+
+
+class _HostReads:
+    """Counts calls of the tensor methods that read device data on the host (a CPU
+    stand-in for ``torch.cuda.set_sync_debug_mode("error")``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for name in _READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t: torch.Tensor, *args: Any, _f: Any = original, _n: str = name,
+                        **kwargs: Any) -> Any:
+                self.calls.append(_n)
+                return _f(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_host_reads_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settling step of the pruner reads nothing on the host; a search step reads
+    twice: the widths (one batched read) and the decoupled backward's finite check."""
+    pruner, x, y = _pruner()
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):  # warm-up: structures built, index tensors on the device
+        _s2h_step(pruner, opt, x, y)
+    with torch.no_grad():
+        pruner.hard_forward(x)  # the structure of the widths the last mask step left
+    builds = pruner.state.plan_builds
+    with monkeypatch.context() as m:
+        reads = _HostReads(m)
+        loss = F.cross_entropy(pruner.hard_forward(x), y)  # settling: the hard network
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pruner.drop_mask_grads()
+        soft, hard = pruner(x)  # settling in distillation mode: the forward and losses
+        pruner.losses((soft, hard), y)
+        settling = list(reads.calls)
+        reads.calls.clear()
+        _s2h_step(pruner, opt, x, y)  # a search step, and the widths it leaves
+        pruner.widths  # noqa: B018
+        search = list(reads.calls)
+    assert settling == []
+    # a new widths tuple also reads the ranks once to plan its structure (cpu, numpy)
+    new_structure = pruner.state.plan_builds > builds
+    planning = [c for c in search if c in ("cpu", "numpy")]
+    assert bool(planning) == new_structure, (search, new_structure)
+    assert sorted(c for c in search if c not in planning) == ["__bool__", "tolist"], search
