@@ -1,41 +1,36 @@
-"""Training-step overhead of S2H: one S2H step over one dense step, same model and batch.
+"""Training-step overhead of S2H in the real loop: one S2H step over one dense step.
 
 - dense step: ``forward + cross-entropy + backward + SGD step`` of the original model;
-- S2H step: what ``fit()`` does per batch: ``soft, hard = pruner(x)`` (both
-  branches; written out as ``sync_from_masks(); soft_forward(x); hard_forward(x)``,
-  which is what ``pruner(x)`` runs in training mode, so that each part is timed),
-  ``pruner.losses``, ``pruner.backward`` (decoupled), ``opt.step()``,
-  ``pruner.mask_step()``.
+- S2H step: what ``fit()`` does per batch of the search phase: ``soft, hard =
+  pruner(x)``, ``pruner.losses``, ``pruner.backward`` (decoupled), ``opt.step()``,
+  ``pruner.mask_step()`` (which moves the masks and re-ranks the channels). The
+  masks start at the budget's one-shot widths and are never restored: every
+  step runs at the widths and kept channels the previous one left, as in
+  ``fit`` (``--mask-lr`` sets how fast they move; the report counts the width
+  changes seen in the timed steps).
 
-Both use SGD with momentum 0.9 over the same weights' shapes, the same input batch
-and labels, in the same process, interleaved step by step (the order rotated each
-repetition), after ``--warmup`` untimed steps of each; the ratio is the median S2H
-step over the median dense step. Hard-branch width states:
+The floor is what the exact decoupled step cannot go below, measured in the same
+run and rotation: ``(soft step + hard branch alone + G_s pass) / dense``. The
+soft step is the masked full-width network's forward + cross-entropy + backward
+into weights and logits, plus an optimiser step (the dense one's time: same
+shapes); it costs more than a dense step by the mask multiplies. The hard branch
+alone is forward + cross-entropy + backward into the weights at the pruner's
+current widths (weight slicing included); the G_s pass is a
+second backward through the soft graph into the mask logits alone (the logits
+need d(L + G_s)/du while the weights must get d(L)/dtheta from the same graph: two
+different output cotangents, so one pass cannot serve both exactly). The
+remainder, S2H step / dense - floor, is everything else: the kept positions'
+indices, importance and re-ranking, the mask step, the resource loss and its
+backward, the decoupled backward's bookkeeping, the statistics snapshot.
 
-- ``budget`` (default): the masks at the budget's initial widths with full
-  confidence (``set_widths``), as during most of training; this is where the goal
-  ``1 + budget + 0.3`` applies;
-- ``full``: the masks at full width (``reset_full_width()``, S2H's initialisation):
-  the hard branch is the whole network, the first steps of training.
-
-A fourth step, timed in the same rotation, runs the hard branch alone
-(forward + cross-entropy + backward into the weights, on a copy of the pruner at
-the budget widths): with it the report gives the floor of the exact decoupled
-step, ``1 + hard alone / dense + G_s pass / dense``. The G_s pass is a second
-backward through the soft graph: the logits need d(L + G_s)/du while the weights
-must get d(L)/dtheta from the same graph, two different output cotangents, so
-one pass cannot serve both exactly.
-
-The mask step moves the logits; they are restored (untimed) before every step so
-that each repetition times the same state.
-
-The paper's setting is 224x224 inputs; on a 2-core CPU that is too slow, so the
-default is ``--input-size 3,64,64`` (``--input-size 3,224,224`` works).
-Where the S2H step's time goes is read off the same timed steps; the backward is
-split by timing the autograd calls ``pruner.backward`` makes (first: L + G_h into
-weights and logits; then G_s into the logits; then R into the logits).
+All four are timed interleaved, the order rotated each repetition, after
+``--warmup`` untimed rounds; medians. On CUDA (``--device cuda``: batch 128,
+224x224 and autocast bfloat16 by default) every timed step is bracketed by
+``torch.cuda.synchronize``. On CPU the paper's 224x224 is too slow for 2 cores:
+the default is ``--input-size 3,64,64``, batch 32.
 
     python benchmarks/overhead.py --models resnet18,resnet50 --repeat 7
+    python benchmarks/overhead.py --models resnet50 --device cuda
 """
 
 from __future__ import annotations
@@ -98,59 +93,104 @@ def backward_parts(calls: list[tuple[str, float]]) -> dict[str, float]:
 
 
 def dense_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor) -> dict[str, float]:
+               y: torch.Tensor, ctx: Any) -> dict[str, float]:
+    _sync(x.device)
     c0, t0 = time.process_time(), time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    with ctx():
+        loss = F.cross_entropy(model(x), y)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
     opt.step()
+    _sync(x.device)
     t3 = time.perf_counter()
     return {"total": t3 - t0, "cpu": time.process_time() - c0, "fwd": t1 - t0,
             "bwd": t2 - t1, "opt": t3 - t2}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _widths_key(pruner: Any) -> tuple[int, ...]:
+    """The widths now (a batched read; called outside the timed steps)."""
+    widths = pruner.widths
+    return tuple(widths[g] for g in sorted(widths))
+
+
 def s2h_step(pruner: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             start: list[torch.Tensor] | None = None) -> dict[str, float]:
-    """One timed S2H step; ``start``: mask logits to restore first (untimed), so
-    every repetition runs at the same widths although ``mask_step`` moves them."""
-    if start is not None:
-        with torch.no_grad():
-            for p, s in zip(pruner.mask_parameters(), start):
-                p.copy_(s)
+             ctx: Any) -> dict[str, float]:
+    """One timed S2H step as ``fit`` runs it: ``soft, hard = pruner(x)``, losses,
+    the decoupled backward, the weights' step, the mask step (which moves the masks
+    and re-ranks the channels: the next step runs at the widths it leaves)."""
     timer = _AutogradTimer()
+    _sync(x.device)
     c0, t0 = time.process_time(), time.perf_counter()
-    pruner.sync_from_masks()  # pruner(x) in training mode = these three lines
-    t1 = time.perf_counter()
-    soft = pruner.soft_forward(x)
-    t2 = time.perf_counter()
-    hard = pruner.hard_forward(x)
-    t3 = time.perf_counter()
-    losses = pruner.losses((soft, hard), y)
+    with ctx():
+        soft, hard = pruner(x)
+        t1 = time.perf_counter()
+        losses = pruner.losses((soft, hard), y)
     opt.zero_grad(set_to_none=True)
-    t4 = time.perf_counter()
+    t2 = time.perf_counter()
     with timer.active():
         pruner.backward(losses)
-    t5 = time.perf_counter()
+    t3 = time.perf_counter()
     opt.step()
-    t6 = time.perf_counter()
+    t4 = time.perf_counter()
     pruner.mask_step()
-    t7 = time.perf_counter()
-    parts = {"total": t7 - t0, "cpu": time.process_time() - c0, "sync": t1 - t0, "soft fwd": t2 - t1, "hard fwd": t3 - t2,
-             "losses": t4 - t3, "backward": t5 - t4, "opt": t6 - t5, "mask step": t7 - t6}
+    _sync(x.device)
+    t5 = time.perf_counter()
+    parts = {"total": t5 - t0, "cpu": time.process_time() - c0, "forward": t1 - t0,
+             "losses": t2 - t1, "backward": t3 - t2, "opt": t4 - t3, "mask step": t5 - t4}
     parts.update(backward_parts(timer.calls))
     return parts
 
 
-def hard_step(pruner: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def gs_pass(pruner: Any, x: torch.Tensor, y: torch.Tensor, ctx: Any) -> dict[str, float]:
+    """The G_s pass alone: a second backward through the soft graph into the mask
+    logits (what the decoupled backward adds to a soft step), timed by itself."""
+    with ctx():
+        soft = pruner.soft_forward(x)
+        hard = soft.detach() + 0.1  # any fixed target: G_s's cost is the backward
+        loss = F.kl_div(F.log_softmax(soft.float(), -1), F.log_softmax(hard.float(), -1),
+                        log_target=True, reduction="batchmean")
+    _sync(x.device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    torch.autograd.grad(loss, pruner.mask_parameters(), allow_unused=True)
+    _sync(x.device)
+    return {"total": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+
+def soft_step(pruner: Any, x: torch.Tensor, y: torch.Tensor, ctx: Any) -> dict[str, float]:
+    """The soft branch alone: the masked full-width network's forward, cross-entropy,
+    backward into the weights and the mask logits (no optimiser; the dense step's
+    optimiser time is added to it in the floor)."""
+    params = pruner.weight_parameters() + pruner.mask_parameters()
+    _sync(x.device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    with ctx():
+        loss = F.cross_entropy(pruner.soft_forward(x), y)
+    torch.autograd.backward(loss, inputs=params)
+    _sync(x.device)
+    t1 = time.perf_counter()
+    for p in params:
+        p.grad = None
+    return {"total": t1 - t0, "cpu": time.process_time() - c0}
+
+
+def hard_step(pruner: Any, x: torch.Tensor, y: torch.Tensor, ctx: Any) -> dict[str, float]:
     """The hard branch alone at the pruner's current widths: forward, cross-entropy,
     backward into the weights (no optimiser): the part of an S2H step that scales
     with the budget."""
     weights = pruner.weight_parameters()
+    _sync(x.device)
     c0, t0 = time.process_time(), time.perf_counter()
-    loss = F.cross_entropy(pruner.hard_forward(x), y)
+    with ctx():
+        loss = F.cross_entropy(pruner.hard_forward(x), y)
     torch.autograd.backward(loss, inputs=weights)
+    _sync(x.device)
     t1 = time.perf_counter()
     for p in weights:
         p.grad = None
@@ -176,97 +216,103 @@ def build(name: str, input_size: tuple[int, ...], batch: int, seed: int
 
 def measure(name: str, args: argparse.Namespace) -> Row:
     import s2h_fx
+    from s2h_fx.config import S2HConfig
 
+    dev = torch.device(args.device)
     model, x, y = build(name, args.input_size, args.batch_size, args.seed)
-    dense = copy.deepcopy(model).train()
+    config = S2HConfig(mask_lr=args.mask_lr)
+    pruner = s2h_fx.prune_graph(copy.deepcopy(model), args.budget, example_inputs=(x[:2],),
+                                config=config)
+    with torch.no_grad():  # the one-shot widths, held with fit-like (not full) confidence
+        for p in pruner.mask_parameters():
+            p.mul_(args.confidence)
+    x, y = x.to(dev), y.to(dev)
+    dense = copy.deepcopy(model).to(dev).train()
+    pruner.to(dev).train()
     dense_opt = torch.optim.SGD(dense.parameters(), lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=1e-3, momentum=0.9)
+    amp = args.amp and dev.type == "cuda"
+
+    def ctx() -> Any:
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if amp
+                else contextlib.nullcontext())
+
+    # the masks move from the budget's one-shot widths as in fit (mask step and
+    # re-ranking every step, never restored); the hard branch alone and the G_s
+    # pass run at whatever widths the masks have at that moment
     steps: dict[str, Callable[[], dict[str, float]]] = {
-        "dense": lambda: dense_step(dense, dense_opt, x, y)}
-    pruners = {}
-    for state in args.states:
-        pruner = s2h_fx.prune_graph(copy.deepcopy(model), args.budget,
-                                    example_inputs=(x[:2],))
-        if state == "full":
-            for m in pruner.masks().values():
-                m.reset_full_width()
-        else:  # the masks at the budget's widths, fully confident
-            pruner.set_widths(pruner.widths)
-        pruner.train()
-        opt = torch.optim.SGD(pruner.weight_parameters(), lr=1e-3, momentum=0.9)
-        pruners[state] = pruner
-        start = [t.detach().clone() for t in pruner.mask_parameters()]
-        steps[f"s2h@{state}"] = (lambda p=pruner, o=opt, s=start: s2h_step(p, o, x, y, s))
-        if state == "budget":
-            hard = copy.deepcopy(pruner)  # the same widths, its own weights and grads
-            steps["hard@budget"] = lambda h=hard: hard_step(h, x, y)
+        "dense": lambda: dense_step(dense, dense_opt, x, y, ctx),
+        "s2h": lambda: s2h_step(pruner, opt, x, y, ctx),
+        "soft alone": lambda: soft_step(pruner, x, y, ctx),
+        "hard alone": lambda: hard_step(pruner, x, y, ctx),
+        "G_s pass": lambda: gs_pass(pruner, x, y, ctx),
+    }
     names = list(steps)
     for _ in range(args.warmup):
         for n in names:
             steps[n]()
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    seen = [_widths_key(pruner)]
     for rep in range(args.repeat):
         k = rep % len(names)
         for n in names[k:] + names[:k]:
             runs[n].append(steps[n]())
-    dense_med = statistics.median(r["total"] for r in runs["dense"])
-    dense_cpu = statistics.median(r["cpu"] for r in runs["dense"])
-    row: Row = {
-        "model": name, "input_size": list(args.input_size), "batch_size": args.batch_size,
-        "budget": args.budget, "goal": 1 + args.budget + 0.3, "repeat": args.repeat,
-        "warmup": args.warmup, "dense_s": dense_med, "dense_cpu_s": dense_cpu,
+        key = _widths_key(pruner)
+        if key != seen[-1]:
+            seen.append(key)
+    med = {n: statistics.median(r["total"] for r in runs[n]) for n in names}
+    cpu = {n: statistics.median(r["cpu"] for r in runs[n]) for n in names}
+    dense_s = med["dense"]
+    opt_s = statistics.median(r["opt"] for r in runs["dense"])
+    # the soft step: the soft branch alone plus an optimiser step (the dense one's)
+    soft_s, soft_cpu = med["soft alone"] + opt_s, cpu["soft alone"] + opt_s
+    floor = (soft_s + med["hard alone"] + med["G_s pass"]) / dense_s
+    ratio = med["s2h"] / dense_s
+    floor_cpu = (soft_cpu + cpu["hard alone"] + cpu["G_s pass"]) / cpu["dense"]
+    ratio_cpu = cpu["s2h"] / cpu["dense"]
+    state = pruner.state
+    return {
+        "model": name, "device": str(dev), "amp": amp, "input_size": list(args.input_size),
+        "batch_size": args.batch_size, "budget": args.budget, "mask_lr": args.mask_lr,
+        "repeat": args.repeat, "warmup": args.warmup, "dense_s": dense_s,
+        "s2h_s": med["s2h"], "soft_step_s": soft_s, "hard_alone_s": med["hard alone"],
+        "gs_pass_s": med["G_s pass"],
+        "ratio": ratio, "floor": floor, "remainder": ratio - floor,
+        "cpu_s": cpu, "ratio_cpu": ratio_cpu, "floor_cpu": floor_cpu,
+        "remainder_cpu": ratio_cpu - floor_cpu,
+        "ratio_per_rep_median": statistics.median(
+            s["total"] / d["total"] for s, d in zip(runs["s2h"], runs["dense"])),
         "dense_parts": {k: statistics.median(r[k] for r in runs["dense"])
                         for k in runs["dense"][0]},
-        "dense_runs": [r["total"] for r in runs["dense"]], "s2h": {},
+        "s2h_parts": {k: statistics.median(s.get(k, 0.0) for s in runs["s2h"])
+                      for k in runs["s2h"][0]},
+        "hard_flops_ratio": float(pruner.flops_ratio()),
+        "width_changes": len(seen) - 1,
+        "plan_builds": getattr(state, "plan_builds", None),
+        "skeleton_builds": getattr(state, "skeleton_builds", None),
+        "runs": {n: [r["total"] for r in runs[n]] for n in names},
     }
-    if "hard@budget" in runs:
-        row["hard_alone_s"] = statistics.median(r["total"] for r in runs["hard@budget"])
-    for state in args.states:
-        r = runs[f"s2h@{state}"]
-        med = statistics.median(s["total"] for s in r)
-        cpu = statistics.median(s["cpu"] for s in r)
-        pruner = pruners[state]
-        row["s2h"][state] = {
-            "s2h_s": med, "ratio": med / dense_med,
-            "ratio_per_rep_median": statistics.median(
-                s["total"] / d["total"] for s, d in zip(r, runs["dense"])),
-            "s2h_cpu_s": cpu, "ratio_cpu": cpu / dense_cpu,
-            "hard_flops_ratio": float(pruner.flops_ratio(pruner.mask_widths())),
-            "parts": {k: statistics.median(s.get(k, 0.0) for s in r) for k in r[0]},
-            "runs": [s["total"] for s in r],
-        }
-        parts = row["s2h"][state]["parts"]
-        if state == "budget" and "hard_alone_s" in row and "bwd G_s" in parts:
-            # what this design cannot go below: the soft branch costs a dense step,
-            # plus the hard branch's own forward+backward, plus the second pass
-            # through the soft graph that G_s needs for the mask logits alone
-            row["s2h"][state]["floor"] = 1 + (row["hard_alone_s"] + parts["bwd G_s"]) / dense_med
-    return row
 
 
 def report(row: Row) -> str:
     size = "x".join(str(s) for s in row["input_size"])
-    lines = [f"{row['model']}: batch {row['batch_size']}, input {size}, budget "
-             f"{row['budget']}, median of {row['repeat']}; dense step "
-             f"{row['dense_s'] * 1e3:.0f} ms (fwd {row['dense_parts']['fwd'] * 1e3:.0f}, "
-             f"bwd {row['dense_parts']['bwd'] * 1e3:.0f}, opt "
-             f"{row['dense_parts']['opt'] * 1e3:.0f})"]
-    for state, s in row["s2h"].items():
-        verdict = "meets" if s["ratio"] <= row["goal"] else "misses"
-        lines.append(f"  S2H step, hard branch at {state} width (hard FLOPs "
-                     f"{s['hard_flops_ratio']:.3f}): {s['s2h_s'] * 1e3:.0f} ms, ratio "
-                     f"{s['ratio']:.2f} (per-rep median {s['ratio_per_rep_median']:.2f}, "
-                     f"process CPU time {s['ratio_cpu']:.2f}); goal "
-                     f"<= {row['goal']:.2f}: {verdict}")
-        parts = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in s["parts"].items()
-                          if k not in ("total", "cpu"))
-        lines.append(f"    where it goes (ms, medians): {parts}")
-        if "floor" in s:
-            lines.append(
-                f"    floor of the exact decoupled step: 1 (soft = dense) + "
-                f"{row['hard_alone_s'] / row['dense_s']:.2f} (hard branch alone, fwd+bwd) + "
-                f"{s['parts']['bwd G_s'] / row['dense_s']:.2f} (G_s pass to the logits) = "
-                f"{s['floor']:.2f}; the rest, {s['ratio'] - s['floor']:+.2f}, is mask "
-                f"multiplies, weight slicing, importance/mask step and bookkeeping")
+    d = row["dense_s"]
+    lines = [f"{row['model']} on {row['device']}{' (AMP bf16)' if row['amp'] else ''}: batch "
+             f"{row['batch_size']}, input {size}, budget {row['budget']}, median of "
+             f"{row['repeat']}; dense step {d * 1e3:.1f} ms",
+             f"  S2H step {row['s2h_s'] * 1e3:.1f} ms = {row['ratio']:.2f} dense steps "
+             f"(per-rep median {row['ratio_per_rep_median']:.2f}); the masks moved: "
+             f"{row['width_changes']} width changes in the timed steps, hard FLOPs now "
+             f"{row['hard_flops_ratio']:.3f}",
+             f"  floor = {row['soft_step_s'] / d:.2f} (soft step: masked network, fwd+bwd+opt) "
+             f"+ {row['hard_alone_s'] / d:.2f} (hard branch alone) + "
+             f"{row['gs_pass_s'] / d:.2f} (G_s pass) = {row['floor']:.2f}; "
+             f"remainder {row['remainder']:+.3f} of a dense step",
+             f"  process CPU time: ratio {row['ratio_cpu']:.2f}, floor {row['floor_cpu']:.2f}, "
+             f"remainder {row['remainder_cpu']:+.3f} (less sensitive to a loaded machine)"]
+    parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["s2h_parts"].items()
+                      if k not in ("total", "cpu"))
+    lines.append(f"  where the S2H step goes (ms, medians): {parts}")
     return "\n".join(lines)
 
 
@@ -274,23 +320,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="resnet18,resnet50",
                     help="comma-separated torchvision model names ('toy': a small conv net)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--input-size", default="3,64,64",
-                    help="C,H,W (the paper uses 3,224,224; too slow on 2 CPU cores)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="default 32 on CPU, 128 on CUDA")
+    ap.add_argument("--input-size", default=None,
+                    help="C,H,W; default 3,64,64 on CPU (224x224 is too slow on 2 cores), "
+                         "3,224,224 on CUDA")
+    ap.add_argument("--no-amp", dest="amp", action="store_false",
+                    help="on CUDA: float32 instead of autocast bfloat16")
     ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--states", default="budget,full",
-                    help="hard-branch width states to time: budget, full")
-    ap.add_argument("--repeat", type=int, default=5, help="timed steps of each (median)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each first")
+    ap.add_argument("--mask-lr", type=float, default=0.05,
+                    help="S2HConfig.mask_lr: the masks' step size (they move every step)")
+    ap.add_argument("--confidence", type=float, default=0.1,
+                    help="the one-shot logits are scaled by this (1: full confidence, the "
+                         "widths hardly move; fit starts from soft logits)")
+    ap.add_argument("--repeat", type=int, default=7, help="timed steps of each (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda, but CUDA is not available")
+    args.batch_size = args.batch_size or (128 if cuda else 32)
+    args.input_size = tuple(int(s) for s in (args.input_size or (
+        "3,224,224" if cuda else "3,64,64")).split(","))
     args.models = [m for m in args.models.split(",") if m]
-    args.input_size = tuple(int(s) for s in args.input_size.split(","))
-    args.states = [s for s in args.states.split(",") if s]
-    if not set(args.states) <= {"budget", "full"} or not args.states:
-        ap.error("--states takes budget and/or full")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     return args
@@ -304,13 +360,16 @@ def _loadavg() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import s2h_fx
+
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     size = "x".join(str(s) for s in args.input_size)
     note = " (the paper uses 224x224; smaller here for CPU time)" if size != "3x224x224" else ""
-    print(f"S2H step / dense step, input {size}{note}, batch {args.batch_size}, "
+    print(f"S2H step / dense step on {args.device}, input {size}{note}, batch {args.batch_size}, "
           f"{args.threads} threads, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}", flush=True)
+          f"{platform.processor() or platform.machine()}, s2h_fx from "
+          f"{Path(s2h_fx.__file__).parent}", flush=True)
     out = args.out.open("w") if args.out else None
     try:
         for name in args.models:

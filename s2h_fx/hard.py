@@ -3,7 +3,9 @@
 ``run_hard`` calls the skeleton (the emitted graph at the current widths) with
 ``functional_call`` on the live weights sliced to the kept channels, so the
 compute scales with the kept width and gradients reach the full-width weights
-through the slicing. The hard network keeps its own BatchNorm running
+through the slicing. The slicing takes index tensors on the device
+(:meth:`s2h_fx.state.WidthState.cuts`): the skeleton depends on the widths only,
+so a change of the kept channels costs no re-emission and no host read. The hard network keeps its own BatchNorm running
 statistics (``HardStats``): it sees other activations than the soft network.
 """
 
@@ -20,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from s2h_fx.passes.emit_pruned import emit_pruned, slice_tensor
 from s2h_fx.passes.plan_surgery import SurgeryPlan
 
+Cuts = tuple[tuple[int, torch.Tensor], ...]  # (axis, kept positions) per sliced axis
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -44,10 +47,11 @@ class HardStats(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {path: self.get(path) for path in self.names}
 
-    def write_kept(self, path: str, plan: SurgeryPlan, value: torch.Tensor) -> None:
-        """Store ``value`` (a statistic of the kept channels) into the full-width buffer."""
+    def write_kept(self, path: str, params: dict[str, Cuts], value: torch.Tensor) -> None:
+        """Store ``value`` (a statistic of the kept channels, ``params[path]`` giving
+        their positions) into the full-width buffer."""
         full = self.get(path)
-        cuts = plan.params.get(path, ())
+        cuts = params.get(path, ())
         if cuts:
             (axis, index), = cuts
             full.index_copy_(axis, index.to(full.device), value.to(full.dtype))
@@ -64,13 +68,14 @@ def named_tensors(gm: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def run_hard(gm: fx.GraphModule, skeleton: fx.GraphModule, plan: SurgeryPlan,
+def run_hard(gm: fx.GraphModule, skeleton: fx.GraphModule, params: dict[str, Cuts],
              stats: HardStats, training: bool, args: tuple[Any, ...]) -> Any:
-    """The hard network's output; in training mode its kept channels' running
-    statistics are updated in ``stats``."""
+    """The hard network's output (``params``: path -> kept positions per sliced axis,
+    index tensors on the tensors' device); in training mode its kept channels'
+    running statistics are updated in ``stats``."""
     tensors, sliced_stats = {}, {}
     for name, t in named_tensors(gm):
-        cuts = plan.params.get(name, ())
+        cuts = params.get(name, ())
         if name in stats.names:
             t = stats.get(name)
             sliced_stats[name] = slice_tensor(t, cuts) if cuts else t
@@ -82,8 +87,8 @@ def run_hard(gm: fx.GraphModule, skeleton: fx.GraphModule, plan: SurgeryPlan,
     if training:
         with torch.no_grad():
             for name, updated in sliced_stats.items():
-                if plan.params.get(name):
-                    stats.write_kept(name, plan, updated)
+                if params.get(name):
+                    stats.write_kept(name, params, updated)
     return out
 
 
@@ -111,7 +116,7 @@ def recalibrate(gm: fx.GraphModule, plan: SurgeryPlan, stats: HardStats,
         used += 1
     for name, m in norms.items():
         for buf in _BN_BUFFERS:
-            stats.write_kept(f"{name}.{buf}", plan, getattr(m, buf))
+            stats.write_kept(f"{name}.{buf}", plan.params, getattr(m, buf))
     return used
 
 

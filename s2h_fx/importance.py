@@ -1,9 +1,14 @@
 """Channel importance: the L1 norm of each class's producer weights, each producer
 normalised to mean 1 and averaged over the group's producers; and the rank order
-that the hard network keeps (whole atoms, most important first)."""
+that the hard network keeps (whole atoms, most important first).
+
+Scores and ranks are computed on the weights' device with no host read (the
+index tensors are moved there once and kept), so re-ranking after every mask
+step does not stall a GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +33,11 @@ class Importance:
 
     def __init__(self, grouping: GroupingResult) -> None:
         self.grouping = grouping
+        self.device = torch.device("cpu")
+        self.num_atoms = {g.index: int(np.max(grouping.atom_of_class[g.index])) + 1
+                          for g in grouping.prunable}
+        self.atom_of = {g.index: torch.as_tensor(grouping.atom_of_class[g.index],
+                                                 dtype=torch.long) for g in grouping.prunable}
         self.producers: dict[int, list[_Producer]] = {}
         for g in grouping.prunable:
             items = []
@@ -40,31 +50,50 @@ class Importance:
                                        torch.as_tensor(1.0 / mult, dtype=torch.float32)))
             self.producers[g.index] = items
 
+    def _to(self, device: torch.device) -> None:
+        """Move the index tensors to ``device`` (once per device change)."""
+        if device == self.device:
+            return
+        self.device = device
+        self.atom_of = {g: a.to(device) for g, a in self.atom_of.items()}
+        self.producers = {g: [dataclasses.replace(p, positions=p.positions.to(device),
+                                                  classes=p.classes.to(device),
+                                                  weight=p.weight.to(device)) for p in items]
+                          for g, items in self.producers.items()}
+
     @torch.no_grad()
     def scores(self, model: nn.Module) -> dict[int, torch.Tensor]:
+        """Importance of every class of every prunable group, float32 on the weights' device."""
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._to(device)
         out = {}
         for g in self.grouping.prunable:
-            acc = torch.zeros(g.size)
+            acc = torch.zeros(g.size, device=device)
             for p in self.producers[g.index]:
                 w = _get_attr(model, p.path).detach().float().abs()
-                l1 = w.sum(dim=[d for d in range(w.dim()) if d != p.axis]).cpu()[p.positions]
+                l1 = w.sum(dim=[d for d in range(w.dim()) if d != p.axis])[p.positions]
                 l1 = l1 / (l1.mean() + 1e-12)
                 acc.index_add_(0, p.classes, l1 * p.weight)
             out[g.index] = acc / max(len(self.producers[g.index]), 1)
         return out
 
+    @torch.no_grad()
     def ranks(self, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Rank of each class: atoms ordered by total importance, classes of an atom together."""
+        """Rank of each class: atoms ordered by total importance, classes of an atom
+        together (on the scores' device)."""
         out = {}
         for g in self.grouping.prunable:
-            atom_of = torch.as_tensor(self.grouping.atom_of_class[g.index])
-            atom_score = torch.zeros(int(atom_of.max()) + 1).index_add_(0, atom_of, scores[g.index])
+            score = scores[g.index]
+            self._to(score.device)
+            atom_of = self.atom_of[g.index]
+            atom_score = score.new_zeros(self.num_atoms[g.index]).index_add_(0, atom_of, score)
             order = torch.argsort(-atom_score, stable=True)  # atoms, most important first
             position = torch.empty_like(order)
-            position[order] = torch.arange(len(order))
-            key = position[atom_of] * g.size + torch.arange(g.size)  # by atom, then class
-            rank = torch.empty(g.size, dtype=torch.long)
-            rank[torch.argsort(key)] = torch.arange(g.size)
+            position[order] = torch.arange(len(order), device=order.device)
+            arange = torch.arange(g.size, device=order.device)
+            key = position[atom_of] * g.size + arange  # by atom, then class
+            rank = torch.empty_like(arange)
+            rank[torch.argsort(key)] = arange
             out[g.index] = rank
         return out
 

@@ -243,7 +243,7 @@ class Loop:
             losses, outputs = step.forward(x, y)
         self.opt.zero_grad(set_to_none=True)
         lr = float(self.opt.param_groups[0]["lr"])
-        values = {k: float(v.detach()) for k, v in losses.items()}
+        values, correct = read_scalars(losses, outputs, y)
         finite_loss = agree(all(math.isfinite(v) for v in values.values()))
         ok = finite_loss
         if ok:
@@ -267,16 +267,15 @@ class Loop:
         extra = step.after()
         self.sched.step()
         self.state.consecutive = 0
-        return self._count(values, outputs, y, {**extra, "lr": lr})
+        return self._count(values, correct, y.numel(), {**extra, "lr": lr})
 
-    def _count(self, values: Metrics, outputs: dict[str, torch.Tensor], y: torch.Tensor,
+    def _count(self, values: Metrics, correct: dict[str, int], seen: int,
                extra: Metrics) -> Metrics:
         s = self.state.sums
         s["n"] += 1
-        s["seen"] += y.numel()
+        s["seen"] += seen
         metrics = {**values, **extra}
-        for name, out in outputs.items():
-            ok = int((out.detach().argmax(-1) == y).sum())
+        for name, ok in correct.items():
             s["correct"][name] = s["correct"].get(name, 0) + ok
             metrics[f"{name}_acc"] = s["correct"][name] / s["seen"]
         for k, v in metrics.items():
@@ -300,6 +299,21 @@ class Loop:
                 "are those of the last finite step. Check the data for NaN or inf, lower "
                 "the learning rate, or train without amp; max_nonfinite sets the limit")
         return {**values, "skipped": 1.0}
+
+
+def read_scalars(losses: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                 y: torch.Tensor) -> tuple[Metrics, dict[str, int]]:
+    """The step's loss values and each output's count of correct predictions, in one
+    device-to-host read (the non-finite guard needs the losses on the host every
+    step; the per-step metrics come with that read at no further cost)."""
+    scalars = [v.detach().reshape(()).double() for v in losses.values()]
+    scalars += [(out.detach().argmax(-1) == y).sum().double() for out in outputs.values()]
+    if not scalars:
+        return {}, {}
+    got = torch.stack(scalars).tolist()
+    values = dict(zip(losses, got[:len(losses)]))
+    correct = {name: int(v) for name, v in zip(outputs, got[len(losses):])}
+    return values, correct
 
 
 def epoch_means(sums: dict[str, Any], keys: Iterable[str]) -> Metrics:

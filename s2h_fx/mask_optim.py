@@ -49,38 +49,45 @@ class MaskOptimizer:
 
     @torch.no_grad()
     def step(self, task: list[torch.Tensor], resource: list[torch.Tensor], gap: float) -> None:
-        """``task``/``resource``: per-mask gradients; ``gap``: hard FLOPs ratio - budget."""
+        """``task``/``resource``: per-mask gradients; ``gap``: hard FLOPs ratio - budget.
+
+        Runs on the logits' device with no host read: a non-finite gradient (an
+        overflowed AMP step) turns the step into a no-op on the device (logits and
+        momentum buffers keep their values, as GradScaler skips the weights) instead
+        of a host-side early return; ``steps`` counts the calls."""
         if not self.masks:
             return
         gt, gr = torch.cat([t.flatten() for t in task]), torch.cat([r.flatten() for r in resource])
-        if not (torch.isfinite(gt).all() and torch.isfinite(gr).all()):
-            return  # an overflowed (AMP) step: skip it, as GradScaler skips the weights
+        finite = torch.isfinite(gt).all() & torch.isfinite(gr).all()
         nt, nr = gt.norm(), gr.norm()
         balance = min(abs(gap) / self.tolerance, self.cap)
         self.last_balance = balance
-        direction = torch.zeros_like(gt)
-        if nt > 0:
-            direction += gt / nt
-        if nr > 0:
-            direction += balance * gr / nr
+        zero = torch.zeros_like(gt)
+        # the same arithmetic, in the same order, as the host-side version was
+        direction = (torch.where(nt > 0, gt / nt, zero)
+                     + torch.where(nr > 0, balance * gr / nr, zero))
+        direction = torch.where(finite, direction, zero)
         lr = self.lr * self.lr_scale
         offset = 0
         for i, mask in enumerate(self.masks):
             k = mask.logits.numel()
             d = direction[offset : offset + k].view_as(mask.logits).to(mask.logits.dtype)
-            mask.logits.sub_(lr * self._momentum(i, d))
+            step = torch.where(finite, lr * self._momentum(i, d, finite), 0.0)
+            mask.logits.sub_(step)
             mask.logits.sub_(mask.logits.mean())
             offset += k
         self.steps += 1
 
-    def _momentum(self, i: int, d: torch.Tensor) -> torch.Tensor:
-        """The step direction of mask ``i`` from its direction ``d`` (as torch's SGD)."""
+    def _momentum(self, i: int, d: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """The step direction of mask ``i`` from its direction ``d`` (as torch's SGD);
+        the buffer is left as it was where ``finite`` is false."""
         if self.momentum == 0:
             return d
         if len(self.buffers) <= i:
-            self.buffers.append(d.clone())
+            self.buffers.append(torch.where(finite, d, torch.zeros_like(d)))
         else:
-            self.buffers[i].mul_(self.momentum).add_(d)
+            buf = self.buffers[i]
+            buf.copy_(torch.where(finite, buf * self.momentum + d, buf))
         buf = self.buffers[i]
         return d + self.momentum * buf if self.nesterov else buf
 

@@ -145,7 +145,7 @@ class Pruner(nn.Module):
         self._loaded: dict[str, Any] | None = None
         scores = self.update_importance()
         widths = choose_widths(self.cost_model, grouping,
-                               {g: s.numpy() for g, s in scores.items()}, config.budget,
+                               {g: s.cpu().numpy() for g, s in scores.items()}, config.budget,
                                what=COST_NAMES[config.kind])
         self.set_widths(widths)
 
@@ -239,8 +239,9 @@ class Pruner(nn.Module):
         return self.state.widths()
 
     def sync_from_masks(self) -> None:
-        """Kept for older loops: the hard network always is the masks' sub-network."""
-        self.state.plan()
+        """Kept for older loops: the hard network always is the masks' sub-network
+        (this only makes sure the structure of the current widths is built)."""
+        self.state.skeleton(self.state.structure())
 
     # ---- running ---------------------------------------------------------
     def soft_forward(self, *args: Any) -> Any:
@@ -277,11 +278,16 @@ class Pruner(nn.Module):
     def hard_forward(self, *args: Any) -> Any:
         """The sub-network at the current widths: weights sliced, only kept channels computed.
 
-        Gradients reach the weights through the slicing; none reach the masks.
+        Gradients reach the weights through the slicing; none reach the masks. The
+        skeleton is that of the current widths (emitted once per widths tuple); the
+        kept channels' positions are index tensors computed on the device from the
+        rank buffers: no host read once the widths are known (see
+        :mod:`s2h_fx.state`).
         """
-        plan = self.plan
-        return run_hard(self.graph_module, self.state.skeleton(plan), plan, self.hard_stats,
-                        self.training, args)
+        state = self.state
+        structure = state.structure()
+        return run_hard(self.graph_module, state.skeleton(structure), state.cuts(structure),
+                        self.hard_stats, self.training, args)
 
     def forward(self, *args: Any) -> Any:
         if self.training:
@@ -416,7 +422,8 @@ class Pruner(nn.Module):
         budget, tol = self.config.budget, self.s2h.tolerance
         if budget - floor_margin <= ratio <= budget + tol:
             return False
-        scores = {g: s.numpy() for g, s in self.importance.scores(self.graph_module).items()}
+        scores = {g: s.cpu().numpy()
+                  for g, s in self.importance.scores(self.graph_module).items()}
         ranks = {g: m.rank.cpu().numpy() for g, m in self._masks.items()}
         widths = self.widths
         if ratio > budget + tol:

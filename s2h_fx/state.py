@@ -2,13 +2,23 @@
 
 A pruner's sub-network is held in one place: the masks. Each group's
 ``ChannelMask`` holds its logits (which give the hard width n) and its rank
-buffer (which channels are the top n). Everything else that depends on the
-widths is a *view* computed from that state and cached by its value:
+buffer (which channels are the top n). Everything else that depends on them is
+a *view* computed from that state and cached by what it depends on:
 
-* the widths and kept channels (``Selection``);
-* the ``SurgeryPlan`` (which slices, which rewritten arguments);
-* the skeleton: the emitted graph at those widths whose parameters the hard
-  branch swaps in with ``functional_call``.
+* the widths: one batched device-to-host read of every mask's hard width (a
+  tensor's shape is host data, so the physically sized hard branch needs them on
+  the host), cached by the logits' version counters: while no logit changes (the
+  settling phase, evaluation, a step that did not move the masks) no read at all;
+* the *structure* of the hard network at those widths (:class:`Structure`):
+  output shapes, rewritten arguments, which tensors are sliced on which axis and
+  how many positions each keeps, and the skeleton graph emitted for them. It
+  depends on the widths only (each class of a group appears equally often in a
+  sliced axis, so the number of kept positions is fixed by the width), so it is
+  built when a new widths tuple appears, never because the kept channels change;
+* the kept positions of every sliced axis (:class:`KeepIndex`), computed on the
+  device from the rank buffers each time the ranks change, with no host read;
+* the full ``SurgeryPlan`` (structure plus the kept classes on the host), for
+  ``export`` and the other consumers off the training step.
 
 Nothing else stores widths, so the eval-mode network, the train-mode hard
 branch, the masked oracle, the FLOPs and ``export()`` always describe the same
@@ -17,20 +27,27 @@ sub-network, whichever of them is called first and in whichever mode.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import fx
+from torch import fx, nn
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.importance import keep_from_ranks
 from s2h_fx.masks import ChannelMask
 from s2h_fx.passes.emit_pruned import emit_pruned
-from s2h_fx.passes.plan_surgery import SurgeryPlan, plan_surgery
+from s2h_fx.passes.plan_surgery import SurgeryPlan, kept_ids, plan_surgery
 
-_SKELETONS_KEPT = 8
+log = logging.getLogger(__name__)
+
+# widths tuples whose structure (and skeleton) stay cached: a skeleton holds no
+# tensor storage of its own (see _hollow), so many are cheap
+_STRUCTURES_KEPT = 64
+Cuts = tuple[tuple[int, torch.Tensor], ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,52 +63,219 @@ class Selection:
                 b"".join(self.keep[g].astype(np.int64).tobytes() for g in order))
 
 
+@dataclass(eq=False)
+class Structure:
+    """What the hard network at one widths tuple looks like, whichever classes are kept.
+
+    ``plan`` was planned for the kept classes at the time it was built; its shapes
+    and rewrites hold for every selection of these widths, its index tensors only
+    for that one (the step uses :meth:`KeepIndex.cuts` instead). ``counts[s]``:
+    kept positions of candidate slot ``s``; ``thresholds``: per position, the
+    width of its group (0 where the position is always kept), on the device.
+    """
+
+    widths: tuple[int, ...]
+    plan: SurgeryPlan
+    counts: np.ndarray
+    skeleton: fx.GraphModule | None = None
+    thresholds: torch.Tensor | None = None
+
+
+class KeepIndex:
+    """Kept positions of every sliced axis, from the rank buffers, on the device.
+
+    All candidate slots (parameter axes that carry a prunable channel) are laid end
+    to end once: per position the global class index (into the concatenated rank
+    buffers, or a sentinel of rank -1 for a channel no mask prunes) and its local
+    position. A position is kept when its class's rank is below its group's width.
+    The kept positions of slot ``s`` are, in order, entries ``[start_s, start_s +
+    k_s)`` of the scatter of local positions to ``cumsum(kept) - 1``: ``k_s`` and
+    ``start_s`` are host numbers of the structure, so no ``nonzero`` (a host read)
+    is needed. About seven kernels per step, whatever the model's size.
+    """
+
+    def __init__(self, grouping: GroupingResult, order: list[int], sizes: dict[int, int]) -> None:
+        offset, pos = {}, 0
+        for g in order:
+            offset[g], pos = pos, pos + sizes[g]
+        self.sentinel = pos  # the appended rank -1 (always kept)
+        prunable = np.zeros(len(grouping.groups) + 1, dtype=bool)
+        prunable[order] = True
+        self.slots: list[tuple[str, int]] = []
+        self.irregular: set[int] = set()
+        classes, local, groups = [], [], []
+        for key, ids in grouping.slots.items():
+            grp = grouping.group_of_id[ids]
+            if not prunable[grp].any():
+                continue
+            self.slots.append(key)
+            cls = np.full(ids.size, self.sentinel, dtype=np.int64)
+            for g in np.unique(grp[prunable[grp]]).tolist():
+                here = grp == g
+                counts = np.bincount(grouping.class_of_id[ids[here]], minlength=sizes[g])
+                if counts.min() != counts.max():
+                    self.irregular.add(g)
+                cls[here] = offset[g] + grouping.class_of_id[ids[here]]
+            classes.append(cls)
+            local.append(np.arange(ids.size))
+            groups.append(np.where(prunable[grp], grp, -1))
+        self.slot_of = {key: s for s, key in enumerate(self.slots)}
+        self.group_of_position = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+        self._classes = torch.as_tensor(np.concatenate(classes) if classes else np.zeros(0),
+                                        dtype=torch.long)
+        self._local = torch.as_tensor(np.concatenate(local) if local else np.zeros(0),
+                                      dtype=torch.long)
+        self.order, self.num_groups = order, len(grouping.groups)
+        if self.irregular:
+            log.info("groups %s appear unevenly in a sliced axis: their kept classes are "
+                     "part of the structure's key (a host read of their ranks)",
+                     sorted(self.irregular))
+
+    def thresholds(self, widths: dict[int, int], device: torch.device) -> torch.Tensor:
+        """Per position: its group's width (0 where always kept), once per structure."""
+        table = np.zeros(self.num_groups, dtype=np.int64)
+        for g, w in widths.items():
+            table[g] = w
+        thr = np.where(self.group_of_position >= 0, table[self.group_of_position], 0)
+        return torch.as_tensor(thr, dtype=torch.long).to(device)
+
+    def cuts(self, structure: Structure, ranks: list[torch.Tensor]) -> dict[str, Cuts]:
+        """Index tensors of the kept positions of every sliced tensor, on the device."""
+        if not structure.plan.params:
+            return {}
+        device = ranks[0].device
+        if self._classes.device != device:
+            self._classes, self._local = self._classes.to(device), self._local.to(device)
+        if structure.thresholds is None or structure.thresholds.device != device:
+            widths = dict(zip(self.order, structure.widths))
+            structure.thresholds = self.thresholds(widths, device)
+        all_ranks = torch.cat([*ranks, ranks[0].new_full((1,), -1)])
+        kept = all_ranks[self._classes] < structure.thresholds
+        total = int(structure.counts.sum())
+        dest = torch.where(kept, torch.cumsum(kept, 0) - 1, total)
+        out = self._local.new_empty(total + 1).scatter_(0, dest, self._local)
+        starts = np.concatenate([[0], np.cumsum(structure.counts)])
+        params: dict[str, Cuts] = {}
+        for path, cuts in structure.plan.params.items():
+            new = []
+            for axis, _ in cuts:
+                s = self.slot_of[(path, axis)]
+                new.append((axis, out[int(starts[s]):int(starts[s + 1])]))
+            params[path] = tuple(new)
+        return params
+
+
 class WidthState:
-    """Reads the masks and keeps the views of them (plan, skeleton) in step."""
+    """Reads the masks and keeps the views of them (structure, skeleton, indices) in step.
+
+    Counters for tests and benchmarks: ``plan_builds`` (structures planned),
+    ``skeleton_builds`` (graphs emitted), ``width_reads`` (batched host reads of
+    the widths).
+    """
 
     def __init__(self, gm: fx.GraphModule, grouping: GroupingResult,
                  masks: dict[int, ChannelMask]) -> None:
         self.gm, self.grouping, self.masks = gm, grouping, masks
-        self._plan_key: tuple[tuple[int, ...], bytes] | None = None
-        self._plan: SurgeryPlan | None = None
-        self._skeletons: OrderedDict[tuple[int, ...], fx.GraphModule] = OrderedDict()
-        self.plan_builds = 0  # how often a plan was built (a test counts them)
+        self.order = sorted(masks)
+        self.index = KeepIndex(grouping, self.order, {g: m.size for g, m in masks.items()})
+        self._structures: OrderedDict[tuple[object, ...], Structure] = OrderedDict()
+        self._widths: tuple[tuple[object, ...], dict[int, int]] | None = None
+        self._cuts: tuple[tuple[object, ...], dict[str, Cuts]] | None = None
+        self.plan_builds = 0
         self.skeleton_builds = 0
+        self.width_reads = 0
+
+    # ---- the widths ------------------------------------------------------------
+    def _logits_key(self) -> tuple[object, ...]:
+        """Changes whenever a logit or a temperature may have changed (host data only:
+        in-place updates bump a tensor's version counter)."""
+        return tuple((id(m.logits), m.logits._version, m.logits.data_ptr(), m.temperature)
+                     for m in (self.masks[g] for g in self.order))
 
     def widths(self) -> dict[int, int]:
-        """Hard width n of every mask now."""
-        with torch.no_grad():
-            return {g: int(round(float(m.hard_width()))) for g, m in self.masks.items()}
+        """Hard width n of every mask now: one batched host read, none while the
+        logits are unchanged since the last one."""
+        key = self._logits_key()
+        if self._widths is None or self._widths[0] != key:
+            with torch.no_grad():
+                values = (torch.stack([self.masks[g].hard_width().detach() for g in self.order])
+                          .round().tolist() if self.order else [])
+            self.width_reads += 1
+            self._widths = (key, {g: int(v) for g, v in zip(self.order, values)})
+        return dict(self._widths[1])
 
     def ranks(self) -> dict[int, torch.Tensor]:
         return {g: m.rank for g, m in self.masks.items()}
 
     def selection(self) -> Selection:
+        """Widths and kept classes on the host (a read of the ranks: not for the step)."""
         widths = self.widths()
         return Selection(widths, keep_from_ranks(self.ranks(), widths))
 
-    def plan(self) -> SurgeryPlan:
-        """The surgery plan of the masks' sub-network (rebuilt only when it changed)."""
-        sel = self.selection()
-        key = sel.key()
-        if self._plan is None or key != self._plan_key:
-            self._plan = plan_surgery(self.gm, self.grouping, sel.keep)
-            self._plan_key = key
-            self.plan_builds += 1
-        return self._plan
+    # ---- the structure ------------------------------------------------------------
+    def structure(self) -> Structure:
+        """The structure of the hard network at the current widths (built once per
+        widths tuple; the kept classes of unevenly laid out groups, if any, are part
+        of the key)."""
+        widths = self.widths()
+        key: tuple[object, ...] = tuple(widths[g] for g in self.order)
+        if self.index.irregular:
+            keep = keep_from_ranks({g: self.masks[g].rank for g in self.index.irregular},
+                                   {g: widths[g] for g in self.index.irregular})
+            key += tuple(keep[g].tobytes() for g in sorted(keep))
+        found = self._structures.get(key)
+        if found is not None:
+            self._structures.move_to_end(key)
+            return found
+        if len(self._structures) >= _STRUCTURES_KEPT:
+            self._structures.popitem(last=False)
+        keep = keep_from_ranks(self.ranks(), widths)  # the plan needs one selection
+        plan = plan_surgery(self.gm, self.grouping, keep)
+        kept = kept_ids(self.grouping, keep)
+        counts = np.array([int(kept[self.grouping.slots[k]].sum()) for k in self.index.slots],
+                          dtype=np.int64)
+        structure = Structure(tuple(widths[g] for g in self.order), plan, counts)
+        self._structures[key] = structure
+        self.plan_builds += 1
+        return structure
 
-    def skeleton(self, plan: SurgeryPlan) -> fx.GraphModule:
-        """The emitted graph at ``plan``'s widths, sharing the live tensors; its
-        structure depends on the widths only, so which channels are kept does not
-        re-emit it."""
-        key = tuple(plan.widths[g] for g in sorted(plan.widths))
-        skeleton = self._skeletons.get(key)
-        if skeleton is None:
-            if len(self._skeletons) >= _SKELETONS_KEPT:
-                self._skeletons.popitem(last=False)
-            skeleton = emit_pruned(self.gm, plan, share=True)
-            self._skeletons[key] = skeleton
+    def skeleton(self, structure: Structure) -> fx.GraphModule:
+        """The emitted graph of ``structure``, sharing the live tensors (emitted once)."""
+        if structure.skeleton is None:
+            structure.skeleton = _hollow(emit_pruned(self.gm, structure.plan, share=True),
+                                         structure.plan)
             self.skeleton_builds += 1
-        else:
-            self._skeletons.move_to_end(key)
-        return skeleton
+        return structure.skeleton
+
+    def cuts(self, structure: Structure) -> dict[str, Cuts]:
+        """Device index tensors of the kept positions of every sliced tensor now
+        (recomputed when the ranks or the widths change; no host read)."""
+        ranks = [self.masks[g].rank for g in self.order]
+        key = (structure.widths, *((id(r), r._version, r.data_ptr()) for r in ranks))
+        if self._cuts is None or self._cuts[0] != key:
+            self._cuts = (key, self.index.cuts(structure, ranks) if ranks else {})
+        return self._cuts[1]
+
+    def plan(self) -> SurgeryPlan:
+        """The surgery plan of the masks' sub-network: the structure's, with the kept
+        classes now (a host read of the ranks) and the kept positions now."""
+        structure = self.structure()
+        sel = self.selection()
+        return dataclasses.replace(structure.plan, keep=sel.keep,
+                                   params=self.cuts(structure))
+
+
+def _hollow(skeleton: fx.GraphModule, plan: SurgeryPlan) -> fx.GraphModule:
+    """Drop the storage of the skeleton's sliced parameters and buffers: the hard
+    branch passes every parameter and buffer to ``functional_call``, so these
+    copies are never read (unsliced ones are shared with the masked graph)."""
+    for path in plan.params:
+        owner_path, _, attr = path.rpartition(".")
+        owner = skeleton.get_submodule(owner_path) if owner_path else skeleton
+        old = owner._parameters.get(attr)
+        if old is not None:
+            owner._parameters[attr] = nn.Parameter(old.new_empty(0),
+                                                   requires_grad=old.requires_grad)
+        elif attr in owner._buffers and owner._buffers[attr] is not None:
+            owner._buffers[attr] = owner._buffers[attr].new_empty(0)  # type: ignore[union-attr]
+    return skeleton

@@ -5,6 +5,18 @@ The loop itself (schedule, non-finite guard, checkpoints, resume) is
 :mod:`s2h_fx.loop`; this module says what one step of each kind of training does:
 S2H and its ablations (:data:`METHODS`), the full-width warm-up, and plain dense
 training (:func:`fit_dense`, the demo's baseline).
+
+Host reads per step (each one stalls a GPU until its work is done). A search
+step: one batched read of the widths (after the mask step; the next forward uses
+them, and the FLOPs ratio a step reports is computed from them on the host), the
+decoupled backward's non-finite check, and the loop's one read of the losses and
+correct counts (the non-finite guard needs them on the host; the per-step metrics
+come with that read, so they cost no read of their own and ``EpochRecord``
+reports what it did before). A settling step (architecture fixed): no width read
+(the widths are cached by the logits' version counters), no re-planning; the
+pruner's part of the step (hard branch, losses, backward) reads nothing; the
+loop's guard still reads once (and once more for the gradients of the hard
+network alone, checked on the host when no GradScaler is used).
 """
 
 from __future__ import annotations

@@ -1,0 +1,244 @@
+"""The training step without host synchronisation: structures (plan + skeleton) are
+built once per widths tuple, never because the kept channels change; the kept
+positions are computed on the device; the widths are read once per search step
+and not at all while the architecture is fixed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import s2h_fx
+from s2h_fx.config import S2HConfig
+from s2h_fx.passes.plan_surgery import plan_surgery
+
+from helpers import rel_err
+
+
+class TinyResNet(nn.Module):
+    """A stem, one BasicBlock at 16 channels, one downsampling BasicBlock to 32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = BasicBlock(16, 16)
+        self.layer2 = BasicBlock(16, 32, stride=2, downsample=nn.Sequential(
+            nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32)))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _pruner(mask_lr: float = 0.15, device: str = "cpu") -> tuple[s2h_fx.Pruner, torch.Tensor,
+                                                                 torch.Tensor]:
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    pruner = s2h_fx.prune_graph(TinyResNet(), 0.5, example_inputs=(x[:2],), divisor=4,
+                                config=S2HConfig(mask_lr=mask_lr))
+    with torch.no_grad():  # the one-shot widths with little confidence: the masks move
+        for p in pruner.mask_parameters():
+            p.mul_(0.05)
+    return pruner.to(device).train(), x.to(device), y.to(device)
+
+
+def _s2h_step(pruner: s2h_fx.Pruner, opt: torch.optim.Optimizer, x: torch.Tensor,
+              y: torch.Tensor) -> None:
+    soft, hard = pruner(x)
+    losses = pruner.losses((soft, hard), y)
+    opt.zero_grad(set_to_none=True)
+    assert pruner.backward(losses)
+    opt.step()
+    pruner.mask_step()
+
+
+def _key(widths: dict[int, int]) -> tuple[int, ...]:
+    return tuple(widths[g] for g in sorted(widths))
+
+
+def test_fifty_moving_steps_build_once_per_widths_tuple() -> None:
+    pruner, x, y = _pruner()
+    state = pruner.state
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
+    assert state.plan_builds == state.skeleton_builds == 0  # nothing planned before a step
+    seen, keeps = [], []
+    for _ in range(50):
+        seen.append(_key(pruner.widths))  # the widths this step's hard branch runs at
+        keeps.append(pruner.state.selection().key()[1])
+        _s2h_step(pruner, opt, x, y)
+    distinct = set(seen)
+    changes = sum(a != b for a, b in zip(seen, seen[1:]))
+    assert changes >= 3 and 3 <= len(distinct) <= 64, (changes, distinct)  # 64: cache size
+    assert state.plan_builds == len(distinct)
+    assert state.skeleton_builds == len(distinct)
+    keep_changes = sum(a != b for a, b in zip(keeps, keeps[1:]))
+    assert keep_changes > changes  # re-ranking moved kept channels at fixed widths too
+    # one batched read per step (after each mask step), none more
+    assert state.width_reads <= 50 + 1
+    pruner.eval()
+    with torch.no_grad():
+        hard = pruner(x)
+        exported = pruner.export(enforce_budget=False)(x)
+    assert rel_err(hard, exported) < 1e-5
+
+
+def _random_keep(pruner: s2h_fx.Pruner, widths: dict[int, int], seed: int
+                 ) -> dict[int, np.ndarray]:
+    """Random whole atoms to keep at ``widths``."""
+    rng = np.random.default_rng(seed)
+    keep = {}
+    for g in pruner.grouping.prunable:
+        atom_of = pruner.grouping.atom_of_class[g.index]
+        chosen = rng.choice(atom_of.max() + 1, size=widths[g.index] // g.atom, replace=False)
+        keep[g.index] = np.flatnonzero(np.isin(atom_of, chosen))
+    return keep
+
+
+def test_kept_channels_change_at_fixed_widths_without_rebuilds() -> None:
+    pruner, x, _ = _pruner()
+    widths = {g.index: g.size // 2 for g in pruner.grouping.prunable}
+    pruner.set_widths(widths)
+    pruner.eval()
+    with torch.no_grad():
+        pruner(x)
+    plans, skeletons = pruner.state.plan_builds, pruner.state.skeleton_builds
+    for seed in range(1, 6):
+        keep = _random_keep(pruner, widths, seed)
+        pruner.set_widths(widths, keep)
+        with torch.no_grad():
+            hard = pruner(x)
+        # the device-computed kept positions are the planner's for this keep
+        reference = plan_surgery(pruner.graph_module, pruner.grouping, keep)
+        got = pruner.state.cuts(pruner.state.structure())
+        assert set(got) == set(reference.params)
+        for path, cuts in reference.params.items():
+            assert [(a, i.tolist()) for a, i in got[path]] == [(a, i.tolist()) for a, i in cuts]
+        assert rel_err(hard, pruner.export(enforce_budget=False)(x)) < 1e-5
+    assert pruner.state.plan_builds == plans and pruner.state.skeleton_builds == skeletons
+
+
+def test_fixed_architecture_reads_no_width() -> None:
+    """A settling step (masks not stepped) neither reads the widths nor rebuilds."""
+    pruner, x, y = _pruner()
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
+    _s2h_step(pruner, opt, x, y)
+    pruner.widths  # noqa: B018  (the widths the mask step left)
+    state = pruner.state
+    reads, plans = state.width_reads, state.plan_builds
+    for _ in range(5):  # fit's settling step of the hard network alone
+        loss = F.cross_entropy(pruner.hard_forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pruner.drop_mask_grads()
+        soft, hard = pruner(x)  # and the distillation mode's forward
+        pruner.losses((soft, hard), y)
+    assert state.width_reads == reads and state.plan_builds <= plans + 1
+    with torch.no_grad():
+        pruner.mask_parameters()[0].add_(1.0)  # a changed logit is seen
+    pruner.widths  # noqa: B018
+    assert state.width_reads == reads + 1
+
+
+def test_fit_settling_epochs_read_no_width() -> None:
+    pruner, x, y = _pruner(mask_lr=0.05)
+    batches = [(x[i:i + 4], y[i:i + 4]) for i in (0, 4)]
+    reads: list[int] = []
+    history = pruner.fit(batches, epochs=3, device="cpu", progress=False, bn_batches=1,
+                         on_step=lambda m: reads.append(pruner.state.width_reads),
+                         finish=False)
+    assert [r.settling for r in history] == [False, True, True]  # default share: 0.6 of 3
+    settling = reads[2:]
+    assert len(settling) == 4 and len(set(settling)) == 1, reads
+
+
+def _settling_steps(pruner: Any, opt: torch.optim.Optimizer, x: torch.Tensor,
+                    y: torch.Tensor, n: int) -> None:
+    for _ in range(n):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(pruner.hard_forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pruner.drop_mask_grads()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            soft, hard = pruner(x)
+            pruner.losses((soft, hard), y)
+
+
+@pytest.mark.gpu
+def test_settling_step_on_cuda_does_not_synchronise() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: no GPU on this machine")
+    pruner, x, y = _pruner(device="cuda")
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9, foreach=True)
+    _s2h_step(pruner, opt, x, y)  # a search step (it reads the widths once)
+    pruner.widths  # noqa: B018  (the architecture is fixed from here, as in settling)
+    _settling_steps(pruner, opt, x, y, 2)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _settling_steps(pruner, opt, x, y, 3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+_READS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__")
+
+
+class _HostReads:
+    """Counts calls of the tensor methods that read device data on the host (a CPU
+    stand-in for ``torch.cuda.set_sync_debug_mode("error")``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        for name in _READS:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t: torch.Tensor, *args: Any, _f: Any = original, _n: str = name,
+                        **kwargs: Any) -> Any:
+                self.calls.append(_n)
+                return _f(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_host_reads_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settling step of the pruner reads nothing on the host; a search step reads
+    twice: the widths (one batched read) and the decoupled backward's finite check."""
+    pruner, x, y = _pruner()
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):  # warm-up: structures built, index tensors on the device
+        _s2h_step(pruner, opt, x, y)
+    with torch.no_grad():
+        pruner.hard_forward(x)  # the structure of the widths the last mask step left
+    builds = pruner.state.plan_builds
+    with monkeypatch.context() as m:
+        reads = _HostReads(m)
+        loss = F.cross_entropy(pruner.hard_forward(x), y)  # settling: the hard network
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pruner.drop_mask_grads()
+        soft, hard = pruner(x)  # settling in distillation mode: the forward and losses
+        pruner.losses((soft, hard), y)
+        settling = list(reads.calls)
+        reads.calls.clear()
+        _s2h_step(pruner, opt, x, y)  # a search step, and the widths it leaves
+        pruner.widths  # noqa: B018
+        search = list(reads.calls)
+    assert settling == []
+    # a new widths tuple also reads the ranks once to plan its structure (cpu, numpy)
+    new_structure = pruner.state.plan_builds > builds
+    planning = [c for c in search if c in ("cpu", "numpy")]
+    assert bool(planning) == new_structure, (search, new_structure)
+    assert sorted(c for c in search if c not in planning) == ["__bool__", "tolist"], search
