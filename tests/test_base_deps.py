@@ -86,5 +86,5 @@ def test_demo_and_prune_import_only_base_dependencies(tmp_path: Path) -> None:
                          f"base dependencies of s2h-fx: {outside}; add them to "
                          "[project] dependencies or import them lazily with a clear error")
     # the probe really reached the demo's and prune's third-party imports
-    assert {"sklearn", "matplotlib", "torchvision", "networkx", "PIL"} <= set(modules)
+    assert {"sklearn", "matplotlib", "torchvision", "scipy", "PIL"} <= set(modules)
     assert "onnxruntime" not in modules and "pytest" not in modules
