@@ -79,9 +79,20 @@ def build(name: str, input_size: tuple[int, ...], seed: int) -> tuple[nn.Module,
 
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, Any]:
-    """flop_counter FLOPs of one forward, and its output."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = module(x)
+    """flop_counter FLOPs of one forward, and its output.
+
+    Parameters are counted with ``requires_grad`` off (restored after): flop_counter's
+    module tracker asserts on a tensor that requires grad but has no grad_fn under
+    ``no_grad`` (timm's CaiT passes an expanded class token to its blocks)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = module(x)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return counter.get_total_flops(), out
 
 
