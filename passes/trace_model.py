@@ -211,6 +211,25 @@ def _trace_with_fallback(
         retraces += 1
 
 
+def _defaults_not_given(
+    work: nn.Module, n_inputs: int, concrete_args: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """``concrete_args`` plus the default of each ``forward`` parameter that the example
+    inputs do not reach (``forward(x, mask=None)`` called with ``x`` alone): traced as a
+    proxy, ``if mask is not None`` would take the branch the call never takes."""
+    try:
+        params = list(inspect.signature(work.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read
+        return concrete_args
+    out = dict(concrete_args or {})
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for k, p in enumerate(params):
+        if (k >= n_inputs and p.kind in positional and p.default is not p.empty
+                and p.name not in out and (p.default is None or isinstance(p.default, bool))):
+            out[p.name] = p.default
+    return out or None
+
+
 def _trace_error(name: str, exc: Exception, plan: TracePlan, limit: bool = False) -> TraceError:
     where = _source_of_failure(exc)
     tried = ""
@@ -376,7 +395,8 @@ def trace_model(
         work = copy.deepcopy(model)
         was_training = work.training
         work.eval()
-        graph, plan = _trace_with_fallback(work, type(model).__name__, concrete_args)
+        concrete = _defaults_not_given(work, len(example_inputs), concrete_args)
+        graph, plan = _trace_with_fallback(work, type(model).__name__, concrete)
         # pickling a GraphModule stores its graph's tracer class by reference: keep ours
         # out so that a saved pruned model loads without s2h-fx installed
         graph._tracer_cls = None

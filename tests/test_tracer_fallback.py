@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import operator
 import sys
 
 import pytest
@@ -190,3 +191,34 @@ def test_gives_up_after_the_retrace_limit(monkeypatch) -> None:
     monkeypatch.setattr(sys.modules["s2h_fx.passes.trace_model"], "MAX_FALLBACK_LEAVES", 1)
     with pytest.raises(TraceError, match=r"Already traced as leaves: g1 \(gave up after 1"):
         trace_model(TwoGates().eval(), (X,))
+
+
+class OptionalMask(nn.Module):
+    """forward(x, mask=None): traced as a proxy, mask would take the masked branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                flip: bool = False) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        if mask is not None:
+            y = y * mask
+        if flip:
+            y = -y
+        return self.b(y)
+
+
+def test_defaulted_arguments_the_inputs_do_not_reach_are_traced_at_their_default() -> None:
+    model = OptionalMask().eval()
+    pruner = s2h_fx.prune_graph(model, budget=0.5, example_inputs=(X,))
+    gm = pruner.graph_module
+    assert gm.meta[S2H_TRACE]["method"] == "fx"
+    assert not any(n.op == "call_function" and n.target is operator.mul for n in gm.graph.nodes)
+    exported = pruner.export()
+    pruner.eval()
+    assert rel_err(exported(X), pruner(X)) < 1e-5
+    assert exported.get_submodule("a").out_channels < 16
+    full = trace_model(model, (X,))
+    assert torch.equal(full(X), model(X))
