@@ -79,9 +79,20 @@ def build(name: str, input_size: tuple[int, ...], seed: int) -> tuple[nn.Module,
 
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, Any]:
-    """flop_counter FLOPs of one forward, and its output."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = module(x)
+    """flop_counter FLOPs of one forward, and its output.
+
+    Parameters are counted with ``requires_grad`` off (restored after): flop_counter's
+    module tracker asserts on a tensor that requires grad but has no grad_fn under
+    ``no_grad`` (timm's CaiT passes an expanded class token to its blocks)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = module(x)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return counter.get_total_flops(), out
 
 
@@ -117,11 +128,14 @@ def error_site(exc: BaseException) -> str | None:
 
 # ---- s2h-fx ---------------------------------------------------------------------
 
-def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[int, Any]) -> Row:
+def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[int, Any],
+                inspect: Callable[[Any], Row] | None = None) -> Row:
     """prune_graph + export, then hard network vs exported graph.
 
     A failure records the error, the step it happened in (``error_step``) and
-    the innermost library frame (``error_at``).
+    the innermost library frame (``error_at``). ``inspect(pruner)``, when given,
+    adds its columns to the row right after ``prune_graph`` (``inspect(None)`` when
+    ``prune_graph`` failed).
     """
     import s2h_fx
 
@@ -132,6 +146,8 @@ def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[i
         pruner = s2h_fx.prune_graph(model, budget=budget, example_inputs=(x,))
         row.update(traced=True, groups=len(pruner.grouping.prunable),
                    frozen=len(pruner.grouping.frozen))
+        if inspect is not None:
+            row.update(inspect(pruner))
         step = "export"
         pruned = pruner.export()
         row.update(seconds=time.perf_counter() - t0, exported=True)
@@ -149,6 +165,8 @@ def measure_s2h(model: nn.Module, x: torch.Tensor, budget: float, dense: tuple[i
         frames = traceback.extract_tb(exc.__traceback__)
         in_trace = any(f.filename.endswith("trace_model.py") for f in frames)
         row.setdefault("traced", not (in_trace or type(exc).__name__ == "TraceError"))
+        if inspect is not None and step == "prune_graph":
+            row.update(inspect(None))
         row.update(error=short_error(exc), error_step=step, error_at=error_site(exc))
     row["ok"] = bool(row.get("exported")) and row.get("max_rel_err", math.inf) < TOLERANCE
     return row
@@ -234,23 +252,28 @@ def empty_row(name: str) -> Row:
 
 
 def measure_model(name: str, budget: float, input_size: tuple[int, ...], seed: int = 0,
-                  on_stage: Callable[[Row, str], None] | None = None) -> Row:
+                  on_stage: Callable[[Row, str], None] | None = None,
+                  build_fn: Callable[[str, tuple[int, ...], int], tuple[nn.Module, torch.Tensor]]
+                  | None = None,
+                  inspect: Callable[[Any], Row] | None = None) -> Row:
     """Everything for one model.
 
     ``on_stage(row, stage)`` gets the partial row after s2h-fx (stage "s2h") and
     after each Torch-Pruning trial (stage "tp"), so a timeout keeps what was measured.
+    ``build_fn`` builds (model, input) (default: torchvision's :func:`build`);
+    ``inspect`` goes to :func:`measure_s2h`.
     """
     row = empty_row(name)
     row.update(input_size=list(input_size), budget=budget)
     try:
-        model, x = build(name, input_size, seed)
+        model, x = (build_fn or build)(name, input_size, seed)
         dense = count_flops(model, x)
     except Exception as exc:
         row.update(error=f"building/running the dense model: {short_error(exc)}",
                    tp_error="dense model failed")
         return row
     row["dense_flops"] = dense[0]
-    row.update(measure_s2h(model, x, budget, dense))
+    row.update(measure_s2h(model, x, budget, dense, inspect))
     if on_stage is not None:
         on_stage(row, "s2h")
     target = row["flops_ratio"] if row["flops_ratio"] is not None else budget
@@ -270,26 +293,33 @@ def write_row(path: str, row: Row, stage: str) -> None:
     os.replace(tmp, path)
 
 
-def run_one(args: argparse.Namespace) -> int:
+def run_one(args: argparse.Namespace, build_fn: Any = None,
+            default_size: Callable[[str], tuple[int, ...]] = default_input_size,
+            inspect: Callable[[Any], Row] | None = None) -> int:
+    """Subprocess mode (``--one NAME``): measure one model, the row goes to ``--row-file``."""
     torch.set_num_threads(args.threads)
-    size = args.input_size or default_input_size(args.one)
+    size = args.input_size or default_size(args.one)
     row = measure_model(args.one, args.budget, size, args.seed,
-                        on_stage=lambda r, stage: write_row(args.row_file, r, stage))
+                        on_stage=lambda r, stage: write_row(args.row_file, r, stage),
+                        build_fn=build_fn, inspect=inspect)
     write_row(args.row_file, row, "done")
     return 0
 
 
 # ---- the sweep (parent process) --------------------------------------------------------
 
-def run_subprocess(name: str, args: argparse.Namespace, threads: int) -> Row:
-    """One model in a fresh interpreter; a timeout or a crash becomes the row's error."""
+def run_subprocess(name: str, args: argparse.Namespace, threads: int,
+                   script: str | None = None) -> Row:
+    """One model in a fresh interpreter running ``script --one name`` (default: this
+    file); a timeout or a crash becomes the row's error."""
     with tempfile.TemporaryDirectory() as tmp:
         row_file = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name,
+        cmd = [sys.executable, str(Path(script or __file__).resolve()), "--one", name,
                "--budget", str(args.budget), "--seed", str(args.seed),
                "--threads", str(threads), "--row-file", row_file]
         if args.input_size:
             cmd += ["--input-size", ",".join(map(str, args.input_size))]
+        cmd += list(getattr(args, "child_args", ()))  # a caller's own options
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -320,11 +350,12 @@ def _tail(text: str, limit: int = 240) -> str:
 
 
 def sweep(names: list[str], args: argparse.Namespace,
-          on_row: Callable[[Row], None] | None = None) -> list[Row]:
+          on_row: Callable[[Row], None] | None = None, script: str | None = None) -> list[Row]:
+    """Each model in its own subprocess (``script``, default this file), ``args.jobs`` at once."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     rows: dict[str, Row] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_subprocess, n, args, threads): n for n in names}
+        futures = {pool.submit(run_subprocess, n, args, threads, script): n for n in names}
         for i, fut in enumerate(as_completed(futures), 1):
             row = fut.result()
             rows[row["model"]] = row

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import inspect
 import io
 import linecache
+import logging
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.errors import InputError, TraceError
+
+log = logging.getLogger(__name__)
 
 
 def _default_leaves() -> tuple[type, ...]:
@@ -46,8 +53,14 @@ LEAF_MODULES: list[type] = list(_default_leaves())
 
 
 class _Tracer(fx.Tracer):
-    def __init__(self) -> None:
-        super().__init__()
+    """torch.fx's tracer with our leaves: ``LEAF_MODULES``, and those of a fallback plan
+    (submodules by qualified name, module types) and its autowrapped functions."""
+
+    def __init__(self, plan: TracePlan | None = None) -> None:
+        plan = plan or TracePlan()
+        super().__init__(autowrap_functions=tuple(plan.autowrap))
+        self.leaf_names = frozenset(plan.leaves)
+        self.leaf_types = tuple(LEAF_MODULES) + tuple(plan.leaf_types)
         # errors point at the user's line: create_node records it (torch.fx's own
         # record_stack_traces formats the whole stack of every node, which costs more than
         # the rest of tracing on a ViT)
@@ -60,7 +73,8 @@ class _Tracer(fx.Tracer):
         return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, tuple(LEAF_MODULES)) or super().is_leaf_module(m, qualname)
+        return (qualname in self.leaf_names or isinstance(m, self.leaf_types)
+                or super().is_leaf_module(m, qualname))
 
 
 class _FlopShapeProp(ShapeProp):
@@ -138,6 +152,222 @@ def _source_of_failure(exc: BaseException) -> str:
     return f'File "{f.filename}", line {f.lineno}, in {f.name}: {f.line}'
 
 
+# ---- getting through what torch.fx cannot trace --------------------------------------
+
+S2H_TRACE = "s2h_trace"  # gm.meta: how the model was traced (method, leaves, autowrap)
+S2H_TRACE_LEAF = "s2h_trace_leaf"  # node.meta of a leaf the tracer added: why it is one
+MAX_FALLBACK_LEAVES = 64  # retraces before giving up
+
+
+@dataclass
+class TracePlan:
+    """What the tracer treats as leaves beyond ``LEAF_MODULES``, each with its reason."""
+
+    leaves: dict[str, str] = field(default_factory=dict)  # submodule qualname -> reason
+    leaf_types: dict[type, str] = field(default_factory=dict)  # every instance -> reason
+    autowrap: dict[Callable[..., Any], str] = field(default_factory=dict)  # function -> reason
+
+    @property
+    def method(self) -> str:
+        """'fx', 'timm' (only timm's own not-traceable modules and functions) or
+        'leaf fallback' (a failing submodule of no such kind made a leaf)."""
+        if not (self.leaves or self.leaf_types or self.autowrap):
+            return "fx"
+        timm_only = not self.leaves and all(
+            _TIMM_MARK in r for r in [*self.leaf_types.values(), *self.autowrap.values()])
+        return "timm" if timm_only else "leaf fallback"
+
+
+_TIMM_MARK = "timm registers it as not traceable"
+
+
+def _trace_with_fallback(
+    work: nn.Module, name: str, concrete_args: dict[str, Any] | None
+) -> tuple[fx.Graph, TracePlan]:
+    """Plain torch.fx first. When tracing fails, widen the plan and retrace:
+
+    1. the innermost failing frame is one of timm's not-traceable functions
+       (``timm.layers.register_notrace_function``): autowrap it (a call_function node);
+    2. else the innermost submodule whose ``forward`` is on the traceback: if it or a
+       parent is of a type timm registers as not traceable (``register_notrace_module``),
+       all instances of the innermost such type become leaves; else that submodule does
+       (and all of its type once a second instance fails the same way).
+
+    A leaf without a coupling rule is an op without a rule: the channels at its boundary
+    are frozen by the grouping pass. Nothing left to make a leaf (the failure is in the
+    model's own ``forward``) or ``MAX_FALLBACK_LEAVES`` retraces: ``TraceError``.
+    """
+    plan = TracePlan()
+    qualnames = {id(m): q for q, m in work.named_modules()}
+    retraces = 0
+    while True:
+        try:
+            return _Tracer(plan).trace(work, concrete_args=concrete_args), plan
+        except Exception as exc:
+            if retraces == MAX_FALLBACK_LEAVES:
+                raise _trace_error(name, exc, plan, limit=True) from exc
+            if not _widen(plan, exc, work, qualnames):
+                raise _trace_error(name, exc, plan) from exc
+        retraces += 1
+
+
+def _defaults_not_given(
+    work: nn.Module, n_inputs: int, concrete_args: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """``concrete_args`` plus the default of each ``forward`` parameter that the example
+    inputs do not reach (``forward(x, mask=None)`` called with ``x`` alone): traced as a
+    proxy, ``if mask is not None`` would take the branch the call never takes."""
+    try:
+        params = list(inspect.signature(work.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read
+        return concrete_args
+    out = dict(concrete_args or {})
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for k, p in enumerate(params):
+        if (k >= n_inputs and p.kind in positional and p.default is not p.empty
+                and p.name not in out and (p.default is None or isinstance(p.default, bool))):
+            out[p.name] = p.default
+    return out or None
+
+
+def _trace_error(name: str, exc: Exception, plan: TracePlan, limit: bool = False) -> TraceError:
+    where = _source_of_failure(exc)
+    tried = ""
+    if plan.method != "fx":
+        tried = (f"\n  Already traced as leaves: {', '.join(_plan_names(plan))}"
+                 + (f" (gave up after {MAX_FALLBACK_LEAVES} retraces)" if limit else
+                    "; the failure is in the model's own forward, with no submodule left to "
+                    "make a leaf"))
+    return TraceError(
+        f"torch.fx could not trace {name}: {type(exc).__name__}: {_first_line(exc)}"
+        + (f"\n  at {where}" if where else "") + tried
+        + "\n  Data-dependent control flow or calls that fx cannot record stop tracing. "
+        "Mark the offending submodule as a leaf (a call_module node), wrap the function "
+        "with torch.fx.wrap, or pass concrete_args for Python-valued arguments."
+    )
+
+
+def _plan_names(plan: TracePlan) -> list[str]:
+    return [*plan.leaves, *(t.__name__ for t in plan.leaf_types),
+            *(_fn_name(f) for f in plan.autowrap)]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _widen(plan: TracePlan, exc: Exception, work: nn.Module, qualnames: dict[int, str]) -> bool:
+    """Add one leaf (or autowrapped function) that gets past ``exc``; False if none."""
+    why = f"{type(exc).__name__}: {_first_line(exc)}"[:300]
+    codes = [tb.tb_frame.f_code for tb in _tb_frames(exc)]
+    for fn in reversed([_timm_function(c) for c in codes]):
+        if fn is not None and fn not in plan.autowrap:
+            plan.autowrap[fn] = f"{_TIMM_MARK} (register_notrace_function); tracing it: {why}"
+            log.info("tracing %s: autowrapping %s (%s)", type(work).__name__, _fn_name(fn), why)
+            return True
+    chain = [qualnames[id(m)] for m in _failing_modules(exc) if id(m) in qualnames]
+    chain = [q for q in dict.fromkeys(chain) if q]  # innermost first; the root is no leaf
+    if not chain:
+        return False
+    timm_types = _timm_leaf_types()
+    for q in chain:
+        cls = type(work.get_submodule(q))
+        if cls in timm_types and cls not in plan.leaf_types:
+            plan.leaf_types[cls] = f"{_TIMM_MARK} (register_notrace_module); tracing {q}: {why}"
+            log.info("tracing %s: every %s is a leaf (%s)", type(work).__name__, cls.__name__, why)
+            return True
+    q = chain[0]
+    cls = type(work.get_submodule(q))
+    if any(type(work.get_submodule(o)) is cls for o in plan.leaves):
+        plan.leaf_types[cls] = f"traced as a leaf (as is every {cls.__name__}): {why}"
+    elif q not in plan.leaves:
+        plan.leaves[q] = f"traced as a leaf: {why}"
+    else:
+        return False
+    log.info("tracing %s: %s (%s) is a leaf: %s", type(work).__name__, q, cls.__name__, why)
+    return True
+
+
+def _tb_frames(exc: BaseException) -> list[Any]:
+    tbs = []
+    tb = exc.__traceback__
+    while tb is not None:
+        tbs.append(tb)
+        tb = tb.tb_next
+    return tbs
+
+
+def _failing_modules(exc: BaseException) -> list[nn.Module]:
+    """Modules whose method is on the traceback (``self`` of the frame), innermost first."""
+    found = []
+    for tb in reversed(_tb_frames(exc)):
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, nn.Module):
+            found.append(obj)
+    return found
+
+
+def _timm_helpers() -> Any:
+    """timm's fx helper module (``timm.layers._fx``; older: ``timm.models.layers``), or None."""
+    for path in ("timm.layers._fx", "timm.layers", "timm.models._features_fx"):
+        try:
+            mod = importlib.import_module(path)
+        except ImportError:
+            continue
+        if hasattr(mod, "get_notrace_modules") or hasattr(mod, "_leaf_modules"):
+            return mod
+    return None
+
+
+def _timm_leaf_types() -> tuple[type, ...]:
+    if "timm" not in sys.modules:  # not a timm model: do not import it
+        return ()
+    fx_mod = _timm_helpers()
+    if fx_mod is None:
+        return ()
+    get = getattr(fx_mod, "get_notrace_modules", None)
+    types = get() if get is not None else list(getattr(fx_mod, "_leaf_modules", ()))
+    return tuple(t for t in types if isinstance(t, type))
+
+
+def _timm_function(code: Any) -> Callable[..., Any] | None:
+    """The timm not-traceable function whose code object is ``code``, or None."""
+    if "timm" not in sys.modules:
+        return None
+    fx_mod = _timm_helpers()
+    if fx_mod is None:
+        return None
+    get = getattr(fx_mod, "get_notrace_functions", None)
+    fns = get() if get is not None else list(getattr(fx_mod, "_autowrap_functions", ()))
+    for fn in fns:
+        if callable(fn) and getattr(inspect.unwrap(fn), "__code__", None) is code:
+            return fn
+    return None
+
+
+def _fn_name(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
+def _record(gm: fx.GraphModule, plan: TracePlan) -> dict[str, Any]:
+    """``gm.meta[S2H_TRACE]`` (plain str/dict values: picklable and deep-copyable); each
+    leaf node added by the plan gets its reason in ``node.meta[S2H_TRACE_LEAF]``."""
+    leaves: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        target = str(node.target)
+        reason = plan.leaves.get(target) or plan.leaf_types.get(type(gm.get_submodule(target)))
+        if reason is not None:
+            leaves[target] = node.meta[S2H_TRACE_LEAF] = reason
+    autowrap = {_fn_name(f): r for f, r in plan.autowrap.items()}
+    if leaves or autowrap:
+        log.info("traced %s with %d leaf module(s) and %d autowrapped function(s): %s",
+                 gm.__class__.__name__, len(leaves), len(autowrap),
+                 "; ".join(f"{k}: {v}" for k, v in [*leaves.items(), *autowrap.items()]))
+    return {"method": plan.method, "leaves": leaves, "autowrap": autowrap}
+
+
 def trace_model(
     model: nn.Module, example_inputs: tuple[Any, ...], *, concrete_args: dict[str, Any] | None = None
 ) -> fx.GraphModule:
@@ -145,6 +375,12 @@ def trace_model(
 
     The model is traced in eval mode so that training-only branches (auxiliary
     heads) are left out; standard ``torch.nn`` layers stay ``call_module`` leaves.
+    Where torch.fx cannot get through a submodule (control flow on data or shapes,
+    ``len()`` of a proxy, ...), that submodule (or the timm function that failed) is
+    made a leaf and the model retraced (:func:`_trace_with_fallback`); its boundary
+    channels are then frozen as those of an op without a rule. How it was traced is in
+    ``gm.meta[S2H_TRACE]``; each leaf node added so carries its reason in
+    ``node.meta[S2H_TRACE_LEAF]``.
     """
     if not isinstance(example_inputs, tuple) or not example_inputs:
         raise InputError(
@@ -159,21 +395,13 @@ def trace_model(
         work = copy.deepcopy(model)
         was_training = work.training
         work.eval()
-        try:
-            graph = _Tracer().trace(work, concrete_args=concrete_args)
-            # pickling a GraphModule stores its graph's tracer class by reference: keep ours
-            # out so that a saved pruned model loads without s2h-fx installed
-            graph._tracer_cls = None
-            gm = fx.GraphModule(work, graph, type(work).__name__)
-        except Exception as exc:
-            where = _source_of_failure(exc)
-            raise TraceError(
-                f"torch.fx could not trace {type(model).__name__}: {type(exc).__name__}: {exc}"
-                + (f"\n  at {where}" if where else "")
-                + "\n  Data-dependent control flow or calls that fx cannot record stop tracing. "
-                "Mark the offending submodule as a leaf (a call_module node), wrap the function "
-                "with torch.fx.wrap, or pass concrete_args for Python-valued arguments."
-            ) from exc
+        concrete = _defaults_not_given(work, len(example_inputs), concrete_args)
+        graph, plan = _trace_with_fallback(work, type(model).__name__, concrete)
+        # pickling a GraphModule stores its graph's tracer class by reference: keep ours
+        # out so that a saved pruned model loads without s2h-fx installed
+        graph._tracer_cls = None
+        gm = fx.GraphModule(work, graph, type(work).__name__)
+        gm.meta[S2H_TRACE] = _record(gm, plan)
         gm.train(was_training)
     gm.graph.eliminate_dead_code()  # results nobody uses are not part of the network
     gm.recompile()
