@@ -344,3 +344,32 @@ def test_components_numbered_by_smallest_member() -> None:
     pairs = [(np.array([6, 3]), np.array([5, 0])), (np.array([1, 2]), np.array([2, 3]))]
     assert _components(8, pairs).tolist() == [0, 0, 0, 0, 1, 2, 2, 3]
     assert _components(3, []).tolist() == [0, 1, 2]
+
+
+class _SlicedGate(nn.Module):
+    """FocalNet's modulation: one channel of a gate conv's output, sliced to size 1,
+    multiplies every channel of another tensor (a broadcast, not a coupling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.gate = nn.Conv2d(3, 4, 1)
+        self.out = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gates = self.gate(x)
+        return self.out(torch.relu(self.a(x)) * gates[:, 3:4])
+
+
+def test_sliced_channel_broadcast_over_channels_is_not_a_coupling() -> None:
+    """16 channels times one sliced gate channel: the rule used to try to couple 16
+    ids with 1 (an InvariantError); the 16 stay prunable, the gate channel is kept."""
+    torch.manual_seed(0)
+    model, x = _SlicedGate().eval(), torch.randn(2, 3, 8, 8)
+    pruner = s2h_fx.prune_graph(model, 0.6, example_inputs=(x,))
+    members = {m for g in pruner.grouping.prunable for m in g.members}
+    assert "a:out" in members and "gate:out" not in members
+    pruned = pruner.eval().export()
+    with torch.no_grad():
+        assert rel_err(pruned(x), pruner(x)) < 1e-5
+    assert pruned.get_submodule("a").out_channels < 16

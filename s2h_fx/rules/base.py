@@ -80,7 +80,9 @@ def describe(node: fx.Node) -> str:
     tgt = node.target
     name = getattr(tgt, "__name__", None) or str(tgt)
     if node.op == "call_module":
-        return f"{node.name} (module {tgt})"
+        leaf = node.meta.get("s2h_trace_leaf")  # the tracer made it a leaf: say why
+        why = f"; {str(leaf).splitlines()[0][:160]}" if leaf else ""
+        return f"{node.name} (module {tgt}{why})"
     if node.op == "call_method":
         return f"{node.name} (.{name}())"
     return f"{node.name} ({name})"

@@ -93,7 +93,12 @@ def join(
                     continue
                 same = [g for g in gs if g.axes == f.axes]
                 clash = [g for g in gs if g.axes != f.axes and set(g.axes) & set(f.axes)]
-                if same:
+                if same and same[0].ids.shape != f.ids.shape:
+                    # one channel sliced out (gates[:, k:k + 1]) and broadcast over the
+                    # other's channels: not the same channels; that one channel is frozen
+                    if f.ids.size < same[0].ids.size:
+                        ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+                elif same:
                     if j > i:
                         ctx.couple(f.ids, same[0].ids)
                 elif clash:
