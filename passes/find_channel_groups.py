@@ -242,7 +242,11 @@ def _components(n: int, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarra
     b = np.concatenate([p[1] for p in pairs] + [np.zeros(0, np.int64)]).astype(np.int64)
     graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    # relabel by first occurrence, so the numbering does not depend on scipy's
+    return _by_first(labels)  # so the numbering does not depend on scipy's
+
+
+def _by_first(labels: np.ndarray) -> np.ndarray:
+    """The labels renumbered 0, 1, ... in order of their first occurrence."""
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
     rank = np.empty(len(first), dtype=np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))
@@ -268,10 +272,7 @@ def _summarise(reasons: list[str], limit: int = 3) -> list[str]:
 def _atoms(atom_of: np.ndarray, why: list[str]) -> tuple[int, np.ndarray]:
     """Atom size and, per class (given in class order with its global atom), the atom it
     belongs to, numbered in order of their first class (atoms are kept or dropped whole)."""
-    _, first, inverse = np.unique(atom_of, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-    local = rank[inverse.ravel()]
+    local = _by_first(atom_of)
     sizes = set(np.bincount(local).tolist())
     if len(sizes) > 1:
         why.append(FreezeReason.NON_UNIFORM.value + " (blocks of unequal size)")

@@ -236,10 +236,11 @@ def _leading(f: Factor, axis: int) -> bool:
     return f.tiled and axis in f.axes and f.axes.index(axis) < len(f.axes) - 1
 
 
-def _drop_axis(f: Factor, axis: int, index: int) -> Factor:
-    """Slice ``index`` of a tiled factor along one of its leading axes, which goes away."""
+def _drop_axis(f: Factor, axis: int, index: int, renumber: bool = True) -> Factor:
+    """Slice ``index`` of a tiled factor along one of its leading axes, which goes away
+    (the axes after it move down by one unless ``renumber`` is False)."""
     k = f.axes.index(axis)
-    axes = tuple(a - (a > axis) for a in f.axes if a != axis)
+    axes = tuple(a - (renumber and a > axis) for a in f.axes if a != axis)
     ids = np.take(f.ids, index, axis=k)
     return Factor(axes, ids, tiled=ids.ndim > 1)
 
@@ -297,9 +298,7 @@ def index_layout(
         # qkv[0]: an integer index into the repeated axes of a tiled factor takes one slice
         while f.tiled and set(f.axes) & dropped and _leading(f, min(set(f.axes) & dropped)):
             a = min(set(f.axes) & dropped)
-            k = f.axes.index(a)
-            ids = np.take(f.ids, index_of[a] % shp[a], axis=k)
-            f = Factor(f.axes[:k] + f.axes[k + 1 :], ids, tiled=ids.ndim > 1)
+            f = _drop_axis(f, a, index_of[a] % shp[a], renumber=False)  # input axes still
         if set(f.axes) & dropped:
             ctx.freeze(f.ids, FreezeReason.CHANNEL_INDEXING, node)
             continue
