@@ -6,14 +6,19 @@ in each prunable group. Returns a printable :class:`SurgeryPlan`:
   * ``shapes``: each node's output shape in the pruned graph;
   * ``rewrites``: node arguments that hold channel counts (view/reshape sizes,
     split sizes, slice bounds, layer_norm shapes) and their new values.
+Argument rewrites are a registry like the coupling rules: one entry per function,
+method name or module type (:func:`register_rewrite`), so an op of the user's that
+carries a channel count in its arguments gets its rewrite beside its rule and its
+module surgery (:func:`s2h_fx.register_op` registers all three).
 Precondition: every kept set is a sorted selection of whole atoms.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -23,7 +28,49 @@ from torch import fx
 from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE, ChannelLayout, GroupingResult
 from s2h_fx.errors import InvariantError
 from s2h_fx.passes.build_flops_model import axis_extent  # noqa: I001
-from s2h_fx.rules.base import concrete, iter_layouts
+from s2h_fx.rules.base import add_to_registry, concrete, iter_layouts, lookup_in_registry
+
+# (args, kwargs) of the node in the pruned graph, or (args, kwargs, new target)
+RewriteResult = Union[  # noqa: UP007 (runtime alias, py3.10)
+    tuple[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any], Any]]
+Rewrite = Callable[[fx.Node, "RewriteContext"], Union[RewriteResult, None]]  # noqa: UP007
+MODULE_REWRITES: dict[type, Rewrite] = {}
+FUNCTION_REWRITES: dict[Any, Rewrite] = {}
+METHOD_REWRITES: dict[str, Rewrite] = {}
+
+
+def register_rewrite(*targets: Any) -> Callable[[Rewrite], Rewrite]:
+    """Register an argument rewrite for functions, method names or module types: when
+    channels are removed, ``fn(node, ctx)`` returns the node's new ``(args, kwargs)``
+    (or ``(args, kwargs, target)``), or None to keep them. ``ctx`` is a
+    :class:`RewriteContext`.
+
+    >>> @register_rewrite(my_view)
+    ... def my_view_sizes(node, ctx):
+    ...     return (node.args[0], list(ctx.shape(node))), dict(node.kwargs)
+    """
+
+    def deco(fn: Rewrite) -> Rewrite:
+        add_to_registry(targets, fn, MODULE_REWRITES, FUNCTION_REWRITES, METHOD_REWRITES)
+        return fn
+
+    return deco
+
+
+@dataclass(frozen=True)
+class RewriteContext:
+    """What an argument rewrite sees of the pruned graph."""
+
+    shapes: dict[str, tuple[int, ...]]  # node name -> its output shape after pruning
+    kept: np.ndarray  # channel id -> kept?
+
+    def shape(self, arg: Any) -> tuple[int, ...] | None:
+        """The pruned shape of a node's (tensor) output; None if it is not tracked."""
+        return self.shapes.get(arg.name) if isinstance(arg, fx.Node) else None
+
+    def kept_count(self, ids: np.ndarray) -> int:
+        """How many of these channel ids survive."""
+        return int(self.kept[ids].sum())
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,10 +126,14 @@ def plan_surgery(
         if isinstance(lay, ChannelLayout) and hasattr(tm, "shape"):
             shapes[node.name] = _new_shape(tuple(tm.shape), lay, kept)
     rewrites = {}
+    ctx = RewriteContext(shapes, kept)
     for node in gm.graph.nodes:
-        if S2H_MASK_SITE in node.meta:
+        if S2H_MASK_SITE in node.meta or node.op not in ("call_function", "call_method",
+                                                          "call_module"):
             continue
-        new = _rewrite(node, shapes, kept)
+        rewrite = lookup_in_registry(gm, node, MODULE_REWRITES, FUNCTION_REWRITES,
+                                     METHOD_REWRITES)
+        new = rewrite(node, ctx) if rewrite is not None else None
         if new is not None and new != (node.args, dict(node.kwargs)):
             target = new[2] if len(new) == 3 else node.target
             rewrites[node.name] = (target, new[0], new[1])
@@ -99,49 +150,53 @@ def _new_shape(shape: tuple[int, ...], lay: ChannelLayout, kept: np.ndarray) -> 
     return tuple(out)
 
 
-def _shape_of(arg: Any, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
-    return shapes.get(arg.name) if isinstance(arg, fx.Node) else None
-
-
-def _rewrite(
-    node: fx.Node, shapes: dict[str, tuple[int, ...]], kept: np.ndarray
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    args: tuple[Any, ...]
-    t, args, kwargs = node.target, tuple(node.args), dict(node.kwargs)
-    out = shapes.get(node.name)
-    if node.op == "call_method" and t in ("view", "reshape") and out is not None:
-        sizes = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-        new = _sizes(sizes, out, 0)
-        return ((args[0], new) if len(args) == 2 and isinstance(args[1], (list, tuple))
-                else (args[0], *new)), kwargs
-    if node.op == "call_function" and t is torch.reshape and out is not None:
+@register_rewrite("view", "reshape", torch.reshape)
+def _reshape(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
+    """Sizes become the pruned output's (-1 stays -1)."""
+    args: tuple[Any, ...] = tuple(node.args)
+    kwargs, out = dict(node.kwargs), ctx.shape(node)
+    if out is None:
+        return None
+    if node.op == "call_function":
         return (args[0], _sizes(args[1], out, 0)), kwargs
-    if t in ("split", "chunk", torch.split, torch.chunk):
-        return _split(node, args, kwargs, kept)
-    if t is operator.getitem and isinstance(args[0], fx.Node):
-        return _slice(node, args, kwargs, kept)
-    if t is F.layer_norm:
-        src = _shape_of(args[0], shapes)
-        n = len(args[1]) if isinstance(args[1], (list, tuple)) else 1
-        if src is not None:
-            return (args[0], list(src[-n:]), *args[2:]), kwargs
-    if t is F.group_norm:
-        src, tm = _shape_of(args[0], shapes), args[0].meta.get("tensor_meta")
-        groups = args[1] if len(args) > 1 else kwargs.get("num_groups")
-        if src is not None and tm is not None and groups is not None:
-            num_groups = int(groups) * src[1] // int(tm.shape[1])  # type: ignore[arg-type]
-            if len(args) > 1:
-                return (args[0], num_groups, *args[2:]), kwargs
-            return args, {**kwargs, "num_groups": num_groups}
-    return None
+    packed = len(args) == 2 and isinstance(args[1], (list, tuple))
+    new = _sizes(args[1] if packed else args[1:], out, 0)
+    return ((args[0], new) if packed else (args[0], *new)), kwargs
+
+
+@register_rewrite(F.layer_norm)
+def _layer_norm(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
+    args: tuple[Any, ...] = tuple(node.args)
+    kwargs = dict(node.kwargs)
+    src = ctx.shape(args[0])
+    n = len(args[1]) if isinstance(args[1], (list, tuple)) else 1
+    return None if src is None else ((args[0], list(src[-n:]), *args[2:]), kwargs)
+
+
+@register_rewrite(F.group_norm)
+def _group_norm(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
+    args: tuple[Any, ...] = tuple(node.args)
+    kwargs = dict(node.kwargs)
+    src, tm = ctx.shape(args[0]), args[0].meta.get("tensor_meta")
+    groups = args[1] if len(args) > 1 else kwargs.get("num_groups")
+    if src is None or tm is None or groups is None:
+        return None
+    num_groups = int(groups) * src[1] // int(tm.shape[1])  # type: ignore[arg-type]
+    if len(args) > 1:
+        return (args[0], num_groups, *args[2:]), kwargs
+    return args, {**kwargs, "num_groups": num_groups}
 
 
 def _sizes(sizes: Any, out: tuple[int, ...], start: int) -> list[Any]:
     return [s if not isinstance(s, int) or s == -1 else out[start + k] for k, s in enumerate(sizes)]
 
 
-def _split(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], kept: np.ndarray) -> Any:
+@register_rewrite("split", "chunk", torch.split, torch.chunk)
+def _split(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     """split/chunk on a channel axis becomes split with the pieces' new sizes."""
+    args: tuple[Any, ...] = tuple(node.args)
+    kwargs: dict[str, Any] = dict(node.kwargs)
+    kept = ctx.kept
     outs = node.meta.get(S2H_LAYOUT)
     metas = node.meta.get("tensor_meta")
     if not isinstance(outs, tuple) or not isinstance(metas, (list, tuple)):
@@ -166,7 +221,13 @@ def _has_node(value: Any) -> bool:
     return bool(found)
 
 
-def _slice(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], kept: np.ndarray) -> Any:
+@register_rewrite(operator.getitem)
+def _slice(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
+    """Slice bounds on a channel axis count kept channels."""
+    args: tuple[Any, ...] = tuple(node.args)
+    kwargs, kept = dict(node.kwargs), ctx.kept
+    if not isinstance(args[0], fx.Node):
+        return None
     lay = args[0].meta.get(S2H_LAYOUT)
     if not isinstance(lay, ChannelLayout) or not lay.factors:
         return None

@@ -13,6 +13,7 @@ from s2h_fx.errors import (
     TraceError,
     UnsupportedOpError,
 )
+from s2h_fx.ops import register_op, register_rewrite
 from s2h_fx.pruner import Pruner, prune_graph
 from s2h_fx.rules import register_rule
 from s2h_fx.surgery import register_surgery
@@ -22,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError", "CheckpointError", "ChannelGroup", "GroupingResult", "InputError", "InvariantError",
     "NoPrunableChannelsError", "NonFiniteError", "PruneConfig", "Pruner", "S2HError", "TraceError",
-    "UnsupportedOpError", "prune_graph", "register_rule", "register_surgery",
+    "UnsupportedOpError", "prune_graph", "register_op", "register_rewrite", "register_rule",
+    "register_surgery",
 ]

@@ -46,32 +46,45 @@ def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
     """
 
     def deco(fn: Rule) -> Rule:
-        for t in targets:
-            if isinstance(t, str):
-                METHOD_RULES[t] = fn
-            elif isinstance(t, type) and issubclass(t, nn.Module):
-                MODULE_RULES[t] = fn
-            else:
-                FUNCTION_RULES[t] = fn
+        add_to_registry(targets, fn, MODULE_RULES, FUNCTION_RULES, METHOD_RULES)
         return fn
 
     return deco
 
 
 def lookup_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+    return lookup_in_registry(gm, node, MODULE_RULES, FUNCTION_RULES, METHOD_RULES)
+
+
+def add_to_registry(targets: Iterable[Any], fn: Any, modules: dict[type, Any],
+                    functions: dict[Any, Any], methods: dict[str, Any]) -> None:
+    """File ``fn`` under each target: a method name (str), a module type or a function."""
+    for t in targets:
+        if isinstance(t, str):
+            methods[t] = fn
+        elif isinstance(t, type) and issubclass(t, nn.Module):
+            modules[t] = fn
+        else:
+            functions[t] = fn
+
+
+def lookup_in_registry(gm: fx.GraphModule, node: fx.Node, modules: dict[type, Any],
+                       functions: dict[Any, Any], methods: dict[str, Any]) -> Any:
+    """The entry for a node's target: a module's nearest registered class (its MRO), a
+    function, or a method name; None when there is none."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         for cls in type(mod).__mro__:
-            if cls in MODULE_RULES:
-                return MODULE_RULES[cls]
+            if cls in modules:
+                return modules[cls]
         return None
     if node.op == "call_function":
         try:
-            return FUNCTION_RULES.get(node.target)
+            return functions.get(node.target)
         except TypeError:  # unhashable target
             return None
     if node.op == "call_method":
-        return METHOD_RULES.get(str(node.target))
+        return methods.get(str(node.target))
     return None
 
 
