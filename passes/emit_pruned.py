@@ -19,6 +19,7 @@ from torch import fx, nn
 from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE
 from s2h_fx.passes.find_channel_groups import S2H_FLOP_REFS, S2H_MIXING
 from s2h_fx.passes.plan_surgery import SurgeryPlan  # noqa: I001
+from s2h_fx.rules.base import tensor_aliases
 from s2h_fx.rules.sizes import S2H_SIZE_DEPS
 from s2h_fx.surgery import apply_surgery
 
@@ -73,19 +74,25 @@ def emit_pruned(
         node.target = target
         node.args, node.kwargs = fx.map_arg(args, remap), fx.map_arg(kwargs, remap)
     touched: set[str] = set()
+    aliases: dict[str, list[str]] = {}  # tied weights: the sliced tensor goes to every path
+    for alias, first in tensor_aliases(gm).items():
+        aliases.setdefault(first, []).append(alias)
     for path, cuts in plan.params.items():
-        owner_path, _, attr = path.rpartition(".")
-        owner = new.get_submodule(owner_path) if owner_path else new
-        old = getattr(owner, attr)
+        old = _lookup(new, path)
         with torch.no_grad():
             value = slice_tensor(old, cuts).clone()
         if isinstance(old, nn.Parameter):
-            owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
-        elif attr in owner._buffers:
-            owner._buffers[attr] = value
-        else:
-            setattr(owner, attr, value)
-        touched.add(owner_path)
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
+        for p in [path, *aliases.get(path, [])]:
+            owner_path, _, attr = p.rpartition(".")
+            owner = new.get_submodule(owner_path) if owner_path else new
+            if isinstance(value, nn.Parameter):
+                owner._parameters[attr] = value
+            elif attr in owner._buffers:
+                owner._buffers[attr] = value
+            else:
+                setattr(owner, attr, value)
+            touched.add(owner_path)
     if not share:
         _unshare(new, gm)
     first_input = _first_inputs(graph)
@@ -104,7 +111,8 @@ def _unshare(new: nn.Module, old: nn.Module) -> None:
     shared = {id(t) for _, t in old.named_parameters(remove_duplicate=False)}
     shared |= {id(t) for _, t in old.named_buffers(remove_duplicate=False)}
     for mod in new.modules():
-        for store in (mod._parameters, mod._buffers):
+        stores: tuple[dict[str, Any], ...] = (mod._parameters, mod._buffers)
+        for store in stores:
             for attr, t in store.items():
                 if t is not None and id(t) in shared:
                     with torch.no_grad():

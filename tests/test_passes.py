@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import s2h_fx
 from s2h_fx.channels import S2H_MASK_SITE
@@ -147,3 +149,36 @@ def test_export_shares_no_tensor_with_the_pruner() -> None:
             for p in pruner.parameters():
                 p.add_(1.0)
         assert torch.equal(pruned(*inputs), before)
+
+
+class TiedConvs(nn.Module):
+    """Two conv modules holding one weight tensor (tied), in sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.b.weight = self.a.weight
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.b(F.relu(self.a(F.relu(self.stem(x)))))))
+
+
+def test_tied_weights_are_one_tensor_in_every_network() -> None:
+    """a.weight is b.weight: a's input, a's output (b's input) and b's output are the
+    same channels of one tensor, so they form one group; the hard network and the
+    emitted one slice it once and keep it tied. (Keyed by path, a and b once made
+    three groups and the hard network fed b a weight sliced for a.)"""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pruner = s2h_fx.prune_graph(TiedConvs().eval(), 0.6, (x,)).eval()
+    (group,) = pruner.grouping.prunable
+    assert group.size == 16
+    pruned = pruner.export()
+    assert pruned.a.weight is pruned.b.weight
+    w = pruner.widths[group.index]
+    assert w < 16 and tuple(pruned.a.weight.shape[:2]) == (w, w)
+    assert rel_err(pruner(x), pruned(x)) < 1e-5
+    assert rel_err(pruner.masked_forward(x), pruned(x)) < 1e-5

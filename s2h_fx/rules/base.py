@@ -127,6 +127,9 @@ class RuleContext:
         self.graph_changed = False
         # grouped convs that keep their groups and prune inside each (see rules.layers)
         self.tied_groups: frozenset[str] = frozenset()
+        # a tensor reachable by several paths (tied weights) has one set of ids, kept
+        # under the path named_parameters() reports it by (its first)
+        self.canonical = tensor_aliases(gm)
 
     # ---- reading the graph -------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
@@ -163,7 +166,9 @@ class RuleContext:
         return np.arange(space.offset, space.offset + size, dtype=np.int64)
 
     def param_ids(self, path: str, axis: int, producer: bool = False) -> np.ndarray:
-        """Ids of one axis of a parameter or buffer; created on first use."""
+        """Ids of one axis of a parameter or buffer; created on first use. Tied tensors
+        (one tensor under several paths) share their ids."""
+        path = self.canonical.get(path, path)
         key = (path, axis)
         if key not in self.slots:
             tensor = _get_attr(self.gm, path)
@@ -218,6 +223,22 @@ class RuleContext:
             if f is not None:
                 out.append((f, f.axes.index(axis)))
         self.flop_refs[node.name] = tuple(out)
+
+
+def tensor_aliases(module: nn.Module) -> dict[str, str]:
+    """Path -> first path of the same tensor, for every parameter or buffer that is
+    reachable by more than one path (tied weights); the first is the path
+    ``named_parameters()`` / ``named_buffers()`` keep."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for named in (module.named_parameters(remove_duplicate=False),
+                  module.named_buffers(remove_duplicate=False)):
+        for path, t in named:
+            if id(t) in first:
+                out[path] = first[id(t)]
+            else:
+                first[id(t)] = path
+    return out
 
 
 def concrete(arg: Any) -> Any:
