@@ -52,7 +52,7 @@ class AttentionCall:
     query_ndim: int
     self_attention: bool  # query is key is value
     key_padding_mask: bool
-    mask: tuple[bool, int, int] | None  # (is bool, ndim, size of dim 0) of attn_mask
+    mask: tuple[bool, int] | None  # (is bool, ndim) of attn_mask
     dtype: torch.dtype
 
 
@@ -63,7 +63,7 @@ def _call_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionCall:
     b = _SIGNATURE.bind(None, *args, **kwargs)
     b.apply_defaults()
     q, k, v, mask = (b.arguments[n] for n in ("query", "key", "value", "attn_mask"))
-    shape = None if mask is None else (mask.dtype == torch.bool, mask.dim(), int(mask.shape[0]))
+    shape = None if mask is None else (mask.dtype == torch.bool, mask.dim())
     return AttentionCall(q.dim(), q is k and k is v, b.arguments["key_padding_mask"] is not None,
                          shape, q.dtype)
 
@@ -177,26 +177,25 @@ def _projections(m: nn.MultiheadAttention, b: dict[str, Any]) -> tuple[Any, Any,
     return out[0], out[1], out[2]
 
 
-def _mask(b: dict[str, Any], call: AttentionCall, heads: int) -> Any:
-    """The attention mask as SDPA and the explicit path add it: float (a bool mask's True
-    is -inf, as torch's ``_canonical_mask``), broadcastable to (B, H, L, S)."""
+def _mask(b: dict[str, Any], call: AttentionCall, heads: int) -> tuple[Any, bool]:
+    """The attention mask broadcastable to (B, H, L, S), and whether it is a bool mask
+    (True: *not* attended, as in ``nn.MultiheadAttention``; the float form would be a
+    tensor of -inf, which the pruner takes for a diverged constant)."""
     mask = b["attn_mask"]
     if mask is None or call.mask is None:
-        return None
-    is_bool, ndim, size0 = call.mask
-    if is_bool:
-        mask = torch.zeros_like(mask, dtype=call.dtype).masked_fill(mask, float("-inf"))
+        return None, False
+    is_bool, ndim = call.mask
     if ndim == 3:  # (B * H, L, S), head fastest
-        mask = mask.unsqueeze(0) if size0 == 1 else mask.unflatten(0, (-1, heads))
-    return mask
+        mask = mask.unflatten(0, (-1, heads))
+    return mask, is_bool
 
 
-def _explicit(q: Any, k: Any, v: Any, mask: Any, drop: Callable[[Any], Any] | None,
-              scale: float) -> tuple[Any, Any]:
+def _explicit(q: Any, k: Any, v: Any, mask: tuple[Any, bool],
+              drop: Callable[[Any], Any] | None, scale: float) -> tuple[Any, Any]:
     """softmax(q kᵀ · scale + mask), its dropout, and the weights times v."""
     w = (q * scale) @ k.transpose(-2, -1)
-    if mask is not None:
-        w = w + mask
+    if mask[0] is not None:
+        w = w.masked_fill(mask[0], float("-inf")) if mask[1] else w + mask[0]
     w = w.softmax(dim=-1)
     if drop is not None:
         w = drop(w)
@@ -214,8 +213,10 @@ def inline_forward(m: nn.MultiheadAttention, b: dict[str, Any], call: AttentionC
         o, weights = _explicit(q, k, v, mask, drop, scale)
     else:
         causal = b["is_causal"] and not b["need_weights"]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
-                                           is_causal=causal, scale=scale)
+        sdpa_mask = None if causal or mask[0] is None else (
+            mask[0].logical_not() if mask[1] else mask[0])  # SDPA's bool: True is attended
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal,
+                                           scale=scale)
         if b["need_weights"]:  # a separate computation, dropped as dead code if unused
             weights = _explicit(q, k, v, mask, None, scale)[1]
     d0, d1 = b["query"].shape[0], b["query"].shape[1]
