@@ -31,7 +31,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -167,9 +167,9 @@ def _projections(m: nn.MultiheadAttention, b: dict[str, Any]) -> tuple[Any, Any,
     q, k, v = b["query"], b["key"], b["value"]
     if m.in_proj_weight is not None:  # self-attention: one fused projection
         d0, d1 = q.shape[0], q.shape[1]
-        qkv = F.linear(q, m.in_proj_weight, m.in_proj_bias).reshape(d0, d1, 3, m.num_heads, m.head_dim)
-        qkv = qkv.permute(*((2, 0, 3, 1, 4) if m.batch_first else (2, 1, 3, 0, 4))).unbind(0)
-        return qkv[0], qkv[1], qkv[2]
+        fused = F.linear(q, m.in_proj_weight, m.in_proj_bias).reshape(d0, d1, 3, m.num_heads, m.head_dim)
+        parts = fused.permute(*((2, 0, 3, 1, 4) if m.batch_first else (2, 1, 3, 0, 4))).unbind(0)
+        return parts[0], parts[1], parts[2]
     out = []
     for name, t in (("q", q), ("k", k), ("v", v)):
         p = F.linear(t, getattr(m, f"{name}_proj_weight"), _bias(m, f"{name}_proj_bias"))
@@ -208,7 +208,7 @@ def inline_forward(m: nn.MultiheadAttention, b: dict[str, Any], call: AttentionC
     scale = float(m.head_dim) ** -0.5  # the original width's: pruning keeps the function
     mask = _mask(b, call, m.num_heads)
     drop = getattr(m, DROPOUT_NAME, None)
-    weights = None
+    weights: Any = None
     if drop is not None:
         o, weights = _explicit(q, k, v, mask, drop, scale)
     else:
@@ -235,7 +235,7 @@ class InlinedMultiheadAttention(nn.MultiheadAttention):
 
     s2h_call: AttentionCall
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:  # type: ignore[override]
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         b = bind(args, kwargs)
         why = call_reason(self.s2h_call, b)
         if why is None:
@@ -267,7 +267,7 @@ def prepare(model: nn.Module, observed: Observed) -> dict[str, str]:
         if not call.self_attention or not m._qkv_same_embed_dim:
             split_projections(m)
         m.__class__ = InlinedMultiheadAttention
-        m.s2h_call = call
+        cast(InlinedMultiheadAttention, m).s2h_call = call
     if leaves:
         log.info("nn.MultiheadAttention kept whole: %s",
                  "; ".join(f"{k}: {v}" for k, v in leaves.items()))

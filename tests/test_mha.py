@@ -161,11 +161,15 @@ def tiny_vit() -> nn.Module:
         num_classes=10).eval()
 
 
-def test_torchvision_vit_prunes_its_attention() -> None:
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torchvision_vit_prunes_its_attention(train: bool) -> None:
     model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero: outputs all 0
     pruner = s2h_fx.prune_graph(model, 1.0, example_inputs=(x,))
+    model.train(train)
+    pruner.train(train)
     with torch.no_grad():
-        assert rel_err(pruner(x), model(x)) < TOL
+        assert rel_err(pruner.hard_forward(x), model(x)) < TOL
         assert rel_err(pruner.soft_forward(x), model(x)) < TOL
     for i in range(2):
         groups = _attention_groups(pruner, f"encoder.layers.encoder_layer_{i}.self_attention")
@@ -173,7 +177,18 @@ def test_torchvision_vit_prunes_its_attention() -> None:
     for seed in range(2):
         widths, keep = random_keep(pruner, seed)
         pruner.set_widths(widths, keep)
-        pruned = pruner.export().eval()
+        pruned = pruner.export().train(train)
         with torch.no_grad():
             assert rel_err(pruned(x), pruner.hard_forward(x)) < TOL
         assert count_flops(pruned, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+
+
+def test_unused_weights_cost_nothing() -> None:
+    # need_weights=True (the default) with the weights ignored: the attention runs as
+    # SDPA and the weights' separate computation is dead code, dropped at trace time
+    torch.manual_seed(0)
+    model, x = TorchAttention("self_seq").eval(), tokens()
+    gm = trace_model(model, (x,))
+    targets = [n.target for n in gm.graph.nodes]
+    assert torch.nn.functional.scaled_dot_product_attention in targets
+    assert "softmax" not in targets
