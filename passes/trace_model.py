@@ -377,7 +377,10 @@ def trace_model(
     """Trace ``model`` (a copy; the user's model is not touched) and propagate shapes.
 
     The model is traced in eval mode so that training-only branches (auxiliary
-    heads) are left out; standard ``torch.nn`` layers stay ``call_module`` leaves.
+    heads) are left out; standard ``torch.nn`` layers stay ``call_module`` leaves,
+    except ``nn.MultiheadAttention``, traced as the ops it computes where they say it
+    exactly (:mod:`s2h_fx.mha`; the example inputs are run once first to see how it is
+    called); one kept whole carries its reason in ``node.meta[S2H_TRACE_LEAF]``.
     Where torch.fx cannot get through a submodule (control flow on data or shapes,
     ``len()`` of a proxy, ...), that submodule (or the timm function that failed) is
     made a leaf and the model retraced (:func:`_trace_with_fallback`); its boundary
