@@ -30,6 +30,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
+from s2h_fx import mha
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.errors import InputError, TraceError
 
@@ -349,15 +350,17 @@ def _fn_name(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
 
 
-def _record(gm: fx.GraphModule, plan: TracePlan) -> dict[str, Any]:
+def _record(gm: fx.GraphModule, plan: TracePlan, kept: dict[str, str]) -> dict[str, Any]:
     """``gm.meta[S2H_TRACE]`` (plain str/dict values: picklable and deep-copyable); each
-    leaf node added by the plan gets its reason in ``node.meta[S2H_TRACE_LEAF]``."""
+    leaf node added by the plan, and each ``nn.MultiheadAttention`` kept whole (``kept``),
+    gets its reason in ``node.meta[S2H_TRACE_LEAF]``."""
     leaves: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         target = str(node.target)
-        reason = plan.leaves.get(target) or plan.leaf_types.get(type(gm.get_submodule(target)))
+        reason = (plan.leaves.get(target) or plan.leaf_types.get(type(gm.get_submodule(target)))
+                  or kept.get(target))
         if reason is not None:
             leaves[target] = node.meta[S2H_TRACE_LEAF] = reason
     autowrap = {_fn_name(f): r for f, r in plan.autowrap.items()}
@@ -374,7 +377,10 @@ def trace_model(
     """Trace ``model`` (a copy; the user's model is not touched) and propagate shapes.
 
     The model is traced in eval mode so that training-only branches (auxiliary
-    heads) are left out; standard ``torch.nn`` layers stay ``call_module`` leaves.
+    heads) are left out; standard ``torch.nn`` layers stay ``call_module`` leaves,
+    except ``nn.MultiheadAttention``, traced as the ops it computes where they say it
+    exactly (:mod:`s2h_fx.mha`; the example inputs are run once first to see how it is
+    called); one kept whole carries its reason in ``node.meta[S2H_TRACE_LEAF]``.
     Where torch.fx cannot get through a submodule (control flow on data or shapes,
     ``len()`` of a proxy, ...), that submodule (or the timm function that failed) is
     made a leaf and the model retraced (:func:`_trace_with_fallback`); its boundary
@@ -395,13 +401,15 @@ def trace_model(
         work = copy.deepcopy(model)
         was_training = work.training
         work.eval()
+        # nn.MultiheadAttention is traced as its ops where they can say it exactly
+        kept = mha.prepare(work, mha.observe(work, example_inputs))
         concrete = _defaults_not_given(work, len(example_inputs), concrete_args)
         graph, plan = _trace_with_fallback(work, type(model).__name__, concrete)
         # pickling a GraphModule stores its graph's tracer class by reference: keep ours
         # out so that a saved pruned model loads without s2h-fx installed
         graph._tracer_cls = None
         gm = fx.GraphModule(work, graph, type(work).__name__)
-        gm.meta[S2H_TRACE] = _record(gm, plan)
+        gm.meta[S2H_TRACE] = _record(gm, plan, kept)
         gm.train(was_training)
     gm.graph.eliminate_dead_code()  # results nobody uses are not part of the network
     gm.recompile()

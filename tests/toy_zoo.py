@@ -272,6 +272,41 @@ class Attention(nn.Module):
         return self.head(h.mean(1))
 
 
+class TorchAttention(nn.Module):
+    """``nn.MultiheadAttention`` in a residual block with an MLP, in the forms models call
+    it: self-attention batch first (``need_weights=False``, as torchvision's ViT) or
+    sequence first (default ``need_weights=True``, the weights ignored, a bool causal
+    mask); cross-attention (queries and keys/values from different projections, ``kdim``
+    unlike ``embed_dim``); ``add_bias_kv``, which the tracer keeps whole (frozen)."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, dim = form, 32
+        self.embed = nn.Linear(12, dim)  # no LayerNorm: the masked emulation stays exact
+        kw: dict[str, object] = {"batch_first": form != "self_seq"}
+        if form == "cross":
+            self.memory = nn.Linear(12, 24)
+            kw.update(kdim=24, vdim=24)
+        self.attn = nn.MultiheadAttention(dim, 2, add_bias_kv=form == "bias_kv", **kw)  # type: ignore[arg-type]
+        self.mlp = nn.Sequential(nn.Linear(dim, 48), nn.GELU(), nn.Linear(48, dim))
+        self.head = nn.Linear(dim, 5)
+        self.register_buffer("causal", torch.ones(6, 6, dtype=torch.bool).triu(1))  # 6 tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.form == "self_seq":
+            h = h.transpose(0, 1)  # (N, B, C)
+            a, _ = self.attn(h, h, h, attn_mask=self.causal)
+            h = (h + a).transpose(0, 1)
+        elif self.form == "cross":
+            m = self.memory(x.flip(1))
+            h = h + self.attn(h, m, m, need_weights=False)[0]
+        else:
+            h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.mlp(h)
+        return self.head(h.mean(1))
+
+
 def tokens() -> torch.Tensor:
     return torch.randn(2, 6, 12)
 
@@ -299,4 +334,8 @@ TOY_ZOO = {
     "attention_matmul": (lambda: Attention("index"), tokens),
     "attention_chunk": (lambda: Attention("chunk"), tokens),
     "attention_separate": (lambda: Attention("separate"), tokens),
+    "mha_self": (lambda: TorchAttention("self"), tokens),
+    "mha_self_seq": (lambda: TorchAttention("self_seq"), tokens),
+    "mha_cross": (lambda: TorchAttention("cross"), tokens),
+    "mha_bias_kv": (lambda: TorchAttention("bias_kv"), tokens),
 }
