@@ -16,12 +16,14 @@ from torch import nn
 
 import s2h_fx
 from s2h_fx.latency import (
+    CALIBRATION,
     LatencyModel,
     LatencyOptions,
     LayerSpec,
     RuntimeMeasure,
     axis_grid,
     build_latency_model,
+    calibrate,
     interpolate,
     monotone,
 )
@@ -57,24 +59,29 @@ def cost(cin: int, cout: int, groups: int) -> float:
 
 
 class FakeMeasure:
-    """A runtime whose layers cost :func:`cost`; counts what it is asked to measure."""
+    """A runtime whose layers cost :func:`cost` (times ``alone`` when timed alone) and
+    whose whole networks cost their layers plus a fixed remainder (``dense`` minus the
+    dense Chain's layers); counts what it is asked to measure."""
 
-    def __init__(self, dense: float = DENSE, **key: Any) -> None:
+    def __init__(self, dense: float = DENSE, alone: float = 1.0, **key: Any) -> None:
         self._key = {"runtime": "fake", **key}
-        self.dense = dense
+        self.dense, self.alone = dense, alone
         self.layers: list[tuple[str, tuple[int, ...]]] = []
-        self.networks = 0
+        self.networks_timed = 0
 
     def key(self) -> dict[str, Any]:
         return self._key
 
     def layer(self, spec: LayerSpec, sizes: tuple[int, ...]) -> float:
         self.layers.append((spec.key(), sizes))
-        return cost(*spec.channels(sizes))
+        return self.alone * cost(*spec.channels(sizes))
 
     def network(self, module: nn.Module, x: torch.Tensor) -> float:
-        self.networks += 1
-        return self.dense
+        self.networks_timed += 1
+        return self.dense - by_hand(16, 32, 16) + exported_cost(module)
+
+    def networks(self, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
+        return {name: self.network(m, x) for name, m in modules.items()}
 
 
 def chain_model(tmp_path: Path, measure: Any, points: int = 4) -> tuple[LatencyModel, Any]:
@@ -112,6 +119,41 @@ def test_terms_of_the_toy_network(tmp_path: Path) -> None:
     # the remainder is what the layers at full width leave of the dense network
     assert model.constant == pytest.approx(DENSE - by_hand(16, 32, 16))
     assert model.total == pytest.approx(DENSE)
+
+
+def test_calibration_corrects_layers_timed_alone(tmp_path: Path) -> None:
+    """Layers timed alone at 1.3x what they cost inside the network, and a network
+    with a fixed remainder: the uncalibrated terms overshoot a narrow network's
+    latency; the calibration (dense + two uniform networks) recovers the network's
+    true cost at every width."""
+    dense = by_hand(16, 32, 16) + 5e-3
+    measure = FakeMeasure(dense, alone=1.3)
+    model, grouping = chain_model(tmp_path, measure)
+    g = group_by_size(grouping)
+    assert model.scale == pytest.approx(1 / 1.3)
+    assert model.constant == pytest.approx(5e-3)
+    assert len(model.calibration) == 1 + len(CALIBRATION)
+    narrow = {g["a"]: 8, g["b"]: 8, g["c"]: 8}
+    truth = 5e-3 + by_hand(8, 8, 8)
+    assert float(model(narrow)) == pytest.approx(truth, rel=1e-9)
+    raw = sum(float(t.at({**model.sizes, **narrow}, model.sizes)) for t in model.terms)
+    assert abs(raw + (dense - 1.3 * by_hand(16, 32, 16)) - truth) > 0.05 * truth  # uncalibrated
+
+
+def test_calibration_fits_and_falls_back() -> None:
+    """An exact affine relation is recovered, a negative constant included (each layer
+    timed alone paid a call's overhead); a reversed fit, one that would predict a
+    negative latency at the smallest widths, or one point scale the terms to the
+    dense network instead."""
+    constant, scale = calibrate([(1.0, 0.9), (0.55, 0.45), (0.1, 1e-9)])
+    assert constant == pytest.approx(0.1, abs=1e-6) and scale == pytest.approx(1.0, rel=1e-5)
+    # network = 0.2 + 0.5 * layers, the terms = layers + 1.0 of calls' overhead
+    points = [(1.2, 3.0), (0.7, 2.0), (0.5, 1.6)]
+    constant, scale = calibrate(points, floor=1.2)
+    assert constant == pytest.approx(-0.3) and scale == pytest.approx(0.5)
+    assert calibrate(points, floor=0.5) == (0.0, pytest.approx(0.4))  # -0.3 + 0.25 < 0
+    assert calibrate([(1.0, 0.8), (1.2, 0.5)]) == (0.0, pytest.approx(1.25))
+    assert calibrate([(1.0, 2.0)]) == (0.0, 0.5)
 
 
 def test_known_cost_recovered_at_every_width(tmp_path: Path) -> None:
@@ -183,7 +225,8 @@ def test_cache_reused_for_the_same_key(tmp_path: Path) -> None:
     again = FakeMeasure(batch=1)
     m2, _ = chain_model(tmp_path, again)
     assert again.layers == []  # every layer from the cache
-    assert again.networks == 1  # the dense network is measured each time
+    # the dense network and the calibration networks are measured each time
+    assert again.networks_timed == 1 + len(CALIBRATION)
     for t1, t2 in zip(m1.terms, m2.terms):
         np.testing.assert_array_equal(t1.table, t2.table)
 
@@ -212,14 +255,14 @@ def test_cache_file_of_another_key_ignored(tmp_path: Path) -> None:
 # ---- the runtime measure, with a fake clock ------------------------------------------
 def test_runtime_measure_with_a_fake_timer() -> None:
     """Eager runtime, a timer that reads one 'nanosecond' per output element: a layer's
-    figure is its own minus the one-weight network's (batch outputs)."""
+    figure is the whole call's."""
     def timer(fn: Any) -> float:
         return float(fn().numel()) * 1e-9
 
     measure = RuntimeMeasure("eager", batch=2, rounds=3, warmup=0, timer=timer)
     spec = LayerSpec("conv2d", (2, 16, 8, 8), 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, True,
                      ("in", "out"))
-    assert measure.layer(spec, (8, 24)) == pytest.approx((2 * 24 * 8 * 8 - 2) * 1e-9)
+    assert measure.layer(spec, (8, 24)) == pytest.approx(2 * 24 * 8 * 8 * 1e-9)
     assert measure.network(nn.Linear(4, 3), torch.randn(2, 4)) == pytest.approx(6e-9)
     key = measure.key()
     assert (key["runtime"], key["batch"], key["device"]) == ("eager", 2, "cpu")
