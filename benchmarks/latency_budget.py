@@ -201,18 +201,27 @@ def _prune_budget(model: nn.Module, budget: Any, x: torch.Tensor, args: argparse
 
 def _networks(args: argparse.Namespace, model: nn.Module, x: torch.Tensor,
               loaders: Any) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """The dense network, s2h-fx at the latency budget, and the FLOPs-budget s2h-fx and
+    Torch-Pruning networks bisected to its measured latency ratio. Every ratio is
+    timed interleaved with the dense network (the machine drifts over a run)."""
     measure = _measure(args)
-    dense_s = measure.network(model, x)
+
+    def ratio(net: nn.Module) -> float:
+        s = measure.networks({"dense": model, "net": net}, x)
+        return s["net"] / s["dense"]
+
     nets: dict[str, nn.Module] = {"dense": model}
     lat = _prune_budget(model, _latency_budget(args, args.budget), x, args, None)
     nets["s2h-latency"] = lat.export()
-    target = measure.network(nets["s2h-latency"], x) / dense_s
+    target = ratio(nets["s2h-latency"])
     info: dict[str, Any] = {"predicted_ratio": float(lat.cost_ratio()),
-                            "measured_ratio_one_shot": target}
+                            "measured_ratio_one_shot": target,
+                            "calibration": {"constant_s": lat.cost_model.constant,
+                                            "scale": lat.cost_model.scale}}
 
     def flops_trial(b: float) -> tuple[float, Any]:
         net = _prune_budget(model, b, x, args, None).export()
-        return measure.network(net, x) / dense_s, net
+        return ratio(net), net
 
     b, _, nets["s2h-flops"] = bisect(flops_trial, target, 0.05, 1.0, args.match_trials)
     info["flops_budget_matched"] = b
@@ -223,7 +232,7 @@ def _networks(args: argparse.Namespace, model: nn.Module, x: torch.Tensor,
 
         def tp_trial(r: float) -> tuple[float, Any]:
             net = prune_tp(model, x[:1], r, round_to=args.divisor, classifier=head)
-            return measure.network(net, x) / dense_s, net
+            return ratio(net), net
 
         r, _, nets["torch-pruning"] = bisect(tp_trial, target, 0.0, 0.95, args.match_trials,
                                              rising=False)

@@ -138,9 +138,23 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_DISTRIBUTIONS = {"onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+                  "torch_tensorrt": ("torch-tensorrt", "torch_tensorrt"),
+                  "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12")}
+
+
 def _version(module: str) -> str | None:
-    """The version of ``module`` if it is already imported (importing it here could be slow
-    or fail; a runtime that was used has been imported)."""
+    """The installed version of ``module`` from the package metadata (no import: importing
+    a runtime could be slow or fail), or its ``__version__`` if it is imported; None if
+    it is not installed. (Read from imported modules only, ONNX Runtime was missing from
+    figures and from the latency cache key whenever nothing had imported it yet.)"""
+    from importlib import metadata
+
+    for dist in _DISTRIBUTIONS.get(module, (module,)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
     mod = sys.modules.get(module)
     return getattr(mod, "__version__", None) if mod is not None else None
 

@@ -110,3 +110,18 @@ def test_environment_records_threads_load_and_versions() -> None:
     assert len(env["load_average"]) == 3 and env["cpu_count"] >= 1
     assert env["device"] == "cpu" and "gpu" not in env
     assert {"onnxruntime", "torch_tensorrt", "tensorrt", "cpu", "python"} <= set(env)
+
+
+def test_environment_names_runtime_versions_not_yet_imported() -> None:
+    """The versions come from the installed packages: in a fresh process that has not
+    imported ONNX Runtime, the figure (and the latency cache key) still names it."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    expected = metadata.version("onnxruntime")  # in the [dev] extra
+    code = ("import sys; from s2h_fx.timing import environment; "
+            "assert 'onnxruntime' not in sys.modules; print(environment()['onnxruntime'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == expected
