@@ -12,6 +12,8 @@ import torch
 
 from s2h_fx import cli, deploy
 
+from helpers import load_benchmark
+
 FAST = ["--input-size", "3,32,32", "--rounds", "3", "--warmup", "1", "--threads", "1"]
 ROW_FIELDS = {"model", "runtime", "batch", "precision", "device", "network", "input_size",
               "budget", "divisor", "flops", "flops_ratio", "params", "median_ms", "p90_ms",
@@ -124,14 +126,7 @@ def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 # ---- benchmarks/latency.py -----------------------------------------------------------
 def _latency() -> Any:
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_latency", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("latency")
 
 
 def test_latency_resume_runs_only_what_is_missing(tmp_path: Path,

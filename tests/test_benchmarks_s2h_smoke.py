@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import torch
 
+from helpers import load_benchmark
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name)
 
 
 def test_gap_two_methods_one_budget(tmp_path, capsys):

@@ -6,16 +6,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+from helpers import load_benchmark
+
 ZOO = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 MODELS = ["resnet18", "mobilenet_v3_small"]
 
 
 def load_zoo():
-    spec = importlib.util.spec_from_file_location("benchmarks_zoo", ZOO)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("zoo")
 
 
 def test_zoo_two_small_models(tmp_path, capsys):

@@ -6,9 +6,7 @@ sum); and tests that the checker really flags each kind of mismatch."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,15 @@ import torch
 import s2h_fx
 from s2h_fx.masks import ChannelMask
 
+from helpers import load_benchmark
+
 FUZZ = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz.py"
 SAMPLE = range(50)
 PASSING_SEED = 3  # a network with prunable groups and no LayerNorm (checked below)
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("benchmarks_fuzz", FUZZ)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fuzz")
 
 
 fuzz = _load()

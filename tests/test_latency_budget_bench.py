@@ -3,11 +3,12 @@ both studies run end to end and write rows whose figures hang together."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from helpers import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_budget.py"
 COMMON = ["--models", "resnet18", "--runtime", "eager", "--input-size", "3,32,32",
@@ -15,11 +16,7 @@ COMMON = ["--models", "resnet18", "--runtime", "eager", "--input-size", "3,32,32
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("benchmarks_latency_budget", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("latency_budget")
 
 
 def rows(path: Path) -> list[dict]:

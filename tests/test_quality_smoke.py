@@ -5,7 +5,6 @@ agreement, the resume."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import math
 import struct
@@ -19,16 +18,14 @@ from s2h_fx.cli import main as cli_main
 from s2h_fx.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_loaders, read_idx
 from s2h_fx.errors import DataError, InputError
 
+from helpers import load_benchmark
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 N_TRAIN, N_TEST = 48, 24
 
 
 def load_quality():
-    spec = importlib.util.spec_from_file_location("benchmarks_quality", BENCH / "quality.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
