@@ -60,11 +60,10 @@ Observed = dict[str, AttentionCall | str]  # qualname -> its one kind of call, o
 
 
 def _call_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionCall:
-    b = _SIGNATURE.bind(None, *args, **kwargs)
-    b.apply_defaults()
-    q, k, v, mask = (b.arguments[n] for n in ("query", "key", "value", "attn_mask"))
+    b = bind(args, kwargs)
+    q, k, v, mask = (b[n] for n in ("query", "key", "value", "attn_mask"))
     shape = None if mask is None else (mask.dtype == torch.bool, mask.dim())
-    return AttentionCall(q.dim(), q is k and k is v, b.arguments["key_padding_mask"] is not None,
+    return AttentionCall(q.dim(), q is k and k is v, b["key_padding_mask"] is not None,
                          shape, q.dtype)
 
 
@@ -132,6 +131,7 @@ def call_reason(call: AttentionCall, bound: dict[str, Any]) -> str | None:
 
 
 def bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``nn.MultiheadAttention.forward``'s arguments by name, defaults filled in."""
     b = _SIGNATURE.bind(None, *args, **kwargs)
     b.apply_defaults()
     return dict(b.arguments)
