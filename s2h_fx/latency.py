@@ -442,13 +442,7 @@ class RuntimeMeasure:
                                             "tensorrt", "cpu", "gpu", "cuda")}}
 
     def _time(self, module: nn.Module, x: torch.Tensor) -> float:
-        from s2h_fx.deploy import deploy
-        from s2h_fx.timing import time_interleaved
-
-        deployed = deploy(module, x, self.runtime, device=self.device, threads=self.threads)
-        timing = time_interleaved({"m": deployed.run}, x.shape[0], rounds=self.rounds,
-                                  warmup=self.warmup, timer=self.timer, device=self.device)
-        return timing["m"].median_ms / 1e3
+        return self.networks({"m": module}, x)["m"]
 
     def layer(self, spec: LayerSpec, sizes: tuple[int, ...]) -> float:
         module, x = spec.build(sizes)
