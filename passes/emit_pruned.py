@@ -10,13 +10,13 @@ plan changes nothing.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE
+from s2h_fx.copying import copy_module
 from s2h_fx.passes.find_channel_groups import S2H_FLOP_REFS, S2H_MIXING
 from s2h_fx.passes.plan_surgery import SurgeryPlan  # noqa: I001
 from s2h_fx.rules.base import tensor_aliases
@@ -53,10 +53,11 @@ def emit_pruned(
             if name.startswith("s2h_mask_g"):
                 for t in list(mod.parameters()) + list(mod.buffers()):
                     memo[id(t)] = t
-    for node in gm.graph.nodes:  # the analysis' meta stays behind (it is the unpruned net's)
-        memo[id(node.meta)] = {k: v for k, v in node.meta.items() if k not in _ANALYSIS_META}
-    new = copy.deepcopy(gm, memo)
+    new = copy_module(gm, memo, recompile=False)  # recompiled below, once edited
     graph = new.graph
+    for node in graph.nodes:  # the analysis' meta stays behind (it is the unpruned net's)
+        for key in _ANALYSIS_META & node.meta.keys():
+            del node.meta[key]
     for node in list(graph.nodes):
         if S2H_MASK_SITE in node.meta:
             node.replace_all_uses_with(node.args[0])
@@ -79,8 +80,8 @@ def emit_pruned(
         aliases.setdefault(first, []).append(alias)
     for path, cuts in plan.params.items():
         old = _lookup(new, path)
-        with torch.no_grad():
-            value = slice_tensor(old, cuts).clone()
+        with torch.no_grad():  # index_select makes a new tensor; uncut ones are cloned
+            value = slice_tensor(old, cuts) if cuts else old.clone()
         if isinstance(old, nn.Parameter):
             value = nn.Parameter(value, requires_grad=old.requires_grad)
         for p in [path, *aliases.get(path, [])]:

@@ -13,7 +13,6 @@ Running it twice on its own output changes nothing.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import inspect
 import io
@@ -32,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from s2h_fx import mha
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
+from s2h_fx.copying import copy_module
 from s2h_fx.errors import InputError, TraceError
 
 log = logging.getLogger(__name__)
@@ -394,11 +394,11 @@ def trace_model(
             "with, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
         )
     if isinstance(model, fx.GraphModule):
-        gm = copy.deepcopy(model)
+        gm = copy_module(model)
     else:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-        work = copy.deepcopy(model)
+        work = copy_module(model)
         was_training = work.training
         work.eval()
         # nn.MultiheadAttention is traced as its ops where they can say it exactly

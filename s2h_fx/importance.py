@@ -67,11 +67,17 @@ class Importance:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._to(device)
         out = {}
+        norms: dict[tuple[str, int], torch.Tensor] = {}  # a producer may feed several groups
         for g in self.grouping.prunable:
             acc = torch.zeros(g.size, device=device)
             for p in self.producers[g.index]:
-                w = _get_attr(model, p.path).detach().float().abs()
-                l1 = w.sum(dim=[d for d in range(w.dim()) if d != p.axis])[p.positions]
+                if (p.path, p.axis) not in norms:
+                    w = _get_attr(model, p.path).detach()
+                    dims = [d for d in range(w.dim()) if d != p.axis]
+                    norms[p.path, p.axis] = (  # one pass, no |w| materialised
+                        torch.linalg.vector_norm(w, 1, dim=dims, dtype=torch.float32)
+                        if dims else w.float().abs())
+                l1 = norms[p.path, p.axis][p.positions]
                 l1 = l1 / (l1.mean() + 1e-12)
                 acc.index_add_(0, p.classes, l1 * p.weight)
             out[g.index] = acc / max(len(self.producers[g.index]), 1)

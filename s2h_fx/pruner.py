@@ -11,9 +11,11 @@ hard branch to :mod:`s2h_fx.hard`, the losses and the decoupled backward to
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -51,6 +53,32 @@ from s2h_fx.state import WidthState
 log = logging.getLogger(__name__)
 
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _gc_paused(fn: _Fn) -> _Fn:
+    """Run ``fn`` with the cyclic garbage collector paused (and restored after).
+
+    The prepare and export passes allocate many small objects (graph nodes,
+    channel layouts) and drop few of them, so the collector's passes over the
+    whole heap find little: on timm's BEiT-v2 base, about fifty collections took
+    0.65 s of a 5 s prepare and export in one measurement. Reference counting still frees
+    everything that is not in a cycle; the collector runs as usual afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return cast(_Fn, wrapper)
+
+
+@_gc_paused
 def prune_graph(
     model: nn.Module,
     budget: float | dict[str, Any],
@@ -446,6 +474,7 @@ class Pruner(nn.Module):
                     " (the groups' widths cannot land inside the band)")
         return True
 
+    @_gc_paused
     def export(self, enforce_budget: bool = True) -> fx.GraphModule:
         """The physically pruned network (a fresh GraphModule, in eval mode): the hard
         network of the masks.

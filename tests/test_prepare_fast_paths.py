@@ -1,0 +1,65 @@
+"""The prepare pass's vectorised pieces agree with their plain definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import s2h_fx
+from s2h_fx.importance import Importance
+from s2h_fx.passes.plan_surgery import kept_ids
+from s2h_fx.rules.base import _get_attr
+
+import toy_zoo
+
+
+def _grouping(model: torch.nn.Module, x: torch.Tensor):  # noqa: ANN202
+    return s2h_fx.prune_graph(model.eval(), 0.6, example_inputs=(x,), divisor=1)
+
+
+@pytest.mark.parametrize("factory", [toy_zoo.Residual, toy_zoo.CatSplit, toy_zoo.Grouped])
+def test_kept_ids_is_membership_of_the_kept_classes(factory) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    pruner = _grouping(factory(), toy_zoo.image())
+    grouping = pruner.grouping
+    rng = np.random.default_rng(0)
+    prunable = [g.index for g in grouping.prunable]
+    assert prunable
+    for trial in range(5):
+        # a random keep-set per group; in one trial one group is left out entirely
+        keep = {g: np.sort(rng.choice(grouping.groups[g].size,
+                                      rng.integers(1, grouping.groups[g].size + 1),
+                                      replace=False)) for g in prunable}
+        if trial == 4:
+            keep.pop(prunable[0])
+        got = kept_ids(grouping, keep)
+        for i, (g, c) in enumerate(zip(grouping.group_of_id, grouping.class_of_id)):
+            want = True if g < 0 else (g in keep and c in set(keep[g].tolist()))
+            assert got[i] == want, (i, g, c)
+
+
+def test_importance_is_mean_normalised_l1_of_the_producers() -> None:
+    torch.manual_seed(0)
+    pruner = _grouping(toy_zoo.Residual(), toy_zoo.image())
+    model = pruner.graph_module
+    with torch.no_grad():  # weights of unequal scale, so the normalisation matters
+        for p in model.parameters():
+            p.mul_(torch.rand_like(p) * 3)
+    scores = Importance(pruner.grouping).scores(model)
+    grouping = pruner.grouping
+    for g in grouping.prunable:
+        acc = torch.zeros(g.size, dtype=torch.float64)
+        for path, axis in g.producers:
+            w = _get_attr(model, path).detach().double()
+            ids = grouping.slots[(path, axis)]
+            l1 = w.abs().sum(dim=[d for d in range(w.dim()) if d != axis]) if w.dim() > 1 \
+                else w.abs()
+            pos = np.flatnonzero(grouping.group_of_id[ids] == g.index)
+            cls = grouping.class_of_id[ids[pos]]
+            mult = np.bincount(cls, minlength=g.size)[cls]
+            part = l1[torch.as_tensor(pos)]
+            part = part / part.mean()
+            acc.index_add_(0, torch.as_tensor(cls), part / torch.as_tensor(mult))
+        want = acc / len(g.producers)
+        torch.testing.assert_close(scores[g.index].double(), want, rtol=1e-5, atol=1e-6)
