@@ -49,3 +49,32 @@ def test_timm_vit_head_width_at_full_width_is_the_model() -> None:
     with torch.no_grad():
         assert rel_err(pruner(x), model(x)) < 1e-5
         assert rel_err(pruner.soft_forward(x), model(x)) < 1e-5
+
+
+def test_timm_beit_computed_qkv_bias_prunes_head_width() -> None:
+    """BEiT adds ``cat((q_bias, k_zeros, v_bias))`` as the fused qkv's bias through
+    ``F.linear``: the bias follows the output channels, so the head width is pruned
+    (it was frozen as a weighted op with weights computed in the graph)."""
+    torch.manual_seed(0)
+    model = timm.create_model("beitv2_base_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, embed_dim=96, depth=2, num_heads=3,
+                              num_classes=10).eval()
+    with torch.no_grad():  # random q/v biases, so slicing them wrongly would show
+        for name, p in model.named_parameters():
+            if name.endswith(("q_bias", "v_bias")):
+                p.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    head_width = [g for g in pruner.grouping.prunable if "blocks.0.attn.qkv.weight[0]" in g.members
+                  or "blocks.0.attn.qkv:out" in g.members]
+    assert [g.size for g in head_width] == [32]  # 96 / 3 heads, one set per head
+    assert not pruner.grouping.unknown_ops
+    # narrow the head width explicitly (the one-shot widths may prefer the MLPs)
+    pruner.set_widths({**pruner.widths, head_width[0].index: 16})
+    pruned = pruner.eval().export(enforce_budget=False)
+    with torch.no_grad():
+        assert rel_err(pruned(x), pruner(x)) < 1e-5
+    attn = pruned.get_submodule("blocks.0.attn")
+    assert attn.q_bias.shape == (3 * 16,) and attn.v_bias.shape == (3 * 16,)
+    assert pruned.get_submodule("blocks.0.attn.qkv").weight.shape[0] == 3 * 3 * 16
+    assert count_flops(pruned, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)

@@ -153,9 +153,28 @@ def linear_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
 @register_rule(F.linear)
 def linear_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     w, b = _attr_path(ctx.arg(node, 1, "weight")), ctx.arg(node, 2, "bias")
-    if w is None or (b is not None and _attr_path(b) is None):
+    if w is None:
         return unknown_weights(ctx, node)
+    if b is not None and _attr_path(b) is None:
+        return _linear_computed_bias(ctx, node, w, b)
     return linear_like(ctx, node, node.args[0], w, _attr_path(b))
+
+
+def _linear_computed_bias(ctx: RuleContext, node: fx.Node, weight: str, bias: Any) -> LayoutValue:
+    """``F.linear(x, W, b)`` with ``b`` computed in the graph (BEiT's
+    ``cat((q_bias, zeros, v_bias))``): the bias is added to the output channels, so its
+    channels are the output's, as in an element-wise add. A bias whose channels are
+    not tracked keeps the output whole."""
+    res = linear_like(ctx, node, node.args[0], weight, None)
+    out = ctx.param_ids(weight, 0)
+    lay, shape = ctx.layout(bias), ctx.shape(bias)
+    f = lay.factor_at(0) if lay is not None and shape == (out.size,) else None
+    if f is not None and f.axes == (0,) and f.ids.shape == out.shape:
+        ctx.couple(f.ids, out)
+    else:
+        ctx.freeze(out, FreezeReason.UNTRACKED_OPERAND, node)
+        ctx.freeze_layout(lay, FreezeReason.UNTRACKED_OPERAND, node)
+    return res
 
 
 @register_rule(nn.Embedding)
