@@ -98,8 +98,9 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--input-size", type=_input_size, default=(3, 224, 224),
                         metavar="C,H,W", help="example input size without batch (default 3,224,224)")
     common.add_argument("--batch", type=_positive_int, default=1, help="example batch size (default 1)")
-    common.add_argument("--divisor", type=_positive_int, default=8,
-                        help="widths are multiples of this where a group allows (default 8)")
+    common.add_argument("--divisor", type=_positive_int, default=None,
+                        help="widths are multiples of this where a group allows (default 8; "
+                             "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
     common.add_argument("--strict", action="store_true",
                         help="fail on ops without a coupling rule instead of freezing their groups")
     common.add_argument("--seed", type=int, default=0,
@@ -228,8 +229,9 @@ def _add_prune_parser(sub: Any) -> None:
     prune.add_argument("--dense-baseline", action="store_true",
                        help="also train a dense copy for the same epochs, for the table's "
                             "dense row (default: the dense row is the starting weights)")
-    prune.add_argument("--divisor", type=_positive_int, default=8,
-                       help="widths are multiples of this where a group allows (default 8)")
+    prune.add_argument("--divisor", type=_positive_int, default=None,
+                       help="widths are multiples of this where a group allows (default 8; "
+                            "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
     prune.add_argument("--strict", action="store_true",
                        help="fail on ops without a coupling rule instead of freezing their groups")
     prune.add_argument("--workers", type=_non_negative_int, default=0,
