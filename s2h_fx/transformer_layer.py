@@ -254,7 +254,7 @@ INLINED: dict[type[nn.Module], type[nn.Module]] = {
     nn.TransformerDecoder: InlinedTransformerDecoder,
     nn.Transformer: InlinedTransformer,
 }
-_TORCH_CLASS = {v: k for k, v in INLINED.items()}
+_TORCH_CLASS: dict[type, type[nn.Module]] = {v: k for k, v in INLINED.items()}
 
 
 def prepare(model: nn.Module, observed: Observed,

@@ -83,6 +83,14 @@ def _id(case: tuple[bool, bool, bool, str]) -> str:
     return f"{'decoder' if dec else 'encoder'}-{'bf' if bf else 'seq'}-{'pre' if nf else 'post'}-{act}"
 
 
+def _traced(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    """The traced graph, with no transformer or attention module left whole in it."""
+    gm = trace_model(model, (x,))
+    assert gm.meta[S2H_TRACE]["leaves"] == {}
+    assert not any(isinstance(m, TORCH_CLASSES) for m in gm.modules())
+    return gm
+
+
 def _same_as_module(model: nn.Module, gm: torch.fx.GraphModule, x: torch.Tensor,
                     fast_path: bool = True) -> None:
     if fast_path:
@@ -131,9 +139,7 @@ def test_layer_traces_as_its_ops_and_prunes(case: tuple[bool, bool, bool, str]) 
     torch.manual_seed(0)
     model = OneLayer(decoder, batch_first, norm_first, ACTIVATIONS[act]).eval()
     x = tokens()
-    gm = trace_model(model, (x,))
-    assert gm.meta[S2H_TRACE]["leaves"] == {}
-    assert not any(isinstance(m, TORCH_CLASSES) for m in gm.modules())
+    gm = _traced(model, x)
     _same_as_module(model, gm, x)
     pruner, pruned = _prune_and_export(model, x)
     # embedding E; the feed-forward width FF; each attention's head width E / HEADS; a
@@ -153,8 +159,7 @@ def test_layer_traces_as_its_ops_and_prunes(case: tuple[bool, bool, bool, str]) 
 def test_encoder_layer_masks_pass_through(mask: str | None, hint: bool) -> None:
     torch.manual_seed(0)
     model, x = OneLayer(False, True, False, "relu", mask=mask, causal_hint=hint).eval(), tokens()
-    gm = trace_model(model, (x,))
-    assert gm.meta[S2H_TRACE]["leaves"] == {}
+    gm = _traced(model, x)
     # torch 2.14's fused encoder-layer kernel (eval, no grad) returns NaN for a float mask
     # of finite values (its slow path, the reference here, does not)
     _same_as_module(model, gm, x, fast_path=mask != "float")
@@ -167,7 +172,7 @@ def test_encoder_layer_masks_pass_through(mask: str | None, hint: bool) -> None:
 def test_dropout_modules_follow_train_and_eval() -> None:
     torch.manual_seed(0)
     model, x = OneLayer(False, True, False, "relu", dropout=0.3).eval(), tokens()
-    gm = trace_model(model, (x,))
+    gm = _traced(model, x)
     # the layer's dropout, dropout1, dropout2, and the attention's dropout on its weights
     assert sorted(d.p for d in gm.modules() if isinstance(d, nn.Dropout)) == [0.3] * 4
     with torch.no_grad():
@@ -235,8 +240,7 @@ class Classifier(nn.Module):
 def test_classifier_end_to_end(whole: bool) -> None:
     torch.manual_seed(0)
     model, x = Classifier(whole).eval(), tokens()
-    gm = trace_model(model, (x,))
-    assert gm.meta[S2H_TRACE]["leaves"] == {}
+    gm = _traced(model, x)
     _same_as_module(model, gm, x)
     pruner, pruned = _prune_and_export(model, x)
     # a final norm sits on its stack's embedding: it follows that embedding's width
