@@ -39,14 +39,14 @@ class OneLayer(nn.Module):
 
     def __init__(self, decoder: bool, batch_first: bool, norm_first: bool, activation: Any,
                  mask: str | None = "bool", dropout: float = 0.0, causal_hint: bool = False,
-                 padding: bool = False) -> None:
+                 padding: bool = False, **options: Any) -> None:
         super().__init__()
         self.decoder, self.batch_first, self.hint = decoder, batch_first, causal_hint
         cls = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
         self.embed = nn.Linear(12, E)
         self.memory = nn.Linear(12, E) if decoder else None
         self.layer = cls(E, HEADS, FF, dropout, activation=activation, batch_first=batch_first,
-                         norm_first=norm_first)
+                         norm_first=norm_first, **options)
         self.head = nn.Linear(E, 5)
         g = torch.Generator().manual_seed(1)
         masks = {"bool": causal(), "float": torch.randn(L, L, generator=g),
@@ -169,6 +169,20 @@ def test_encoder_layer_masks_pass_through(mask: str | None, hint: bool) -> None:
         assert rel_err(unmasked(x), model(x)) > 1e-3  # with grad: torch's slow path
 
 
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+def test_no_bias_and_layer_norm_eps(decoder: bool) -> None:
+    torch.manual_seed(0)
+    model = OneLayer(decoder, True, False, "gelu", bias=False, layer_norm_eps=0.5).eval()
+    x = tokens()
+    gm = _traced(model, x)
+    _same_as_module(model, gm, x)
+    pruner, pruned = _prune_and_export(model, x)
+    assert _sizes(pruner) == ([16, 16, 32, 32, 48] if decoder else [16, 32, 48])
+    norm = pruned.get_submodule("layer.norm1")
+    assert norm.eps == 0.5 and norm.bias is None
+    assert pruned.get_submodule("layer.linear1").bias is None
+
+
 def test_dropout_modules_follow_train_and_eval() -> None:
     torch.manual_seed(0)
     model, x = OneLayer(False, True, False, "relu", dropout=0.3).eval(), tokens()
@@ -218,6 +232,7 @@ LEAVES = {  # model, the reason its module "layer" stays whole
 }
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 @pytest.mark.parametrize("form", sorted(LEAVES))
 def test_what_cannot_be_traced_exactly_stays_whole_with_its_reason(form: str) -> None:
     torch.manual_seed(0)
@@ -266,6 +281,12 @@ def test_classifier_end_to_end(whole: bool) -> None:
     model, x = Classifier(whole).eval(), tokens()
     gm = _traced(model, x)
     _same_as_module(model, gm, x)
+    full = s2h_fx.prune_graph(model, 1.0, example_inputs=(x,))
+    model.train(), full.train()  # masks at one: both branches are the model (dropout 0)
+    with torch.no_grad():
+        assert rel_err(full.soft_forward(x), model(x)) < TOL
+        assert rel_err(full.hard_forward(x), model(x)) < TOL
+    model.eval()
     pruner, pruned = _prune_and_export(model, x)
     # a final norm sits on its stack's embedding: it follows that embedding's width
     norms = ({"net.encoder.norm": "embed:out", "net.decoder.norm": "target:out"} if whole
