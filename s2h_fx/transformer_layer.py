@@ -127,8 +127,7 @@ def observed_reason(call: LayerCall | str | None) -> str | None:
         return call
     for name, kind in call.args:
         if name.endswith("key_padding_mask") and kind is not None:
-            return (f"{name} given: nn.MultiheadAttention keeps a key_padding_mask whole "
-                    "(torch's fast path turns it into nested tensors)")
+            return f"{name} given: nn.MultiheadAttention keeps key padding masks whole"
         if isinstance(kind, TensorArg) and kind.nested:
             return f"{name} is a nested tensor"
         if name in ("src", "tgt", "memory") and isinstance(kind, TensorArg) and kind.ndim != 3:
