@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from s2h_fx import mha
+from s2h_fx import mha, transformer_layer
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.copying import copy_module
 from s2h_fx.errors import InputError, TraceError
@@ -352,7 +352,7 @@ def _fn_name(fn: Callable[..., Any]) -> str:
 
 def _record(gm: fx.GraphModule, plan: TracePlan, kept: dict[str, str]) -> dict[str, Any]:
     """``gm.meta[S2H_TRACE]`` (plain str/dict values: picklable and deep-copyable); each
-    leaf node added by the plan, and each ``nn.MultiheadAttention`` kept whole (``kept``),
+    leaf node added by the plan, and each attention or transformer module kept whole (``kept``),
     gets its reason in ``node.meta[S2H_TRACE_LEAF]``."""
     leaves: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -378,9 +378,11 @@ def trace_model(
 
     The model is traced in eval mode so that training-only branches (auxiliary
     heads) are left out; standard ``torch.nn`` layers stay ``call_module`` leaves,
-    except ``nn.MultiheadAttention``, traced as the ops it computes where they say it
-    exactly (:mod:`s2h_fx.mha`; the example inputs are run once first to see how it is
-    called); one kept whole carries its reason in ``node.meta[S2H_TRACE_LEAF]``.
+    except ``nn.MultiheadAttention`` and ``nn.Transformer`` and its encoder/decoder
+    (layers), traced as the ops they compute where they say them exactly
+    (:mod:`s2h_fx.mha`, :mod:`s2h_fx.transformer_layer`; the example inputs are run first
+    to see how they are called); one kept whole carries its reason in
+    ``node.meta[S2H_TRACE_LEAF]``.
     Where torch.fx cannot get through a submodule (control flow on data or shapes,
     ``len()`` of a proxy, ...), that submodule (or the timm function that failed) is
     made a leaf and the model retraced (:func:`_trace_with_fallback`); its boundary
@@ -401,8 +403,12 @@ def trace_model(
         work = copy_module(model)
         was_training = work.training
         work.eval()
-        # nn.MultiheadAttention is traced as its ops where they can say it exactly
-        kept = mha.prepare(work, mha.observe(work, example_inputs))
+        # nn.Transformer's modules, then nn.MultiheadAttention, are traced as their ops
+        # where they can say them exactly
+        attention = mha.observe(work, example_inputs)
+        kept, attention = transformer_layer.prepare(
+            work, transformer_layer.observe(work, example_inputs), attention)
+        kept.update(mha.prepare(work, attention))
         concrete = _defaults_not_given(work, len(example_inputs), concrete_args)
         graph, plan = _trace_with_fallback(work, type(model).__name__, concrete)
         # pickling a GraphModule stores its graph's tracer class by reference: keep ours
