@@ -508,11 +508,18 @@ class Pruner(nn.Module):
 
     @staticmethod
     def _check_finite(module: nn.Module) -> None:
+        """Parameters and running statistics (what training writes) must be finite;
+        other buffers are constants of the model (an additive attention mask holds
+        -inf on purpose), so only NaN is wrong there."""
+        stats = {id(t) for t in running_stat_buffers(module)}
         # a tensor's sum is finite when all its values are (one reduction, not a mask);
         # a finite tensor whose sum overflows gets the exact test
-        bad = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+        trained = [(n, t) for n, t in module.named_buffers() if id(t) in stats]
+        bad = [n for n, t in list(module.named_parameters()) + trained
                if t.is_floating_point() and not bool(torch.isfinite(t.detach().sum()))
                and not bool(torch.isfinite(t).all())]
+        bad += [n for n, t in module.named_buffers()
+                if id(t) not in stats and t.is_floating_point() and bool(torch.isnan(t).any())]
         if bad:
             raise NonFiniteError(
                 f"the pruned network has non-finite values in {len(bad)} tensors "

@@ -146,6 +146,43 @@ def test_export_refuses_non_finite_weights() -> None:
         pruner.export()
 
 
+class MaskedTokens(torch.nn.Module):
+    """Holds an additive causal mask (-inf above the diagonal) as a buffer, as models
+    built with ``nn.Transformer.generate_square_subsequent_mask`` do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.norm = torch.nn.BatchNorm1d(16)
+        self.register_buffer("mask", torch.triu(torch.full((5, 5), float("-inf")), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)  # (B, 5, 16)
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        attn = (h @ h.transpose(1, 2) + self.mask).softmax(-1)
+        return self.b(attn @ h).mean(1)
+
+
+def test_export_keeps_a_constant_minus_inf_mask_but_not_inf_statistics_or_nan() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    pruner = s2h_fx.prune_graph(MaskedTokens().eval(), 0.6, example_inputs=(x,))
+    pruned = pruner.eval().export()  # a -inf constant is the model, not a divergence
+    with torch.no_grad():
+        assert torch.isfinite(pruned(x)).all()
+    with torch.no_grad():  # a running statistic is written by training: inf is a fault
+        for t in pruner.hard_stats.buffers():  # the hard network's own statistics
+            if t.is_floating_point():
+                t.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="norm.running_"):
+        pruner.export()
+    pruner = s2h_fx.prune_graph(MaskedTokens().eval(), 0.6, example_inputs=(x,))
+    with torch.no_grad():  # NaN in any buffer is never meant
+        pruner.graph_module.mask[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="mask"):
+        pruner.export()
+
+
 def test_loaded_state_is_checked_against_the_masks() -> None:
     model, (x,) = build("cat_split")
     first = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
