@@ -33,6 +33,7 @@ from s2h_fx import mha, transformer_layer
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.copying import copy_module
 from s2h_fx.errors import InputError, TraceError
+from s2h_fx.observe import observe_calls
 
 log = logging.getLogger(__name__)
 
@@ -405,9 +406,9 @@ def trace_model(
         work.eval()
         # nn.Transformer's modules, then nn.MultiheadAttention, are traced as their ops
         # where they can say them exactly
-        attention = mha.observe(work, example_inputs)
-        kept, attention = transformer_layer.prepare(
-            work, transformer_layer.observe(work, example_inputs), attention)
+        seen = observe_calls(work, example_inputs, {"mha": mha.RECORDER,
+                                                    "layers": transformer_layer.RECORDER})
+        kept, attention = transformer_layer.prepare(work, seen["layers"], seen["mha"])
         kept.update(mha.prepare(work, attention))
         concrete = _defaults_not_given(work, len(example_inputs), concrete_args)
         graph, plan = _trace_with_fallback(work, type(model).__name__, concrete)

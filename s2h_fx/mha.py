@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2h_fx.errors import InputError
+from s2h_fx.observe import Recorder, observe_calls
 
 log = logging.getLogger(__name__)
 
@@ -67,31 +68,15 @@ def _call_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionCall:
                          shape, q.dtype)
 
 
-@torch.no_grad()
 def observe(model: nn.Module, example_inputs: tuple[Any, ...]) -> Observed:
     """Run ``model`` once (eval mode) and record how each ``nn.MultiheadAttention`` is
-    called. Empty (no run) when the model has none; a failing run records nothing, and
-    shape propagation later reports the bad inputs."""
-    names = {id(m): q for q, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    if not names:
-        return {}
-    calls: dict[str, set[AttentionCall]] = {}
+    called (see :func:`s2h_fx.observe.observe_calls`)."""
+    return observe_calls(model, example_inputs, {"mha": RECORDER})["mha"]
 
-    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.setdefault(names[id(m)], set()).add(_call_of(args, kwargs))
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-               for m in model.modules() if id(m) in names]
-    try:
-        model(*example_inputs)
-    except Exception as exc:  # shape propagation names the failing node later
-        log.info("could not run the model to observe its attention modules: %s", exc)
-        return {}
-    finally:
-        for h in handles:
-            h.remove()
-    return {q: next(iter(c)) if len(c) == 1 else "called with differing kinds of input"
-            for q, c in calls.items()}
+# what :func:`s2h_fx.observe.observe_calls` watches for this module
+RECORDER: Recorder = (lambda m: isinstance(m, nn.MultiheadAttention),
+                      lambda m, args, kwargs: _call_of(args, kwargs))
 
 
 def module_reason(m: nn.MultiheadAttention) -> str | None:

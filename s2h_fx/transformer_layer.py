@@ -42,6 +42,8 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
+from s2h_fx.observe import Recorder, observe_calls
+
 log = logging.getLogger(__name__)
 
 
@@ -92,31 +94,14 @@ def _call_of(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Lay
     return LayerCall(tuple((k, _kind(v)) for k, v in bind(type(m), args, kwargs).items()))
 
 
-@torch.no_grad()
 def observe(model: nn.Module, example_inputs: tuple[Any, ...]) -> Observed:
-    """Run ``model`` once (eval mode) and record how each transformer module is called.
-    Empty (no run) when the model has none; a failing run records nothing, and shape
-    propagation later reports the bad inputs."""
-    names = {id(m): q for q, m in model.named_modules() if type(m) in INLINED}
-    if not names:
-        return {}
-    calls: dict[str, set[LayerCall]] = {}
+    """Run ``model`` once (eval mode) and record how each transformer module is called
+    (see :func:`s2h_fx.observe.observe_calls`)."""
+    return observe_calls(model, example_inputs, {"layers": RECORDER})["layers"]
 
-    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.setdefault(names[id(m)], set()).add(_call_of(m, args, kwargs))
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-               for m in model.modules() if id(m) in names]
-    try:
-        model(*example_inputs)
-    except Exception as exc:  # shape propagation names the failing node later
-        log.info("could not run the model to observe its transformer modules: %s", exc)
-        return {}
-    finally:
-        for h in handles:
-            h.remove()
-    return {q: next(iter(c)) if len(c) == 1 else "called with differing kinds of input"
-            for q, c in calls.items()}
+# what :func:`s2h_fx.observe.observe_calls` watches for these modules
+RECORDER: Recorder = (lambda m: type(m) in INLINED, _call_of)
 
 
 def observed_reason(call: LayerCall | str | None) -> str | None:

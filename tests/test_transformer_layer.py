@@ -302,3 +302,32 @@ def test_classifier_end_to_end(whole: bool) -> None:
         assert pruned.get_submodule(f"{layer}.linear1").out_features == pruner.widths[g.index]
     # two encoder layers (and a decoder's two attentions): one head width each
     assert _sizes(pruner).count(16) == (4 if whole else 2)
+
+
+def test_attention_and_transformer_modules_are_observed_in_one_eager_run() -> None:
+    """The tracer runs the model eagerly once to see how both kinds of module are called
+    (not once per kind)."""
+
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.layer(x)
+            return self.attn(h, h, h)[0]
+
+    eager_runs: list[int] = []
+
+    def count(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if type(args[0]) is torch.Tensor:  # not a tracing proxy
+            eager_runs.append(1)
+
+    model = Both().eval()
+    model.register_forward_pre_hook(count)
+    gm = trace_model(model, (torch.randn(2, 5, 16),))
+    assert len(eager_runs) == 1
+    assert not [n for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(gm.get_submodule(str(n.target)),
+                               (nn.MultiheadAttention, nn.TransformerEncoderLayer))]
