@@ -89,7 +89,8 @@ def _model(name: str, classes: int = 1000) -> nn.Module:
 
 def _latency_budget(args: argparse.Namespace, fraction: float) -> dict[str, Any]:
     budget: dict[str, Any] = {"latency": fraction, "runtime": args.runtime,
-                              "batch": args.batch, "device": args.device}
+                              "batch": args.batch, "device": args.device,
+                              "points": args.points}
     if args.threads:
         budget["threads"] = args.threads
     if args.cache_dir:

@@ -23,7 +23,8 @@ def default_divisor(runtime: str | None = None, device: str = "cpu") -> int:
         return DEFAULT_DIVISOR
     return RUNTIME_DIVISORS.get((runtime, str(device).split(":")[0]), DEFAULT_DIVISOR)
 # keys a latency budget dict may carry besides the kind itself
-LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir")
+LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir", "points")
+GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full size included)
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ class PruneConfig:
     "batch": 1}``: the fraction of the dense network's latency measured on that
     runtime, batch and thread count (``threads``, default the runtime's own;
     ``device``, default ``"cpu"``; ``cache_dir`` of the latency tables, default
-    ``~/.cache/s2h-fx``). After validation ``budget`` is the fraction (a float) and
-    ``kind``, ``runtime``, ``batch``, ``threads``, ``device``, ``cache_dir`` hold
+    ``~/.cache/s2h-fx``; ``points``, grid points per axis of a layer's latency table,
+    default 4). After validation ``budget`` is the fraction (a float) and ``kind``,
+    ``runtime``, ``batch``, ``threads``, ``device``, ``cache_dir``, ``points`` hold
     the rest.
 
     ``divisor``: widths are multiples of it where a group allows (default None: 8, or
@@ -54,6 +56,7 @@ class PruneConfig:
     threads: int | None = None
     device: str = "cpu"
     cache_dir: str | None = None
+    points: int = GRID_POINTS
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -113,6 +116,10 @@ class PruneConfig:
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise BudgetError(f"threads must be a positive integer or None, got {t!r}")
+        p = self.points
+        if isinstance(p, bool) or not isinstance(p, int) or p < 2:
+            raise BudgetError(f"points must be an integer >= 2 (grid points per axis of a "
+                              f"latency table, the smallest and full sizes included), got {p!r}")
 
 
 SETTLE_MODES = ("distill", "hard")

@@ -111,6 +111,6 @@ def build_cost_model(config: PruneConfig, gm: fx.GraphModule, grouping: Grouping
     if measure is None:
         measure = latency.RuntimeMeasure(config.runtime or "", config.device, config.batch,
                                          config.threads)
-    options = latency.LatencyOptions(cache_dir=config.cache_dir)
+    options = latency.LatencyOptions(points=config.points, cache_dir=config.cache_dir)
     return latency.build_latency_model(gm, grouping, latency.batch_input(x, config.batch),
                                        measure, options)

@@ -49,6 +49,7 @@ import torch
 from torch import fx, nn
 
 from s2h_fx.channels import S2H_LAYOUT, ChannelLayout, GroupingResult
+from s2h_fx.config import GRID_POINTS
 from s2h_fx.passes.build_flops_model import AxisSize, ids_axis_size  # noqa: I001
 from s2h_fx.passes.emit_pruned import emit_pruned
 from s2h_fx.passes.plan_surgery import plan_surgery
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 CACHE_SCHEMA = 2  # 2: layer timings include the per-call overhead
 DEFAULT_CACHE = Path("~/.cache/s2h-fx")
-GRID_POINTS = 4  # grid points per axis (the smallest and full sizes included)
 CALIBRATION = (0.3, 0.6)  # uniform width fractions of the calibration networks (and dense)
 
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import s2h_fx
+from s2h_fx.config import PruneConfig
+from s2h_fx.errors import BudgetError
 from s2h_fx.latency import (
     CALIBRATION,
     LatencyModel,
@@ -303,3 +305,25 @@ def test_interpolate_keeps_the_dtype() -> None:
     v = torch.tensor(12.0, requires_grad=True)
     out = interpolate(((8.0, 16.0),), np.array([1.0, 3.0]), (v,))
     assert out.dtype == torch.float32 and float(out.detach()) == pytest.approx(2.0)
+
+
+def test_latency_budget_points_sets_the_table_grid(tmp_path: Path) -> None:
+    """``points`` in a latency budget is the grid of every layer's table: more points,
+    more layer timings (each layer's table has points**axes entries, fewer where an
+    axis has fewer candidate sizes)."""
+    dense = by_hand(16, 32, 16) + 2e-4
+    timed = {}
+    for points in (2, 3):
+        measure = FakeMeasure(dense)
+        budget = {"latency": 0.6, "runtime": "eager", "points": points,
+                  "cache_dir": str(tmp_path / str(points))}
+        pruner = s2h_fx.prune_graph(Chain().eval(), budget, example_inputs=(X,),
+                                    latency_measure=measure)
+        assert pruner.config.points == points
+        grids = [len(g) for t in pruner.cost_model.terms for g in t.grids]
+        assert grids and max(grids) == points
+        timed[points] = len(measure.layers)
+    assert timed[3] > timed[2]
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(BudgetError, match="points must be an integer >= 2"):
+            PruneConfig({"latency": 0.5, "runtime": "eager", "points": bad})
