@@ -357,3 +357,31 @@ def expand(ctx: RuleContext, node: fx.Node) -> LayoutValue:
             continue
         out.append(Factor(tuple(a + off for a in f.axes), f.ids, f.tiled))
     return ChannelLayout(len(out_shape), tuple(out))
+
+
+@register_rule(torch.flip, "flip", torch.fliplr, torch.flipud, "fliplr", "flipud")
+def flip(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """Reversing axes moves no channel to another axis: on a channel axis the ids are
+    reversed with the values (the kept channels stay in reversed order), elsewhere they
+    stay."""
+    lay = ctx.layout(node.args[0])
+    if lay is None or lay.ndim == 0:
+        return ctx.blank(node)
+    name = getattr(node.target, "__name__", node.target)
+    if name in ("fliplr", "flipud"):
+        dims: Any = [1] if name == "fliplr" else [0]
+    else:
+        dims = node.args[1:] if node.op == "call_method" else [ctx.arg(node, 1, "dims")]
+        if node.op == "call_method" and not dims:
+            dims = [node.kwargs["dims"]]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = dims[0]
+    flipped = {int(d) % lay.ndim for d in dims}
+    out = []
+    for f in lay.factors:
+        ids = f.ids
+        for k, a in enumerate(f.axes):
+            if a in flipped:
+                ids = np.flip(ids, axis=k)
+        out.append(Factor(f.axes, np.ascontiguousarray(ids), f.tiled))
+    return ChannelLayout(lay.ndim, tuple(out))
