@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from s2h_fx.measure import counted_paths
 from s2h_fx.tp_match import bisect_ratio, find_classifier  # quality.py uses both from here
 
 TOLERANCE = 1e-5      # max relative error for "exported == hard network"
@@ -88,7 +89,7 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, Any]:
     try:
         for p in params:
             p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), counted_paths(), FlopCounterMode(display=False) as counter:
             out = module(x)
     finally:
         for p in params:

@@ -33,6 +33,7 @@ from s2h_fx import mha, transformer_layer
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.copying import copy_module
 from s2h_fx.errors import InputError, TraceError
+from s2h_fx.measure import counted_paths
 from s2h_fx.observe import observe_calls
 
 log = logging.getLogger(__name__)
@@ -436,7 +437,8 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphMo
     was_training = gm.training
     gm.eval()
     try:
-        _FlopShapeProp(gm).propagate(*example_inputs)
+        with counted_paths():  # a leaf nn.MultiheadAttention's FLOPs counted in full
+            _FlopShapeProp(gm).propagate(*example_inputs)
     finally:
         gm.train(was_training)
     gm.graph.lint()

@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import s2h_fx
+from s2h_fx.measure import counted_paths
 
 from toy_zoo import TOY_ZOO
 
@@ -86,7 +87,7 @@ def rel_err(a: Any, b: Any) -> float:
 
 def count_flops(model: nn.Module, inputs: tuple[Any, ...]) -> float:
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), counted_paths(), counter:
         model(*inputs)
     return float(counter.get_total_flops())
 
