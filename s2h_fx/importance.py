@@ -74,8 +74,9 @@ class Importance:
                 if (p.path, p.axis) not in norms:
                     w = _get_attr(model, p.path).detach()
                     dims = [d for d in range(w.dim()) if d != p.axis]
+                    wide = torch.promote_types(w.dtype, torch.float32)  # never narrower
                     norms[p.path, p.axis] = (  # one pass, no |w| materialised
-                        torch.linalg.vector_norm(w, 1, dim=dims, dtype=torch.float32)
+                        torch.linalg.vector_norm(w, 1, dim=dims, dtype=wide).float()
                         if dims else w.float().abs())
                 l1 = norms[p.path, p.axis][p.positions]
                 l1 = l1 / (l1.mean() + 1e-12)

@@ -63,3 +63,19 @@ def test_importance_is_mean_normalised_l1_of_the_producers() -> None:
             acc.index_add_(0, torch.as_tensor(cls), part / torch.as_tensor(mult))
         want = acc / len(g.producers)
         torch.testing.assert_close(scores[g.index].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_importance_of_double_and_half_models(dtype: torch.dtype) -> None:
+    """The norm is taken at float32 or wider (a float64 model is not narrowed)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 8, 3)).to(dtype)
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(torch.randn(2, 3, 8, 8,
+                                                                        dtype=dtype),))
+    scores = Importance(pruner.grouping).scores(pruner.graph_module)
+    (group,) = pruner.grouping.prunable
+    w = pruner.graph_module.get_submodule("0").weight.detach().double()
+    l1 = w.abs().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(scores[group.index].double(), l1 / l1.mean(), rtol=1e-5,
+                               atol=1e-6)

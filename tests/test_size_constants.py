@@ -68,3 +68,44 @@ def test_same_size_used_as_a_value_still_freezes() -> None:
     (embed,) = _groups_with(pruner, "embed:out")
     assert not embed.prunable
     assert any("used as a value" in r for r in embed.frozen)
+
+
+def test_exported_graph_follows_other_batch_and_token_counts() -> None:
+    torch.manual_seed(0)
+    model, x = MergeWithEmbedWidth().eval(), torch.randn(2, 7, 12)
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), divisor=4)
+    (width,) = _groups_with(pruner, "qkv:out")
+    (embed,) = _groups_with(pruner, "embed:out")
+    pruner.set_widths({**pruner.widths, width.index: 8, embed.index: 24})
+    pruned = pruner.eval().export(enforce_budget=False)
+    big = torch.randn(5, 9, 12)  # another batch and token count than traced
+    with torch.no_grad():
+        out = pruned(big)
+        assert out.shape == (5, 5)
+        assert rel_err(out[:2], pruned(big[:2])) < 1e-5  # rows do not mix
+
+
+class MergedBatchChannels(nn.Module):
+    """``(B, C, L).reshape(-1, L)`` merges the batch into the channel axis: a size read
+    from it depends on the batch and must stay a graph value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(4, 16, 1), nn.Conv1d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n = x.shape
+        z = self.c1(x).reshape(-1, n)  # (B * 16, L)
+        z = z.view(z.size(0), -1).softmax(-1)
+        return self.c2(z.view(b, -1, n))
+
+
+def test_a_size_of_channels_merged_with_the_batch_is_not_baked_in() -> None:
+    torch.manual_seed(0)
+    model, x = MergedBatchChannels().eval(), torch.randn(2, 4, 5)
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), divisor=4)
+    pruned = pruner.eval().export(enforce_budget=False)
+    big = torch.randn(4, 4, 5)
+    with torch.no_grad():
+        assert rel_err(pruned(big)[:2], pruned(big[:2])) < 1e-6
+        assert rel_err(pruned(big), pruner(big)) < 1e-5
