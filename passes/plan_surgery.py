@@ -29,7 +29,7 @@ from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE, ChannelLayout, GroupingRe
 from s2h_fx.errors import InvariantError
 from s2h_fx.passes.build_flops_model import axis_extent  # noqa: I001
 from s2h_fx.rules.base import add_to_registry, concrete, iter_layouts, lookup_in_registry
-from s2h_fx.rules.sizes import written_as_constant
+from s2h_fx.rules.sizes import free_size
 
 # (args, kwargs) of the node in the pruned graph, or (args, kwargs, new target)
 RewriteResult = Union[  # noqa: UP007 (runtime alias, py3.10)
@@ -166,11 +166,11 @@ def _reshape(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     kwargs, out = dict(node.kwargs), ctx.shape(node)
     if out is None:
         return None
-    lay = node.meta.get(S2H_LAYOUT)
+    free = free_size(node)
     if node.op == "call_function":
-        return (args[0], _sizes(args[1], out, lay)), kwargs
+        return (args[0], _sizes(args[1], out, free)), kwargs
     packed = len(args) == 2 and isinstance(args[1], (list, tuple))
-    new = _sizes(args[1] if packed else args[1:], out, lay)
+    new = _sizes(args[1] if packed else args[1:], out, free)
     return ((args[0], new) if packed else (args[0], *new)), kwargs
 
 
@@ -197,12 +197,12 @@ def _group_norm(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     return args, {**kwargs, "num_groups": num_groups}
 
 
-def _sizes(sizes: Any, out: tuple[int, ...], lay: Any) -> list[Any]:
-    """Integer sizes, and channel counts read from shapes that size channels (see
-    ``written_as_constant``), become the pruned output's; -1 and other values stay."""
+def _sizes(sizes: Any, out: tuple[int, ...], free: int | None) -> list[Any]:
+    """Integer sizes become the pruned output's; the size of other channels that
+    ``free_size`` picked becomes -1; -1 and graph values stay."""
     if not isinstance(sizes, (list, tuple)):
         return sizes  # x.view(y.shape): follows y
-    return [out[k] if (isinstance(s, int) and s != -1) or written_as_constant(s, lay, k) else s
+    return [-1 if k == free else out[k] if isinstance(s, int) and s != -1 else s
             for k, s in enumerate(sizes)]
 
 

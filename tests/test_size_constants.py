@@ -2,8 +2,9 @@
 
 ``b, n, c = x.shape`` then ``o.transpose(1, 2).reshape(b, n, c)`` merges the heads
 back with the *embedding's* ``c`` (timm's BEiT writes its attention so). The
-surgery writes that size as the pruned constant, so both the embedding and the head
-width stay prunable; the same ``c`` used as a value elsewhere still freezes.
+surgery writes that size as ``-1`` (the reshape's one size of other channels), so
+both the embedding and the head width stay prunable, at any batch or token count;
+the same ``c`` used as a value elsewhere still freezes.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ Sizes come from ``.size()``, ``.shape``, ``numel()``/``nelement()`` (the product
 every axis, so it depends on all the tensor's channels) and ``len()`` (axis 0), and
 flow through arithmetic, indexing and concatenation of size tuples.
 
-A size read from a channel axis changes when that axis is pruned. Where a reshape
-uses a channel count to size an axis that carries channels, the surgery writes
-the pruned size there as a constant (exact: channel counts do not depend on the
-input); used anywhere else (a scale, a new tensor, the size of an axis without
-channels) it would silently change meaning, so those channels are frozen.
+A size read from a channel axis changes when that axis is pruned. Where it is
+used as the size of the same channels in a reshape, the graph adapts by itself;
+where it is a reshape's one size of *other* channels, the surgery writes ``-1``
+there (:func:`free_size`); used anywhere else (a scale, a new tensor, the size of an
+axis without channels) it would silently change meaning, so those channels are
+frozen.
 
 ``node.meta[S2H_SIZE_DEPS]``: for a node holding sizes, the channel ids its value
 depends on (an array), or a tuple of those for a tuple of sizes; None otherwise.
@@ -103,34 +104,26 @@ def _size_args(node: fx.Node) -> list[Any]:
     return list(rest)
 
 
-def written_as_constant(arg: Any, out: Any, axis: int) -> bool:
-    """Whether plan_surgery writes a reshape's size argument for output ``axis`` as the
-    pruned constant: a channel count (``C`` of ``B, N, C = x.shape``, or ``C // heads``)
-    that sizes an output axis carrying channels. Channel counts do not depend on the
-    batch, so the constant is exact, and the channels it was read from may be other
-    ones than those it sizes (BEiT merges its heads with the embedding's ``C``)."""
-    return (isinstance(arg, fx.Node) and _channel_count(arg) and isinstance(out, ChannelLayout)
-            and _axis_ids(out, axis).size > 0)
-
-
-def _channel_count(value: Any, depth: int = 8) -> bool:
-    """A value computed from channel counts and constants only (``c``, ``c // heads``,
-    ``3 * c``), never from an axis without channels (a batch or token count, whose
-    example value a constant would bake in)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True
-    if not isinstance(value, fx.Node) or depth == 0:
-        return False
-    deps = value.meta.get(S2H_SIZE_DEPS)
-    if not isinstance(deps, np.ndarray) or not deps.size:
-        return False
-    if value.target is operator.getitem:  # one axis of a shape: it carries channels
-        return isinstance(_deps(value.args[0]), tuple) and isinstance(value.args[1], int)
-    if value.op == "call_method" and value.target == "size":
-        return True
-    if value.op == "call_function" and value.target in _ARITHMETIC:
-        return all(_channel_count(a, depth - 1) for a in value.args) and not value.kwargs
-    return False
+def free_size(node: fx.Node) -> int | None:
+    """The output axis whose size argument plan_surgery writes as ``-1`` in this
+    reshape, or None: the one size that counts *other* channels than those on the axis
+    it sizes (BEiT merges its heads with the embedding's ``C`` of ``B, N, C =
+    x.shape``; NesT splits them with ``C // heads``), in a reshape without a ``-1``
+    already. The element count then fixes it, whatever the widths, the batch or the
+    token count; a size that counts the same channels follows by itself."""
+    sizes = _size_args(node)
+    out = node.meta.get("s2h_layout")
+    if not isinstance(out, ChannelLayout) or any(
+            isinstance(a, int) and not isinstance(a, bool) and a == -1 for a in sizes):
+        return None
+    foreign = []
+    for j, arg in enumerate(sizes):
+        deps = _deps(arg) if isinstance(arg, fx.Node) else None
+        target = _axis_ids(out, j)
+        if isinstance(deps, np.ndarray) and deps.size and target.size and not np.array_equal(
+                np.unique(deps), np.unique(target)):
+            foreign.append(j)
+    return foreign[0] if len(foreign) == 1 else None
 
 
 def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
@@ -139,10 +132,11 @@ def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
         return  # arithmetic on sizes: it propagates, it does not use
     sizes = _size_args(node)
     out = node.meta.get("s2h_layout")
+    free = free_size(node) if sizes else None
     for j, arg in enumerate(sizes):
         deps = arg if isinstance(arg, np.ndarray) else _deps(arg)
         if isinstance(deps, np.ndarray) and deps.size:
-            if written_as_constant(arg, out, j):
+            if j == free:  # plan_surgery writes -1 there
                 ctx.replaced_by_surgery(node, [arg])
                 continue
             factor = _axis_ids(out, j) if isinstance(out, ChannelLayout) else None
