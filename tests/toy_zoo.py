@@ -339,3 +339,33 @@ TOY_ZOO = {
     "mha_cross": (lambda: TorchAttention("cross"), tokens),
     "mha_bias_kv": (lambda: TorchAttention("bias_kv"), tokens),
 }
+
+
+class SizedHeads(nn.Module):
+    """timm NesT's attention: the head width of the fused qkv output is computed from
+    the *input's* channel count (``C // heads``), and the attention output is reshaped
+    back to ``C`` before the output projection: sizes of one group used as the sizes
+    of another (the qkv heads are not the embedding's channels)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, fused: bool = False) -> None:
+        super().__init__()
+        self.heads, self.fused = heads, fused
+        self.embed = nn.Linear(12, dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+        self.scale = (dim // heads) ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        B, T, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, N, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        x = x + self.proj(a.permute(0, 2, 3, 4, 1).reshape(B, T, N, C))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean((1, 2)))

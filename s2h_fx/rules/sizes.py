@@ -16,7 +16,9 @@ depends on (an array), or a tuple of those for a tuple of sizes; None otherwise.
 from __future__ import annotations
 
 import builtins
+import logging
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,8 @@ from s2h_fx.channels import ChannelLayout
 from s2h_fx.rules.base import RuleContext
 
 S2H_SIZE_DEPS = "s2h_size_deps"
+
+log = logging.getLogger(__name__)
 
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
                operator.mod, operator.pow, operator.neg, builtins.int, builtins.max, builtins.min}
@@ -106,8 +110,10 @@ def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
     """Record, for the group pass, every use of a channel count by this node."""
     if node.meta.get(S2H_SIZE_DEPS) is not None:
         return  # arithmetic on sizes: it propagates, it does not use
-    sizes = _size_args(node)
     out = node.meta.get("s2h_layout")
+    if isinstance(out, ChannelLayout):
+        infer_foreign_size(ctx, node, out)
+    sizes = _size_args(node)
     for j, arg in enumerate(sizes):
         deps = arg if isinstance(arg, np.ndarray) else _deps(arg)
         if isinstance(deps, np.ndarray) and deps.size:
@@ -139,3 +145,50 @@ def _flat(args: Any) -> list[Any]:
         else:
             out.append(a)
     return out
+
+
+def _explicit_sizes(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], None]] | None:
+    """A reshape's size arguments as written (not ``x.view(y.shape)``), and a setter that
+    writes new ones back in the same form; None for other nodes."""
+    if node.target not in _RESHAPES or len(node.args) < 2:
+        return None
+    rest = node.args[1:]
+    packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+    sizes = list(rest[0]) if packed else list(rest)
+    if not packed and len(sizes) == 1 and isinstance(_deps(sizes[0]), tuple):
+        return None
+
+    def write(new: list[Any]) -> None:
+        node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
+
+    return sizes, write
+
+
+def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> None:
+    """``qkv.reshape(B, N, 3, H, C // H)`` with ``C`` the channel count of the block's
+    *input*: the size of one group of channels (the embedding's) gives the size of
+    another (the head width). Pruned, the two no longer agree, and the reshape would
+    fail (or mix channels). When exactly one size of a reshape is computed from channels
+    other than those of the axis it sizes, and no size is -1 yet, it is the one size the
+    others leave free: the rule writes -1 there, which is the same reshape on the
+    unpruned graph and the right one on any pruned graph; the channels it read are then
+    not used as a value (timm's NesT; what Torch-Pruning asks users to patch by hand)."""
+    found = _explicit_sizes(node)
+    if found is None:
+        return
+    sizes, write = found
+    if any(isinstance(s, int) and s == -1 for s in sizes):
+        return
+    foreign = []
+    for j, s in enumerate(sizes):
+        deps = _deps(s)
+        if not isinstance(deps, np.ndarray) or not deps.size:
+            continue
+        if not isinstance(s, fx.Node) or not np.isin(deps, _axis_ids(out, j)).all():
+            foreign.append(j)
+    if len(foreign) != 1:
+        return
+    j = foreign[0]
+    write([-1 if k == j else s for k, s in enumerate(sizes)])
+    ctx.graph_changed = True
+    log.info("%s: size %d read from other channels, written as -1", node.name, j)

@@ -1,0 +1,88 @@
+"""Regression tests of issue 8's timm coverage: patterns of timm models whose channels
+were frozen (or whose rule crashed) though they can be followed exactly. Each is a toy
+module with the model's pattern; each checks that prune_graph works at budget 0.5, that
+the exported graph equals the hard network (rel < 1e-5) for random keep-sets, and that
+the exported FLOPs (flop_counter) are those the FLOPs model counts and within budget."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+from torch import nn
+
+import s2h_fx
+
+from helpers import count_flops, random_keep, rel_err
+from toy_zoo import SizedHeads
+
+
+def check_exact(model: nn.Module, x: torch.Tensor, budget: float = 0.5,
+                draws: int = 3) -> s2h_fx.Pruner:
+    """At ``budget``: exported == hard, FLOPs within budget; then for random keep-sets:
+    exported == hard and exported FLOPs == the pruner's FLOPs model."""
+    torch.manual_seed(0)
+    model = model.eval()
+    with torch.no_grad():
+        dense = count_flops(model, (x,))
+    pruner = s2h_fx.prune_graph(model, budget, example_inputs=(x,)).eval()
+    exported = pruner.export().eval()
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < 1e-5
+    assert count_flops(exported, (x,)) <= budget * dense * (1 + 1e-9)
+    for seed in range(draws):
+        widths, keep = random_keep(pruner, seed)
+        pruner.set_widths(widths, keep)
+        exported = pruner.export(enforce_budget=False).eval()
+        with torch.no_grad():
+            assert rel_err(exported(x), pruner(x)) < 1e-5, f"seed {seed}: exported != hard"
+        assert pruner.flops() == pytest.approx(count_flops(exported, (x,)), rel=1e-9)
+    return pruner
+
+
+def group_with(pruner: s2h_fx.Pruner, member: str) -> s2h_fx.ChannelGroup:
+    return next(g for g in pruner.grouping.groups if member in g.members)
+
+
+# ---- NesT: the head width computed from the input's channel count ----------------
+@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "sdpa"])
+def test_head_width_sized_by_input_channels_prunes(fused: bool) -> None:
+    """qkv(x).reshape(B, T, N, 3, H, C // H) with C = x.shape[-1]: the embedding's count
+    sizes the head width. Both groups used to be frozen ("channel count used as a
+    value"), leaving 0.54 of the FLOPs frozen, so budget 0.5 failed. The size is the
+    one the reshape leaves free: written as -1, both groups prune."""
+    x = torch.randn(2, 4, 5, 12, generator=torch.Generator().manual_seed(0))
+    pruner = check_exact(SizedHeads(fused=fused), x)
+    embed, heads = group_with(pruner, "embed:out"), group_with(pruner, "qkv:out")
+    assert embed.prunable and heads.prunable, pruner.grouping.table()
+    assert embed is not heads and heads.size == 16  # one head's width, shared by 2 heads
+    exported = pruner.eval().export()
+    assert exported.get_submodule("qkv").out_features % 6 == 0  # 3 x heads x width
+
+
+class _OneFree(nn.Module):
+    """A reshape that already has its -1: ``C // 2`` (the embedding's count) must stay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Linear(12, 32), nn.Linear(32, 96), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        B, T, N, C = x.shape
+        return self.head(self.qkv(x).reshape(B, T, -1, C // 2).mean((1, 2)))
+
+
+def test_reshape_with_a_free_size_keeps_its_sizes() -> None:
+    """No second -1 can be written: the embedding's count stays a use as a value, and its
+    channels stay frozen with that reason (the exact answer here)."""
+    x = torch.randn(2, 4, 5, 12)
+    gm = s2h_fx.passes.trace_model(_OneFree().eval(), (x,))
+    result = s2h_fx.passes.find_channel_groups(gm)
+    embed = next(g for g in result.groups if "embed:out" in g.members)
+    assert not embed.prunable
+    assert any("used as a value" in r for r in embed.frozen), embed.frozen
+    reshape = next(n for n in gm.graph.nodes if n.target == "reshape")
+    assert -1 in reshape.args and any(getattr(a, "target", None) is operator.floordiv
+                                      for a in reshape.args)
