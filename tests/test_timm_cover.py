@@ -10,12 +10,14 @@ import operator
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import s2h_fx
+from s2h_fx.channels import ChannelLayout, Factor
+from s2h_fx.rules import FUNCTION_RULES, METHOD_RULES, RuleContext
 
 from helpers import count_flops, random_keep, rel_err
-from toy_zoo import SizedHeads
+from toy_zoo import Blocked, SizedHeads, deblockify
 
 
 def check_exact(model: nn.Module, x: torch.Tensor, budget: float = 0.5,
@@ -46,14 +48,16 @@ def group_with(pruner: s2h_fx.Pruner, member: str) -> s2h_fx.ChannelGroup:
 
 
 # ---- NesT: the head width computed from the input's channel count ----------------
-@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "sdpa"])
-def test_head_width_sized_by_input_channels_prunes(fused: bool) -> None:
+@pytest.mark.parametrize(("fused", "pos"), [(False, False), (True, False), (True, True)],
+                         ids=["matmul", "sdpa", "sdpa-pos-embed"])
+def test_head_width_sized_by_input_channels_prunes(fused: bool, pos: bool) -> None:
     """qkv(x).reshape(B, T, N, 3, H, C // H) with C = x.shape[-1]: the embedding's count
     sizes the head width. Both groups used to be frozen ("channel count used as a
     value"), leaving 0.54 of the FLOPs frozen, so budget 0.5 failed. The size is the
-    one the reshape leaves free: written as -1, both groups prune."""
+    one the reshape leaves free: written as -1, both groups prune. With a position
+    embedding, B, T, N depend on its (frozen) ids: they stay as they are."""
     x = torch.randn(2, 4, 5, 12, generator=torch.Generator().manual_seed(0))
-    pruner = check_exact(SizedHeads(fused=fused), x)
+    pruner = check_exact(SizedHeads(fused=fused, pos=pos), x)
     embed, heads = group_with(pruner, "embed:out"), group_with(pruner, "qkv:out")
     assert embed.prunable and heads.prunable, pruner.grouping.table()
     assert embed is not heads and heads.size == 16  # one head's width, shared by 2 heads
@@ -86,3 +90,58 @@ def test_reshape_with_a_free_size_keeps_its_sizes() -> None:
     reshape = next(n for n in gm.graph.nodes if n.target == "reshape")
     assert -1 in reshape.args and any(getattr(a, "target", None) is operator.floordiv
                                       for a in reshape.args)
+
+
+# ---- NesT / Swin / MaxViT: timm's not-traceable reverse functions -----------------
+def test_timm_deblockify_passes_channels_last() -> None:
+    """timm's ``deblockify`` stays one call in the graph (timm marks it not traceable).
+    It used to be an op without a rule, freezing the embedding (0.52 of NesT's FLOPs
+    frozen). It reads C from its input and only moves blocks: channels pass on the last
+    axis, the position embedding's block axes are frozen."""
+    if deblockify is None:
+        pytest.skip("needs timm")
+    x = torch.randn(2, 4, 9, 12, generator=torch.Generator().manual_seed(0))
+    pruner = check_exact(Blocked(), x)
+    embed = group_with(pruner, "embed:out")
+    assert embed.prunable, pruner.grouping.table()
+    assert "conv:in" in embed.members
+    assert not pruner.grouping.unknown_ops
+    assert pruner.eval().export().get_submodule("embed").out_features < 32
+
+
+def _opaque_swap(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2) if int(x.shape[1]) > 0 else x  # fx cannot trace int(Proxy)
+
+
+torch.fx.wrap("_opaque_swap")
+
+
+class _Opaque(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_opaque_swap(self.a(x).transpose(1, 2)))
+
+
+def test_rule_registered_by_qualified_name() -> None:
+    """A dotted string names a function (never a method): the rule applies to the
+    wrapped call without importing it where the rule is written."""
+    x = torch.randn(2, 5, 6)
+    gm = s2h_fx.passes.trace_model(_Opaque().eval(), (x,))
+    before = s2h_fx.passes.find_channel_groups(gm)
+    assert not next(g for g in before.groups if "a:out" in g.members).prunable
+    name = f"{__name__}._opaque_swap"
+
+    @s2h_fx.register_rule(name)
+    def swap(ctx: RuleContext, node: fx.Node) -> ChannelLayout:
+        lay = ctx.layout(node.args[0])
+        return ChannelLayout(3, tuple(Factor((3 - f.axes[0],), f.ids) for f in lay.factors))
+
+    try:
+        assert FUNCTION_RULES[name] is swap and name not in METHOD_RULES
+        after = s2h_fx.passes.find_channel_groups(gm)
+        assert next(g for g in after.groups if "a:out" in g.members).prunable
+    finally:
+        del FUNCTION_RULES[name]

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # timm's not-traceable function, for the Blocked toy (timm is a dev extra)
+    from timm.models.nest import deblockify
+except ImportError:  # pragma: no cover
+    deblockify = None
+
 
 def cbr(cin: int, cout: int, **kw: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(cout),
@@ -347,10 +352,14 @@ class SizedHeads(nn.Module):
     back to ``C`` before the output projection: sizes of one group used as the sizes
     of another (the qkv heads are not the embedding's channels)."""
 
-    def __init__(self, dim: int = 32, heads: int = 2, fused: bool = False) -> None:
+    def __init__(self, dim: int = 32, heads: int = 2, fused: bool = False,
+                 pos: bool = False) -> None:
         super().__init__()
         self.heads, self.fused = heads, fused
         self.embed = nn.Linear(12, dim)
+        # a position embedding (1, T, N, C) labels the T and N axes with its own (frozen)
+        # ids, so the sizes B, T, N read below depend on channels too
+        self.pos = nn.Parameter(torch.randn(1, 4, 5, dim) * 0.1) if pos else None
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
@@ -359,6 +368,8 @@ class SizedHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)
+        if self.pos is not None:
+            x = x + self.pos
         B, T, N, C = x.shape
         qkv = self.qkv(x).reshape(B, T, N, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
@@ -369,3 +380,24 @@ class SizedHeads(nn.Module):
         x = x + self.proj(a.permute(0, 2, 3, 4, 1).reshape(B, T, N, C))
         x = x + self.fc2(F.gelu(self.fc1(x)))
         return self.head(x.mean((1, 2)))
+
+
+class Blocked(nn.Module):
+    """timm NesT's levels: tokens in blocks (B, T, N, C) plus a position embedding, then
+    timm's ``deblockify`` (not traceable: the tracer keeps it as one call) back to an
+    image (B, H, W, C), channels last, and a conv. Needs timm (``deblockify`` is
+    looked up as a global of this module, as the tracer's autowrap requires)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.pos = nn.Parameter(torch.randn(1, 4, 9, dim) * 0.1)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.conv = nn.Conv2d(dim, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x) + self.pos
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        img = deblockify(x, 3).permute(0, 3, 1, 2)  # (B, 4, 9, C) -> (B, C, 6, 6)
+        return self.head(F.relu(self.conv(img)).mean((2, 3)))

@@ -169,10 +169,11 @@ def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> N
     *input*: the size of one group of channels (the embedding's) gives the size of
     another (the head width). Pruned, the two no longer agree, and the reshape would
     fail (or mix channels). When exactly one size of a reshape is computed from channels
-    other than those of the axis it sizes, and no size is -1 yet, it is the one size the
-    others leave free: the rule writes -1 there, which is the same reshape on the
-    unpruned graph and the right one on any pruned graph; the channels it read are then
-    not used as a value (timm's NesT; what Torch-Pruning asks users to patch by hand)."""
+    other than those of the axis it sizes (and not all frozen already: frozen counts
+    never change), and no size is -1 yet, it is the one size the others leave free: the
+    rule writes -1 there, which is the same reshape on the unpruned graph and the right
+    one on any pruned graph; the channels it read are then not used as a value (timm's
+    NesT; what Torch-Pruning asks its users to patch by hand)."""
     found = _explicit_sizes(node)
     if found is None:
         return
@@ -184,8 +185,9 @@ def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> N
         deps = _deps(s)
         if not isinstance(deps, np.ndarray) or not deps.size:
             continue
-        if not isinstance(s, fx.Node) or not np.isin(deps, _axis_ids(out, j)).all():
-            foreign.append(j)
+        if np.isin(deps, _axis_ids(out, j)).all() or ctx.all_frozen(deps):
+            continue  # the axis's own channels, or frozen ones: the size stays right
+        foreign.append(j)
     if len(foreign) != 1:
         return
     j = foreign[0]
