@@ -152,7 +152,7 @@ def _explicit_sizes(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], Non
     writes new ones back in the same form; None for other nodes."""
     if node.target not in _RESHAPES or len(node.args) < 2:
         return None
-    rest = node.args[1:]
+    rest: tuple[Any, ...] = tuple(node.args[1:])
     packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
     sizes = list(rest[0]) if packed else list(rest)
     if not packed and len(sizes) == 1 and isinstance(_deps(sizes[0]), tuple):
