@@ -13,11 +13,11 @@ import torch
 from torch import fx, nn
 
 import s2h_fx
-from s2h_fx.channels import ChannelLayout, Factor
+from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
 from s2h_fx.rules import FUNCTION_RULES, METHOD_RULES, RuleContext
 
 from helpers import count_flops, random_keep, rel_err
-from toy_zoo import Blocked, SizedHeads, deblockify
+from toy_zoo import Blocked, NormGate, SizedHeads, deblockify
 
 
 def check_exact(model: nn.Module, x: torch.Tensor, budget: float = 0.5,
@@ -145,3 +145,29 @@ def test_rule_registered_by_qualified_name() -> None:
         assert next(g for g in after.groups if "a:out" in g.members).prunable
     finally:
         del FUNCTION_RULES[name]
+
+
+# ---- CSATv2 / ConvNeXt-V2: GRN's norms and addcmul ---------------------------------
+def test_spatial_norm_and_addcmul_keep_channels() -> None:
+    """``h.norm(p=2, dim=(2, 3))`` is a reduction over the spatial axes only, and
+    ``addcmul(beta, gamma, h * g)`` is element-wise: both used to be ops without a rule,
+    freezing conv1's channels; they are per channel, so conv1, gamma and beta prune."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pruner = check_exact(NormGate(), x)
+    group = group_with(pruner, "conv1:out")
+    assert group.prunable, pruner.grouping.table()
+    assert {"gamma[1]", "beta[1]"} <= set(group.members), group.members
+    assert not pruner.grouping.unknown_ops
+
+
+def test_grn_mean_over_channels_stays_frozen() -> None:
+    """The full GRN divides each channel's norm by the mean of all channels' norms: the
+    statistic changes with the channels kept, so conv1's channels are frozen, for that
+    reason (no longer as an op without a rule)."""
+    x = torch.randn(2, 3, 8, 8)
+    gm = s2h_fx.passes.trace_model(NormGate(grn=True).eval(), (x,))
+    result = s2h_fx.passes.find_channel_groups(gm)
+    group = next(g for g in result.groups if "conv1:out" in g.members)
+    assert not group.prunable and not result.unknown_ops
+    assert any(r.startswith(FreezeReason.CHANNEL_REDUCTION.value) and "mean" in r
+               for r in group.frozen), group.frozen

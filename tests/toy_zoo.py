@@ -401,3 +401,24 @@ class Blocked(nn.Module):
         x = x + self.fc2(F.gelu(self.fc1(x)))
         img = deblockify(x, 3).permute(0, 3, 1, 2)  # (B, 4, 9, C) -> (B, C, 6, 6)
         return self.head(F.relu(self.conv(img)).mean((2, 3)))
+
+
+class NormGate(nn.Module):
+    """Per-channel spatial L2 norms (``x.norm(p=2, dim=(2, 3))``, as in ConvNeXt-V2's and
+    CSATv2's GRN) and ``torch.addcmul`` with per-channel parameters. ``grn``: the full
+    GRN, which also divides by the mean of those norms over the channels."""
+
+    def __init__(self, grn: bool = False) -> None:
+        super().__init__()
+        self.grn = grn
+        self.conv1, self.conv2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 1)
+        self.gamma = nn.Parameter(torch.randn(1, 32, 1, 1) * 0.5)
+        self.beta = nn.Parameter(torch.randn(1, 32, 1, 1) * 0.1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        g = h.norm(p=2, dim=(2, 3), keepdim=True)
+        g = g / (g.mean(dim=1, keepdim=True) + 1e-6) if self.grn else torch.sigmoid(g)
+        h = h + torch.addcmul(self.beta, self.gamma, h * g)
+        return self.head(self.conv2(h).mean((2, 3)))
