@@ -17,7 +17,7 @@ from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
 from s2h_fx.rules import FUNCTION_RULES, METHOD_RULES, RuleContext
 
 from helpers import count_flops, random_keep, rel_err
-from toy_zoo import Blocked, NormGate, SizedHeads, deblockify
+from toy_zoo import Blocked, NormGate, SizedHeads, Windows, deblockify, window_reverse_nchw
 
 
 def check_exact(model: nn.Module, x: torch.Tensor, budget: float = 0.5,
@@ -145,6 +145,21 @@ def test_rule_registered_by_qualified_name() -> None:
         assert next(g for g in after.groups if "a:out" in g.members).prunable
     finally:
         del FUNCTION_RULES[name]
+
+
+def test_timm_window_reverse_nchw_passes_channels_first() -> None:
+    """MaxViT's ``window_reverse_nchw`` kept as one call (as timm's tracer keeps it):
+    channels pass on axis 1, so conv1's outputs prune with conv2's inputs."""
+    if window_reverse_nchw is None:
+        pytest.skip("needs timm")
+    model = Windows().eval()
+    gm = fx.GraphModule(model, fx.Tracer(autowrap_functions=(window_reverse_nchw,)).trace(model))
+    assert any(n.target is window_reverse_nchw for n in gm.graph.nodes)
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))  # 4 windows x 2
+    pruner = check_exact(gm, x)
+    group = group_with(pruner, "conv1:out")
+    assert group.prunable and "conv2:in" in group.members, pruner.grouping.table()
+    assert not pruner.grouping.unknown_ops
 
 
 # ---- CSATv2 / ConvNeXt-V2: GRN's norms and addcmul ---------------------------------

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # timm's not-traceable function, for the Blocked toy (timm is a dev extra)
+try:  # timm's not-traceable functions, for the Blocked and Windows toys (a dev extra)
+    from timm.models.maxxvit import window_reverse_nchw
     from timm.models.nest import deblockify
 except ImportError:  # pragma: no cover
-    deblockify = None
+    deblockify = window_reverse_nchw = None
 
 
 def cbr(cin: int, cout: int, **kw: int) -> nn.Sequential:
@@ -422,3 +423,18 @@ class NormGate(nn.Module):
         g = g / (g.mean(dim=1, keepdim=True) + 1e-6) if self.grn else torch.sigmoid(g)
         h = h + torch.addcmul(self.beta, self.gamma, h * g)
         return self.head(self.conv2(h).mean((2, 3)))
+
+
+class Windows(nn.Module):
+    """MaxViT's windows: a conv over (windows * B, C, 4, 4) windows, timm's
+    ``window_reverse_nchw`` back to (B, C, 8, 8), a conv over the image. Needs timm;
+    trace it with ``window_reverse_nchw`` autowrapped (fx would trace through it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = window_reverse_nchw(F.relu(self.conv1(x)), [4, 4], [8, 8])
+        return self.head(F.relu(self.conv2(img)).mean((2, 3)))
