@@ -7,7 +7,9 @@ flow through arithmetic, indexing and concatenation of size tuples.
 A size read from a channel axis changes when that axis is pruned. Where it is
 used as the size of the same channels in a reshape, the graph adapts by itself;
 used anywhere else (the size of other channels, a scale, a new tensor) it
-would silently change meaning, so those channels are frozen.
+would silently change meaning, so those channels are frozen. One exception: a
+reshape size computed from other channels, when it is the only such size and the
+reshape has no -1, is written as -1 (:func:`infer_foreign_size`).
 
 ``node.meta[S2H_SIZE_DEPS]``: for a node holding sizes, the channel ids its value
 depends on (an array), or a tuple of those for a tuple of sizes; None otherwise.
