@@ -92,6 +92,33 @@ def test_reshape_with_a_free_size_keeps_its_sizes() -> None:
                                       for a in reshape.args)
 
 
+class _TwoForeign(nn.Module):
+    """A reshape with two sizes read from other channels: no single free size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 32), nn.Linear(12, 16)
+        self.lin, self.head = nn.Linear(32, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.a(x), self.b(x)
+        y = self.lin(a).reshape(x.shape[0], a.shape[-1] // 8, b.shape[-1] // 4)
+        return self.head(y.flatten(1) + b)
+
+
+def test_two_foreign_sizes_stay_frozen() -> None:
+    """Two sizes from other channels: -1 cannot stand for both, so the reshape keeps its
+    sizes and both channel counts stay frozen as used as values."""
+    x = torch.randn(2, 12)
+    gm = s2h_fx.passes.trace_model(_TwoForeign().eval(), (x,))
+    result = s2h_fx.passes.find_channel_groups(gm)
+    for member in ("a:out", "b:out"):
+        group = next(g for g in result.groups if member in g.members)
+        assert any("used as a value" in r for r in group.frozen), (member, group.frozen)
+    reshape = next(n for n in gm.graph.nodes if n.target == "reshape")
+    assert -1 not in reshape.args
+
+
 # ---- NesT / Swin / MaxViT: timm's not-traceable reverse functions -----------------
 def test_timm_deblockify_passes_channels_last() -> None:
     """timm's ``deblockify`` stays one call in the graph (timm marks it not traceable).
