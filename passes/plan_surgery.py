@@ -29,7 +29,6 @@ from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE, ChannelLayout, GroupingRe
 from s2h_fx.errors import InvariantError
 from s2h_fx.passes.build_flops_model import axis_extent  # noqa: I001
 from s2h_fx.rules.base import add_to_registry, concrete, iter_layouts, lookup_in_registry
-from s2h_fx.rules.sizes import free_size
 
 # (args, kwargs) of the node in the pruned graph, or (args, kwargs, new target)
 RewriteResult = Union[  # noqa: UP007 (runtime alias, py3.10)
@@ -166,11 +165,10 @@ def _reshape(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     kwargs, out = dict(node.kwargs), ctx.shape(node)
     if out is None:
         return None
-    free = free_size(node)
     if node.op == "call_function":
-        return (args[0], _sizes(args[1], out, free)), kwargs
+        return (args[0], _sizes(args[1], out)), kwargs
     packed = len(args) == 2 and isinstance(args[1], (list, tuple))
-    new = _sizes(args[1] if packed else args[1:], out, free)
+    new = _sizes(args[1] if packed else args[1:], out)
     return ((args[0], new) if packed else (args[0], *new)), kwargs
 
 
@@ -197,13 +195,12 @@ def _group_norm(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     return args, {**kwargs, "num_groups": num_groups}
 
 
-def _sizes(sizes: Any, out: tuple[int, ...], free: int | None) -> list[Any]:
-    """Integer sizes become the pruned output's; the size of other channels that
-    ``free_size`` picked becomes -1; -1 and graph values stay."""
+def _sizes(sizes: Any, out: tuple[int, ...]) -> list[Any]:
+    """Integer sizes become the pruned output's; -1 and graph values stay (a size of
+    other channels was written as -1 by the sizes rule, see ``infer_foreign_size``)."""
     if not isinstance(sizes, (list, tuple)):
         return sizes  # x.view(y.shape): follows y
-    return [-1 if k == free else out[k] if isinstance(s, int) and s != -1 else s
-            for k, s in enumerate(sizes)]
+    return [out[k] if isinstance(s, int) and s != -1 else s for k, s in enumerate(sizes)]
 
 
 @register_rewrite("split", "chunk", torch.split, torch.chunk)

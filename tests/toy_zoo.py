@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # timm's not-traceable functions, for the Blocked and Windows toys (a dev extra)
+    from timm.models.maxxvit import window_reverse_nchw
+    from timm.models.nest import deblockify
+except ImportError:  # pragma: no cover
+    deblockify = window_reverse_nchw = None
+
 
 def cbr(cin: int, cout: int, **kw: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(cout),
@@ -339,3 +345,96 @@ TOY_ZOO = {
     "mha_cross": (lambda: TorchAttention("cross"), tokens),
     "mha_bias_kv": (lambda: TorchAttention("bias_kv"), tokens),
 }
+
+
+class SizedHeads(nn.Module):
+    """timm NesT's attention: the head width of the fused qkv output is computed from
+    the *input's* channel count (``C // heads``), and the attention output is reshaped
+    back to ``C`` before the output projection: sizes of one group used as the sizes
+    of another (the qkv heads are not the embedding's channels)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, fused: bool = False,
+                 pos: bool = False) -> None:
+        super().__init__()
+        self.heads, self.fused = heads, fused
+        self.embed = nn.Linear(12, dim)
+        # a position embedding (1, T, N, C) labels the T and N axes with its own (frozen)
+        # ids, so the sizes B, T, N read below depend on channels too
+        self.pos = nn.Parameter(torch.randn(1, 4, 5, dim) * 0.1) if pos else None
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+        self.scale = (dim // heads) ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        if self.pos is not None:
+            x = x + self.pos
+        B, T, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, N, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+        if self.fused:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        x = x + self.proj(a.permute(0, 2, 3, 4, 1).reshape(B, T, N, C))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean((1, 2)))
+
+
+class Blocked(nn.Module):
+    """timm NesT's levels: tokens in blocks (B, T, N, C) plus a position embedding, then
+    timm's ``deblockify`` (not traceable: the tracer keeps it as one call) back to an
+    image (B, H, W, C), channels last, and a conv. Needs timm (``deblockify`` is
+    looked up as a global of this module, as the tracer's autowrap requires)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.pos = nn.Parameter(torch.randn(1, 4, 9, dim) * 0.1)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.conv = nn.Conv2d(dim, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x) + self.pos
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        img = deblockify(x, 3).permute(0, 3, 1, 2)  # (B, 4, 9, C) -> (B, C, 6, 6)
+        return self.head(F.relu(self.conv(img)).mean((2, 3)))
+
+
+class NormGate(nn.Module):
+    """Per-channel spatial L2 norms (``x.norm(p=2, dim=(2, 3))``, as in ConvNeXt-V2's and
+    CSATv2's GRN) and ``torch.addcmul`` with per-channel parameters. ``grn``: the full
+    GRN, which also divides by the mean of those norms over the channels."""
+
+    def __init__(self, grn: bool = False) -> None:
+        super().__init__()
+        self.grn = grn
+        self.conv1, self.conv2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 1)
+        self.gamma = nn.Parameter(torch.randn(1, 32, 1, 1) * 0.5)
+        self.beta = nn.Parameter(torch.randn(1, 32, 1, 1) * 0.1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        g = h.norm(p=2, dim=(2, 3), keepdim=True)
+        g = g / (g.mean(dim=1, keepdim=True) + 1e-6) if self.grn else torch.sigmoid(g)
+        h = h + torch.addcmul(self.beta, self.gamma, h * g)
+        return self.head(self.conv2(h).mean((2, 3)))
+
+
+class Windows(nn.Module):
+    """MaxViT's windows: a conv over (windows * B, C, 4, 4) windows, timm's
+    ``window_reverse_nchw`` back to (B, C, 8, 8), a conv over the image. Needs timm;
+    trace it with ``window_reverse_nchw`` autowrapped (fx would trace through it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        img = window_reverse_nchw(F.relu(self.conv1(x)), [4, 4], [8, 8])
+        return self.head(F.relu(self.conv2(img)).mean((2, 3)))

@@ -1,7 +1,12 @@
 """Coupling rules: which ops move, couple or freeze channels. Extend with
 :func:`register_rule`."""
 
-from s2h_fx.rules import elementwise, layers, shape  # noqa: F401  (registers the built-ins)
+from s2h_fx.rules import (  # noqa: F401  (registers the built-ins)
+    elementwise,
+    layers,
+    shape,
+    timm_functions,
+)
 from s2h_fx.rules.base import (
     FUNCTION_RULES,
     METHOD_RULES,

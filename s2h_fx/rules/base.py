@@ -43,6 +43,10 @@ def register_rule(*targets: Any) -> Callable[[Rule], Rule]:
 
     >>> @register_rule(MyLayer)
     ... def my_layer(ctx, node): ...
+
+    A function may also be named by its qualified name, ``"package.module.function"``
+    (a dotted string, never a method name): the rule then needs no import of that
+    package, and applies to the function autowrapped into any graph.
     """
 
     def deco(fn: Rule) -> Rule:
@@ -58,9 +62,12 @@ def lookup_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
 
 def add_to_registry(targets: Iterable[Any], fn: Any, modules: dict[type, Any],
                     functions: dict[Any, Any], methods: dict[str, Any]) -> None:
-    """File ``fn`` under each target: a method name (str), a module type or a function."""
+    """File ``fn`` under each target: a method name (str), a function's qualified name
+    (a dotted str, filed with the functions), a module type or a function."""
     for t in targets:
-        if isinstance(t, str):
+        if isinstance(t, str) and "." in t:
+            functions[t] = fn
+        elif isinstance(t, str):
             methods[t] = fn
         elif isinstance(t, type) and issubclass(t, nn.Module):
             modules[t] = fn
@@ -80,12 +87,19 @@ def lookup_in_registry(gm: fx.GraphModule, node: fx.Node, modules: dict[type, An
         return None
     if node.op == "call_function":
         try:
-            return functions.get(node.target)
+            found = functions.get(node.target)
         except TypeError:  # unhashable target
-            return None
+            found = None
+        return found if found is not None else functions.get(qualified_name(node.target))
     if node.op == "call_method":
         return methods.get(str(node.target))
     return None
+
+
+def qualified_name(fn: Any) -> str:
+    """``module.qualname`` of a function ("" when it has none)."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}.{name}" if module and name else ""
 
 
 def describe(node: fx.Node) -> str:
@@ -130,6 +144,8 @@ class RuleContext:
         # a tensor reachable by several paths (tied weights) has one set of ids, kept
         # under the path named_parameters() reports it by (its first)
         self.canonical = tensor_aliases(gm)
+        self._frozen_mask = np.zeros(0, dtype=bool)  # cache of all_frozen
+        self._frozen_seen = 0
 
     # ---- reading the graph -------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
@@ -193,6 +209,16 @@ class RuleContext:
     def freeze_layout(self, layout: LayoutValue, reason: FreezeReason, node: fx.Node) -> None:
         for lay in iter_layouts(layout):
             self.freeze(lay.all_ids(), reason, node)
+
+    def all_frozen(self, ids: np.ndarray) -> bool:
+        """Whether every id is frozen already (frozen ids stay frozen: their group too)."""
+        if self._frozen_seen < len(self.frozen) or self._frozen_mask.size < self.num_ids:
+            mask = np.zeros(self.num_ids, dtype=bool)
+            mask[: self._frozen_mask.size] = self._frozen_mask
+            for frozen_ids, _ in self.frozen[self._frozen_seen :]:
+                mask[frozen_ids] = True
+            self._frozen_mask, self._frozen_seen = mask, len(self.frozen)
+        return bool(self._frozen_mask[ids].all())
 
     def block(self, ids: np.ndarray) -> None:
         """The given ids are kept or dropped as one unit."""

@@ -128,10 +128,13 @@ def _tensor_operands(ctx: RuleContext, node: fx.Node) -> list[tuple[ChannelLayou
 @register_rule(
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
     operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
-    torch.maximum, torch.minimum, torch.where,
+    torch.maximum, torch.minimum, torch.where, torch.addcmul, torch.addcdiv,
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum",
+    "addcmul", "addcdiv", "addcmul_", "addcdiv_",
 )
 def elementwise(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """Tensors combined position by position (broadcast): channels that meet on the same
+    axes are coupled. ``addcmul(a, b, c)`` (a + v * b * c) is one such op of three."""
     out_shape = ctx.shape(node)
     if out_shape is None:
         return None
@@ -148,14 +151,33 @@ def _dims(arg: Any, ndim: int) -> tuple[int, ...] | None:
 
 @register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
 def reduction(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    return reduce_over(ctx, node, 1, 2)
+
+
+@register_rule(torch.norm, "norm")
+def norm(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """``x.norm(p, dim, keepdim)``: a reduction over ``dim`` (GRN's spatial L2 norm)."""
+    return reduce_over(ctx, node, 2, 3)
+
+
+@register_rule(torch.linalg.vector_norm)
+def vector_norm(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """``vector_norm(x, ord, dim, keepdim)``: a reduction over ``dim``."""
+    return reduce_over(ctx, node, 2, 3)
+
+
+def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int) -> ChannelLayout | None:
+    """Reduction over the axes in argument ``dim_at`` (all axes when None), keeping them
+    as size 1 when argument ``keep_at`` (``keepdim``) is true. Channels on reduced axes
+    are frozen (summed over); the others pass, their axes renumbered."""
     src = node.args[0]
     lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
     if lay is None or shp is None or out_shape is None:
         return ctx.blank(node)  # type: ignore[return-value]
-    dims = _dims(ctx.arg(node, 1, "dim"), len(shp))
+    dims = _dims(ctx.arg(node, dim_at, "dim"), len(shp))
     if dims is None:
         dims = tuple(range(len(shp)))
-    keep = bool(ctx.arg(node, 2, "keepdim", False))
+    keep = bool(ctx.arg(node, keep_at, "keepdim", False))
     out = []
     for f in lay.factors:
         if set(f.axes) & set(dims):

@@ -6,10 +6,10 @@ flow through arithmetic, indexing and concatenation of size tuples.
 
 A size read from a channel axis changes when that axis is pruned. Where it is
 used as the size of the same channels in a reshape, the graph adapts by itself;
-where it is a reshape's one size of *other* channels, the surgery writes ``-1``
-there (:func:`free_size`); used anywhere else (a scale, a new tensor, the size of an
-axis without channels) it would silently change meaning, so those channels are
-frozen.
+used anywhere else (the size of other channels, a scale, a new tensor) it
+would silently change meaning, so those channels are frozen. One exception: a
+reshape size computed from other channels, when it is the only such size and the
+reshape has no -1, is written as -1 (:func:`infer_foreign_size`).
 
 ``node.meta[S2H_SIZE_DEPS]``: for a node holding sizes, the channel ids its value
 depends on (an array), or a tuple of those for a tuple of sizes; None otherwise.
@@ -18,7 +18,9 @@ depends on (an array), or a tuple of those for a tuple of sizes; None otherwise.
 from __future__ import annotations
 
 import builtins
+import logging
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,8 @@ from s2h_fx.channels import ChannelLayout
 from s2h_fx.rules.base import RuleContext
 
 S2H_SIZE_DEPS = "s2h_size_deps"
+
+log = logging.getLogger(__name__)
 
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
                operator.mod, operator.pow, operator.neg, builtins.int, builtins.max, builtins.min}
@@ -104,41 +108,17 @@ def _size_args(node: fx.Node) -> list[Any]:
     return list(rest)
 
 
-def free_size(node: fx.Node) -> int | None:
-    """The output axis whose size argument plan_surgery writes as ``-1`` in this
-    reshape, or None: the one size that counts *other* channels than those on the axis
-    it sizes (BEiT merges its heads with the embedding's ``C`` of ``B, N, C =
-    x.shape``; NesT splits them with ``C // heads``), in a reshape without a ``-1``
-    already. The element count then fixes it, whatever the widths, the batch or the
-    token count; a size that counts the same channels follows by itself."""
-    sizes = _size_args(node)
-    out = node.meta.get("s2h_layout")
-    if not isinstance(out, ChannelLayout) or any(
-            isinstance(a, int) and not isinstance(a, bool) and a == -1 for a in sizes):
-        return None
-    foreign = []
-    for j, arg in enumerate(sizes):
-        deps = _deps(arg) if isinstance(arg, fx.Node) else None
-        target = _axis_ids(out, j)
-        if isinstance(deps, np.ndarray) and deps.size and target.size and not np.array_equal(
-                np.unique(deps), np.unique(target)):
-            foreign.append(j)
-    return foreign[0] if len(foreign) == 1 else None
-
-
 def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
     """Record, for the group pass, every use of a channel count by this node."""
     if node.meta.get(S2H_SIZE_DEPS) is not None:
         return  # arithmetic on sizes: it propagates, it does not use
-    sizes = _size_args(node)
     out = node.meta.get("s2h_layout")
-    free = free_size(node) if sizes else None
+    if isinstance(out, ChannelLayout):
+        infer_foreign_size(ctx, node, out)
+    sizes = _size_args(node)
     for j, arg in enumerate(sizes):
         deps = arg if isinstance(arg, np.ndarray) else _deps(arg)
         if isinstance(deps, np.ndarray) and deps.size:
-            if j == free:  # plan_surgery writes -1 there
-                ctx.replaced_by_surgery(node, [arg])
-                continue
             factor = _axis_ids(out, j) if isinstance(out, ChannelLayout) else None
             ctx.size_checks.append((deps, factor, node))
     counted = {id(a) for a in sizes} | {id(a) for a in node.args[1:2] if _size_args(node)}
@@ -167,3 +147,52 @@ def _flat(args: Any) -> list[Any]:
         else:
             out.append(a)
     return out
+
+
+def _explicit_sizes(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], None]] | None:
+    """A reshape's size arguments as written (not ``x.view(y.shape)``), and a setter that
+    writes new ones back in the same form; None for other nodes."""
+    if node.target not in _RESHAPES or len(node.args) < 2:
+        return None
+    rest: tuple[Any, ...] = tuple(node.args[1:])
+    packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+    sizes = list(rest[0]) if packed else list(rest)
+    if not packed and len(sizes) == 1 and isinstance(_deps(sizes[0]), tuple):
+        return None
+
+    def write(new: list[Any]) -> None:
+        node.args = (node.args[0], tuple(new)) if packed else (node.args[0], *new)
+
+    return sizes, write
+
+
+def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> None:
+    """``qkv.reshape(B, N, 3, H, C // H)`` with ``C`` the channel count of the block's
+    *input*: the size of one group of channels (the embedding's) gives the size of
+    another (the head width). Pruned, the two no longer agree, and the reshape would
+    fail (or mix channels). When exactly one size of a reshape is computed from channels
+    other than those of the axis it sizes (and not all frozen already: frozen counts
+    never change), and no size is -1 yet, it is the one size the others leave free: the
+    rule writes -1 there, which is the same reshape on the unpruned graph and the right
+    one on any pruned graph; the channels it read are then not used as a value (timm's
+    NesT; what Torch-Pruning asks its users to patch by hand)."""
+    found = _explicit_sizes(node)
+    if found is None:
+        return
+    sizes, write = found
+    if any(isinstance(s, int) and s == -1 for s in sizes):
+        return
+    foreign = []
+    for j, s in enumerate(sizes):
+        deps = _deps(s)
+        if not isinstance(deps, np.ndarray) or not deps.size:
+            continue
+        if np.isin(deps, _axis_ids(out, j)).all() or ctx.all_frozen(deps):
+            continue  # the axis's own channels, or frozen ones: the size stays right
+        foreign.append(j)
+    if len(foreign) != 1:
+        return
+    j = foreign[0]
+    write([-1 if k == j else s for k, s in enumerate(sizes)])
+    ctx.graph_changed = True
+    log.info("%s: size %d read from other channels, written as -1", node.name, j)
