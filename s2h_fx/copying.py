@@ -5,10 +5,12 @@
 recompile). On a ResNet-50 that is most of the time ``prune_graph`` and ``export``
 spend copying. :func:`copy_module` makes the same copy (a new object per module,
 every tensor cloned unless ``memo`` maps it, every other attribute deep-copied)
-by copying each module's ``__dict__`` directly; immutable values and empty hook
-tables are taken as they are. A class that customises copying (its own
-``__deepcopy__``, ``__reduce__``, ``__getstate__`` or ``__setstate__``) is handed
-to ``copy.deepcopy``, so its copy is exactly what it would have been.
+by copying each module's ``__dict__`` directly; immutable values are taken as
+they are. A ``GraphModule`` loses its forward and backward hooks and runs its
+``_deepcopy_hooks``, as its own ``__deepcopy__`` does (which also drops attributes
+its graph does not use; those are kept here). A class that customises copying
+(its own ``__deepcopy__``, ``__reduce__``, ``__getstate__`` or ``__setstate__``)
+is handed to ``copy.deepcopy``, so its copy is exactly what it would have been.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from torch import fx, nn
 _ATOMIC = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
 _COPY_HOOKS = ("__deepcopy__", "__copy__", "__reduce__", "__reduce_ex__",
                "__getstate__", "__setstate__")
+# a GraphModule's deepcopy re-inits it and keeps only its state-dict and graph hooks
+_CALL_HOOKS = frozenset({"_forward_hooks", "_forward_hooks_with_kwargs",
+                         "_forward_hooks_always_called", "_forward_pre_hooks",
+                         "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                         "_backward_pre_hooks", "_is_full_backward_hook"})
 
 
 def copy_module(module: nn.Module, memo: dict[int, Any] | None = None, *,
@@ -50,13 +57,15 @@ def _copy(mod: nn.Module, memo: dict[int, Any], recompile: bool) -> Any:
     for key, value in mod.__dict__.items():
         if key == "_compiled_call_impl":  # nn.Module.__getstate__ drops it too
             continue
-        if key == "_modules":
-            state[key] = {name: None if child is None else _copy(child, memo, recompile)
+        if key == "_modules":  # nested GraphModules are recompiled: only the top waits
+            state[key] = {name: None if child is None else _copy(child, memo, True)
                           for name, child in value.items()}
+        elif isinstance(mod, fx.GraphModule) and key in _CALL_HOOKS:
+            state[key] = type(value)() if isinstance(value, dict) else None
         elif type(value) in _ATOMIC:
             state[key] = value
-        elif type(value) in (dict, OrderedDict) and not value:
-            state[key] = type(value)()
+        elif type(value) in (dict, OrderedDict) and not value:  # shared stays shared
+            state[key] = memo.setdefault(id(value), type(value)())
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
@@ -64,6 +73,8 @@ def _copy(mod: nn.Module, memo: dict[int, Any], recompile: bool) -> Any:
         new.graph.owning_module = new
         if recompile:
             new.recompile()
+        for hook in getattr(mod, "_deepcopy_hooks", ()):
+            hook(new)
     return new
 
 

@@ -94,3 +94,28 @@ def test_classes_with_their_own_copy_defer_to_it() -> None:
     assert getattr(new[0], "copied_by_hook", False)
     # and copy.deepcopy agrees on what that module's copy is
     assert getattr(copy.deepcopy(model)[0], "copied_by_hook", False)
+
+
+def test_shared_empty_dict_stays_shared() -> None:
+    cache: dict[str, int] = {}
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[0].cache, model[1].cache = cache, cache  # one lazy cache, two users
+    new = copy_module(model)
+    assert new[0].cache is new[1].cache and new[0].cache is not cache
+    deep = copy.deepcopy(model)
+    assert deep[0].cache is deep[1].cache  # what deepcopy does
+
+
+def test_graph_module_drops_call_hooks_and_runs_deepcopy_hooks_as_deepcopy_does() -> None:
+    gm = fx.symbolic_trace(Block())
+    calls: list[str] = []
+    gm.register_forward_hook(lambda *a: calls.append("hook"))
+    seen: list[object] = []
+    gm._register_deepcopy_hook(seen.append)
+    x = torch.randn(1, 3, 4, 4)
+    for make in (copy.deepcopy, copy_module):
+        copy_ = make(gm)
+        calls.clear()
+        copy_(x)
+        assert calls == []  # forward hooks do not come along
+        assert seen[-1] is copy_  # the deepcopy hooks ran on the copy
