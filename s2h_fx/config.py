@@ -11,6 +11,8 @@ from s2h_fx.errors import BudgetError
 BUDGET_KINDS = ("flops", "params", "latency")
 # keys a latency budget dict may carry besides the kind itself
 LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir")
+# what an attention block prunes: each head's width (heads stay whole), or whole heads
+ATTENTION_MODES = ("width", "heads")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class PruneConfig:
 
     ``divisor``: widths are multiples of it where a group allows (default 8).
     ``strict``: raise on ops without a coupling rule instead of freezing them.
+    ``attention``: ``"width"`` (default) prunes the width of every attention head
+    (the same channels in each head; the heads stay whole); ``"heads"`` prunes whole
+    heads (q, k and v rows of a head, the output projection's columns, and per-head
+    tables such as relative position biases; the head width stays).
     """
 
     budget: float
@@ -39,8 +45,12 @@ class PruneConfig:
     threads: int | None = None
     device: str = "cpu"
     cache_dir: str | None = None
+    attention: str = "width"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}"
+                             f" (prune each head's width, or whole heads); got {self.attention!r}")
         b = self.budget
         if isinstance(b, dict):
             b = self._from_dict(b)
