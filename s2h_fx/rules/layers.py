@@ -555,15 +555,20 @@ def _heads_attention(ctx: RuleContext, node: fx.Node,
     args = [ctx.arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
     q, k, v = (_operand(ctx, node, lay, lay.ndim - (2 if i == 2 else 1), nd)
                for i, lay in enumerate(lays))
+    for part in (q.free, k.free, v.contract):  # channels on the token axes
+        if part is not None:
+            ctx.freeze(part, FreezeReason.IRREGULAR_LAYOUT, node)
     parts = (q.contract, k.contract, v.free)
-    stray = [p for p in (q.free, k.free, v.contract) if p is not None]
-    if stray or any(p is None or p.ndim != 2 for p in parts) or q.contract.shape != k.contract.shape:  # type: ignore[union-attr]
+    if any(p is None or p.ndim != 2 for p in parts) or q.contract.shape != k.contract.shape:  # type: ignore[union-attr]
         for lay in lays:
             ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
         return ChannelLayout(nd)
     _couple_contracted(ctx, node, q, k)
-    head = _join_heads(ctx, node, [(op, ctx.shape(t)) for op, t in zip((q, k, v), args)],  # type: ignore[misc]
-                       out_shape)
+    ops = [(op, ctx.shape(t)) for op, t in zip((q, k, v), args)]
+    mask_shape = ctx.shape(ctx.arg(node, 3, "attn_mask"))
+    if mask_shape is not None and len(mask_shape) >= 2:  # a mask per head keeps the heads
+        ops.append((_Operand(), mask_shape))
+    head = _join_heads(ctx, node, ops, out_shape)  # type: ignore[arg-type]
     _couple_heads(ctx, q, v, head)
     res = ChannelLayout(nd, _heads_output(ctx, node, _Operand(), v, head, nd))
     _heads_flops(ctx, node, res, head, None)

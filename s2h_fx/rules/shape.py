@@ -101,8 +101,12 @@ def reshape(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     if lay is None or shp is None or out_shape is None:
         return ctx.blank(node)
     out: list[Factor] = []
-    for gi, gj in reshape_groups(shp, out_shape):
-        inside = [f for f in lay.factors if set(f.axes) & set(gi)]
+    groups = reshape_groups(shp, out_shape)
+    moved = _moved_axes(groups, shp, out_shape)
+    spread = [f for f in lay.factors if len(f.axes) > 1 and all(a in moved for a in f.axes)]
+    out.extend(Factor(tuple(moved[a] for a in f.axes), f.ids, f.tiled) for f in spread)
+    for gi, gj in groups:
+        inside = [f for f in lay.factors if set(f.axes) & set(gi) and f not in spread]
         if not inside:
             continue
         f = inside[0]
@@ -112,6 +116,18 @@ def reshape(ctx: RuleContext, node: fx.Node) -> LayoutValue:
             continue
         out.extend(_reshape_factor(ctx, f, gi, gj, shp, out_shape))
     return ChannelLayout(len(out_shape), tuple(out))
+
+
+def _moved_axes(groups: list[tuple[list[int], list[int]]], shp: tuple[int, ...],
+                out_shape: tuple[int, ...]) -> dict[int, int]:
+    """Source axes that a reshape only moves (size-1 axes added or removed around them,
+    as ``squeeze(0)`` does): source axis -> destination axis."""
+    out = {}
+    for gi, gj in groups:
+        src, dst = [a for a in gi if shp[a] > 1], [b for b in gj if out_shape[b] > 1]
+        if len(src) == 1 and len(dst) == 1:
+            out[src[0]] = dst[0]
+    return out
 
 
 def _reshape_factor(
