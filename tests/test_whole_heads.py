@@ -34,7 +34,8 @@ class Block(nn.Module):
     ``chunk`` (as ``index`` but chunk(3) over the qkv axis and squeeze), ``separate``
     (three projections viewed (B, N, H, D), SDPA), ``relpos`` (as ``index``, plus a
     per-head relative position bias: a (num_rel, H) table gathered by a fixed index
-    buffer, viewed (N, N, H), permuted to (H, N, N) and added to the logits).
+    buffer, viewed (N, N, H), permuted to (H, N, N) and added to the logits),
+    ``relpos_sdpa`` (the same bias passed to SDPA as its ``attn_mask``, as timm's BEiT does).
     """
 
     def __init__(self, form: str) -> None:
@@ -45,7 +46,7 @@ class Block(nn.Module):
             self.q, self.k, self.v = nn.Linear(E, E), nn.Linear(E, E), nn.Linear(E, E)
         else:
             self.qkv = nn.Linear(E, 3 * E)
-        if form == "relpos":
+        if form.startswith("relpos"):
             self.table = nn.Parameter(torch.randn(2 * N - 1, H))
             pos = torch.arange(N)
             self.register_buffer("index", (pos[:, None] - pos[None, :] + N - 1).reshape(-1))
@@ -70,6 +71,9 @@ class Block(nn.Module):
         q, k, v = self.qkv_heads(h)
         if self.form in ("unbind", "separate"):
             o = F.scaled_dot_product_attention(q, k, v)
+        elif self.form == "relpos_sdpa":
+            bias = self.table[self.index].view(N, N, H).permute(2, 0, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
         else:
             attn = q @ k.transpose(-2, -1) * D**-0.5
             if self.form == "relpos":
@@ -80,7 +84,7 @@ class Block(nn.Module):
         return self.head(h.mean(1))
 
 
-FORMS = ["unbind", "index", "chunk", "separate", "relpos"]
+FORMS = ["unbind", "index", "chunk", "separate", "relpos", "relpos_sdpa"]
 
 
 def reference(model: Block, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
@@ -99,7 +103,7 @@ def reference(model: Block, x: torch.Tensor, heads: list[int]) -> torch.Tensor:
     else:
         q, k, v = (project(model.qkv, s * E) for s in range(3))
     logits = q @ k.transpose(-2, -1) * D**-0.5
-    if model.form == "relpos":
+    if model.form.startswith("relpos"):
         logits = logits + model.table[:, heads][model.index].view(N, N, hk).permute(2, 0, 1)
     o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, hk * D)
     h = h + F.linear(o, model.proj.weight[:, rows], model.proj.bias)
@@ -136,7 +140,7 @@ def test_toy_heads_group(form: str) -> None:
     assert g.candidate_widths == (8, 16, 24)
     atoms = pruner.grouping.atom_of_class[g.index]
     assert sorted(np.bincount(atoms).tolist()) == [D] * H
-    if form == "relpos":
+    if form.startswith("relpos"):
         assert "table[1]" in g.members  # the table's head axis follows the heads
     # all masks at one is the model
     with torch.no_grad():
@@ -164,7 +168,7 @@ def test_toy_keep_heads_0_and_2(form: str) -> None:
     else:
         assert params["qkv.weight"].shape == (3 * 2 * D, E)
     assert params["proj.weight"].shape == (E, 2 * D)
-    if form == "relpos":
+    if form.startswith("relpos"):
         assert torch.equal(params["table"], model.table[:, KEEP])
     assert count_flops(pruned, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
     assert float(pruner.flops()) < count_flops(model, (x,))
@@ -226,30 +230,46 @@ def test_integer_index_on_the_head_axis_freezes_the_heads() -> None:
 
 
 class Masked(nn.Module):
-    """SDPA with an additive mask buffer: (N, N) for all heads, or (1, H, N, N) per head."""
+    """SDPA with an additive mask of one row per head (1, H, N, N): a buffer of the model,
+    or given with the input."""
 
-    def __init__(self, per_head: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.qkv, self.proj = nn.Linear(E, 3 * E), nn.Linear(E, E)
-        self.register_buffer("mask", torch.randn((1, H, N, N) if per_head else (N, N)))
+        self.register_buffer("mask", torch.randn(1, H, N, N))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.qkv(x).reshape(2, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        mask = self.mask if mask is None else mask
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return x + self.proj(o.transpose(1, 2).reshape(2, N, E))
 
 
-@pytest.mark.parametrize("per_head", [False, True])
-def test_sdpa_mask_per_head_keeps_the_heads(per_head: bool) -> None:
-    """A mask of one row per head is not sliced with them: the heads stay whole then."""
+def test_sdpa_mask_buffer_per_head_follows_the_heads() -> None:
     torch.manual_seed(0)
-    model, x = Masked(per_head).eval(), torch.randn(2, N, E)
-    grouping = find_channel_groups(trace_model(model, (x,)), attention="heads")
+    model, x = Masked().eval(), torch.randn(2, N, E)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
+    g = head_group(pruner, "proj:in")
+    assert "mask[1]" in g.members
+    classes = pruner.grouping.class_of_id[pruner.grouping.slots[("proj.weight", 1)]]
+    keep = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
+    keep[g.index] = np.sort(classes.reshape(H, D)[KEEP].ravel())
+    pruner.set_widths({g.index: 2 * D}, keep)
+    pruned = pruner.export(enforce_budget=False)
+    assert torch.equal(pruned.get_buffer("mask"), model.mask[:, KEEP])
+    with torch.no_grad():
+        assert rel_err(pruned(x), pruner(x)) < TOL
+
+
+def test_sdpa_mask_input_per_head_keeps_the_heads() -> None:
+    """A mask of one row per head that comes from outside is not sliced with the heads:
+    they stay whole (pruning them would leave the mask H rows for H' heads)."""
+    torch.manual_seed(0)
+    model, x, mask = Masked().eval(), torch.randn(2, N, E), torch.randn(1, H, N, N)
+    grouping = find_channel_groups(trace_model(model, (x, mask)), attention="heads")
     heads = [g for g in grouping.groups if "proj:in" in g.members]
-    assert len(heads) == 1
-    assert heads[0].prunable != per_head
-    if per_head:
-        assert any("not tracked" in r for r in heads[0].frozen)
+    assert len(heads) == 1 and not heads[0].prunable
+    assert any("not tracked" in r for r in heads[0].frozen)
 
 
 def test_heads_mode_trains() -> None:
@@ -343,4 +363,32 @@ def test_timm_vit_whole_heads() -> None:
         assert rel_err(out, timm_reference(model, x, heads)) < TOL
     assert pruned.get_submodule("blocks.0.attn.qkv").out_features == 3 * 2 * 64
     assert pruned.get_submodule("blocks.1.attn.proj").in_features == 64
+    assert count_flops(pruned, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+
+
+def test_timm_swin_whole_heads_slice_the_relative_position_table() -> None:
+    """Swin's windowed attention: the logits are viewed per window, the shifted-window
+    mask is added, and the relative position table (num_rel, heads) is gathered by an
+    index buffer; keeping heads {0, 2} of the first stage slices the table's columns."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
+                              embed_dim=24, depths=(2, 1), num_heads=(3, 6), window_size=7,
+                              num_classes=10).eval()
+    x = torch.randn(2, 3, 56, 56)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
+    with torch.no_grad():
+        assert rel_err(pruner(x), model(x)) < TOL
+    attn = "layers.0.blocks.1.attn"  # the shifted block (it adds the window mask)
+    g = head_group(pruner, f"{attn}.proj:in")
+    assert (g.size, g.divisor, g.atom) == (24, 8, 8)
+    ids = pruner.grouping.slots[(f"{attn}.proj.weight", 1)]
+    classes = pruner.grouping.class_of_id[ids].reshape(3, 8)
+    keep = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
+    keep[g.index] = np.sort(classes[KEEP].ravel())
+    pruner.set_widths({g.index: 16}, keep)
+    pruned = pruner.export(enforce_budget=False)
+    with torch.no_grad():
+        assert rel_err(pruned(x), pruner(x)) < TOL
+    table = model.get_submodule(attn).relative_position_bias_table
+    assert torch.equal(pruned.get_submodule(attn).relative_position_bias_table, table[:, KEEP])
     assert count_flops(pruned, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)

@@ -4,7 +4,6 @@ PReLU, as modules and as functions over bare parameters (``F.conv2d(x, self.w)``
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -13,7 +12,7 @@ from torch import fx, nn
 
 from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
 from s2h_fx.rules.base import LayoutValue, RuleContext, register_rule
-from s2h_fx.rules.elementwise import join
+from s2h_fx.rules.heads import heads_attention, heads_matmul, on_batch_axes
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -310,8 +309,8 @@ def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     la, lb, out_shape = ctx.layout(a), ctx.layout(b), ctx.shape(node)
     if la is None or lb is None or out_shape is None or la.ndim < 2 or lb.ndim < 2:
         return unknown_weights(ctx, node)
-    if ctx.heads and (_on_batch_axes(la) or _on_batch_axes(lb)):
-        return _heads_matmul(ctx, node, la, lb, out_shape)
+    if ctx.heads and (on_batch_axes(la) or on_batch_axes(lb)):
+        return heads_matmul(ctx, node, la, lb, out_shape)
     la, lb = _batched(la), _batched(lb)
     ka, kb = _single(ctx, node, la, la.ndim - 1), _single(ctx, node, lb, lb.ndim - 2)
     if ka is not None and kb is not None:
@@ -361,13 +360,13 @@ def scaled_dot_product_attention(ctx: RuleContext, node: fx.Node) -> LayoutValue
     shape_q, out_shape = ctx.shape(q), ctx.shape(node)
     if lq is None or lk is None or lv is None or shape_q is None or out_shape is None:
         return unknown_weights(ctx, node)
-    mask = ctx.arg(node, 3, "attn_mask")
-    ctx.freeze_layout(ctx.layout(mask), FreezeReason.IRREGULAR_LAYOUT, node)
     if ctx.arg(node, 6, "scale") is None:
         node.kwargs = {**node.kwargs, "scale": float(shape_q[-1]) ** -0.5}
         ctx.graph_changed = True
-    if ctx.heads and any(_on_batch_axes(lay) for lay in (lq, lk, lv)):
-        return _heads_attention(ctx, node, (lq, lk, lv), out_shape)
+    if ctx.heads and any(on_batch_axes(lay) for lay in (lq, lk, lv)):
+        return heads_attention(ctx, node, (lq, lk, lv), out_shape)
+    mask = ctx.arg(node, 3, "attn_mask")
+    ctx.freeze_layout(ctx.layout(mask), FreezeReason.IRREGULAR_LAYOUT, node)
     lq, lk, lv = _batched(lq), _batched(lk), _batched(lv)
     last = [_single(ctx, node, lay, lay.ndim - 1) for lay in (lq, lk, lv)]
     for lay in (lq, lk, lv):
@@ -386,191 +385,4 @@ def scaled_dot_product_attention(ctx: RuleContext, node: fx.Node) -> LayoutValue
     res = ChannelLayout(nd, (Factor((nd - 1,), tracked[2].ids),) if tracked else ())
     ctx.flops(node, [(res, nd - 1)])
     ctx.mixes(node, (0, lq.ndim - 1))  # q·k sums over E once (values are summed later)
-    return res
-
-
-# ---- whole heads (attention="heads") ----------------------------------------------
-# A channel axis split in (H, D) (rules.shape) is a plain factor over the head axis and
-# the channel axis, each head a block. In a matmul or attention the head axis is a batch
-# axis that carries channels: q's and k's channels are contracted head by head, the
-# logits (..., H, L, S) carry one id per head (q's first channel of that head, which
-# stands for the head), and v's (H, D) channels pass to the output.
-
-
-@dataclass
-class _Operand:
-    """A matmul operand's channels: on its contracted axis and on its free axis, each
-    plain (w,) or per head (H, w); the output axis of its head axis; one id per head."""
-
-    contract: np.ndarray | None = None
-    free: np.ndarray | None = None
-    head_axis: int | None = None
-    reps: np.ndarray | None = None
-
-
-def _on_batch_axes(lay: ChannelLayout) -> bool:
-    return any(a < lay.ndim - 2 for f in lay.factors for a in f.axes)
-
-
-def _operand(ctx: RuleContext, node: fx.Node, lay: ChannelLayout, contract: int,
-             nd: int) -> _Operand:
-    """Sort an operand's factors; channels on several batch axes (or on both inner axes,
-    or on a second batch axis) are frozen."""
-    n, op = lay.ndim, _Operand()
-    for f in lay.factors:
-        batch = [a for a in f.axes if a < n - 2]
-        inner = [a for a in f.axes if a >= n - 2]
-        if len(batch) > 1 or len(inner) > 1 or (batch and op.head_axis is not None):
-            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
-            continue
-        if not batch:
-            if inner == [contract]:
-                op.contract = f.ids
-            else:
-                op.free = f.ids
-            continue
-        k = f.axes.index(batch[0])
-        rows = np.moveaxis(f.ids, k, 0).reshape(f.ids.shape[k], -1)
-        op.head_axis, op.reps = batch[0] + nd - n, rows[:, 0]
-        if inner == [contract]:
-            op.contract = rows
-        elif inner:
-            op.free = rows
-    return op
-
-
-def _couple_contracted(ctx: RuleContext, node: fx.Node, a: _Operand, b: _Operand) -> None:
-    """The contracted channels pair up (per head when split in heads); head h's row is
-    remembered under the id that stands for the head."""
-    ca, cb = a.contract, b.contract
-    if ca is None or cb is None:
-        for c in (ca, cb):
-            if c is not None:
-                ctx.freeze(c, FreezeReason.UNTRACKED_OPERAND, node)
-        return
-    if ca.shape != cb.shape or (ca.ndim == 2 and a.head_axis != b.head_axis):
-        ctx.freeze(ca, FreezeReason.IRREGULAR_LAYOUT, node)
-        ctx.freeze(cb, FreezeReason.IRREGULAR_LAYOUT, node)
-        a.contract = b.contract = None
-        return
-    ctx.couple(ca, cb)
-    if ca.ndim == 2:
-        for row in ca:
-            ctx.head_rows[int(row[0])] = row
-
-
-def _join_heads(ctx: RuleContext, node: fx.Node, ops: list[tuple[_Operand, tuple[int, ...]]],
-                out_shape: tuple[int, ...]) -> Factor | None:
-    """Couple the operands' heads on the broadcast batch axes (as an element-wise op
-    would); a head axis meeting a full-size operand without heads is frozen."""
-    nd = len(out_shape)
-    layouts = []
-    for op, shape in ops:
-        n = len(shape)
-        fs = () if op.reps is None else (Factor((op.head_axis - (nd - n),), op.reps),)  # type: ignore[operator]
-        layouts.append((ChannelLayout(n - 2, fs), shape[: n - 2]))
-    heads = join(ctx, node, layouts, out_shape[: nd - 2])
-    return heads[0] if heads else None
-
-
-def _head_rows(ctx: RuleContext, op: _Operand) -> np.ndarray | None:
-    """(H, w): an operand's channels of each head (contracted, free, or those of the head
-    its id stands for)."""
-    for part in (op.contract, op.free):
-        if part is not None and part.ndim == 2:
-            return part
-    rows = [ctx.head_rows.get(int(r)) for r in (() if op.reps is None else op.reps)]
-    if not rows or any(r is None for r in rows) or len({r.size for r in rows}) > 1:  # type: ignore[union-attr]
-        return None
-    return np.stack(rows)  # type: ignore[arg-type]
-
-
-def _couple_heads(ctx: RuleContext, x: _Operand, y: _Operand, head: Factor | None) -> None:
-    """Two operands' head h is one head: where both hold rows of one width, row with row
-    (v's head h with q's), so a head is one set of classes (the blocks already tie it)."""
-    if head is None or x.head_axis != y.head_axis or x.head_axis is None:
-        return
-    rx, ry = _head_rows(ctx, x), _head_rows(ctx, y)
-    if rx is not None and ry is not None and rx.shape == ry.shape:
-        ctx.couple(rx, ry)
-
-
-def _heads_output(ctx: RuleContext, node: fx.Node, a: _Operand, b: _Operand,
-                  head: Factor | None, nd: int) -> tuple[Factor, ...]:
-    """The product's factors: plain free channels on their axes; the head axis with the
-    per-head free channels of one operand (v's (H, D) in ``attn @ v``) or the head ids."""
-    out = [Factor((axis,), op.free) for op, axis in ((a, nd - 2), (b, nd - 1))
-           if op.free is not None and op.free.ndim == 1]
-    per_head = [(op, axis) for op, axis in ((a, nd - 2), (b, nd - 1))
-                if op.free is not None and op.free.ndim == 2]
-    if head is None or len(per_head) > 1 or any(op.head_axis != head.axes[0] for op, _ in per_head):
-        for op, _ in per_head:
-            ctx.freeze(op.free, FreezeReason.IRREGULAR_LAYOUT, node)  # type: ignore[arg-type]
-        per_head = []
-    if head is not None:
-        out.append(Factor((head.axes[0], per_head[0][1]), per_head[0][0].free)  # type: ignore[arg-type]
-                   if per_head else head)
-    return tuple(out)
-
-
-def _heads_matmul(ctx: RuleContext, node: fx.Node, la: ChannelLayout, lb: ChannelLayout,
-                  out_shape: tuple[int, ...]) -> LayoutValue:
-    """``q @ kᵀ`` and ``attn @ v`` with channels on a batch axis (the heads)."""
-    nd = len(out_shape)
-    shapes = (ctx.shape(node.args[0]), ctx.shape(node.args[1]))
-    a = _operand(ctx, node, la, la.ndim - 1, nd)
-    b = _operand(ctx, node, lb, lb.ndim - 2, nd)
-    _couple_contracted(ctx, node, a, b)
-    head = _join_heads(ctx, node, [(a, shapes[0]), (b, shapes[1])], out_shape)  # type: ignore[list-item]
-    _couple_heads(ctx, a, b, head)
-    res = ChannelLayout(nd, _heads_output(ctx, node, a, b, head, nd))
-    k = a.contract if a.contract is not None and a.contract.ndim == 1 else None
-    _heads_flops(ctx, node, res, head, k)
-    ctx.mixes(node, (0, la.ndim - 1))
-    return res
-
-
-def _heads_flops(ctx: RuleContext, node: fx.Node, res: ChannelLayout, head: Factor | None,
-                 contract: np.ndarray | None) -> None:
-    """FLOPs scale with the output's plain channel axes, the number of heads and a plain
-    contracted width; a head's width D is whole (blocks), so it is not declared: its
-    size is D while the head is kept, not an affine function of the width."""
-    nd = res.ndim
-    refs = [(res, f.axes[0]) for f in res.factors if len(f.axes) == 1]
-    if head is not None and not any(f.axes == head.axes for f in res.factors):
-        refs.append((ChannelLayout(nd, (head,)), head.axes[0]))  # the heads of (H, D)
-    if contract is not None:  # one more axis of its own, only for the count
-        refs.append((ChannelLayout(nd + 1, (Factor((nd,), contract),)), nd))
-    ctx.flops(node, refs)
-
-
-def _heads_attention(ctx: RuleContext, node: fx.Node,
-                     lays: tuple[ChannelLayout, ChannelLayout, ChannelLayout],
-                     out_shape: tuple[int, ...]) -> LayoutValue:
-    """SDPA over q, k, v split in heads: q's and k's rows couple head by head, v's heads
-    are q's and v's (H, D) channels pass to the output. Anything else (channels on the
-    token axes, q, k or v not split in heads) is frozen: the op's FLOPs, 2·L·S·(E + Ev)
-    per head, are a product of axis sizes only while E and Ev stay whole."""
-    nd = len(out_shape)
-    args = [ctx.arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
-    q, k, v = (_operand(ctx, node, lay, lay.ndim - (2 if i == 2 else 1), nd)
-               for i, lay in enumerate(lays))
-    for part in (q.free, k.free, v.contract):  # channels on the token axes
-        if part is not None:
-            ctx.freeze(part, FreezeReason.IRREGULAR_LAYOUT, node)
-    parts = (q.contract, k.contract, v.free)
-    if any(p is None or p.ndim != 2 for p in parts) or q.contract.shape != k.contract.shape:  # type: ignore[union-attr]
-        for lay in lays:
-            ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
-        return ChannelLayout(nd)
-    _couple_contracted(ctx, node, q, k)
-    ops = [(op, ctx.shape(t)) for op, t in zip((q, k, v), args)]
-    mask_shape = ctx.shape(ctx.arg(node, 3, "attn_mask"))
-    if mask_shape is not None and len(mask_shape) >= 2:  # a mask per head keeps the heads
-        ops.append((_Operand(), mask_shape))
-    head = _join_heads(ctx, node, ops, out_shape)  # type: ignore[arg-type]
-    _couple_heads(ctx, q, v, head)
-    res = ChannelLayout(nd, _heads_output(ctx, node, _Operand(), v, head, nd))
-    _heads_flops(ctx, node, res, head, None)
-    ctx.mixes(node, (0, lays[0].ndim - 1))
     return res
