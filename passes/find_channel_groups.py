@@ -18,7 +18,10 @@ output, touches an op without a rule, or is used in a way its channels cannot
 all follow. Grouped convs prune whole conv groups, or, where that would freeze
 their channels (a channel shuffle), the same channels inside every conv group:
 the analysis is then run a second time and the result with more prunable
-channels is kept.
+channels is kept. ``attention="heads"`` (``RuleContext.heads``) prunes attention heads
+whole instead of their width (s2h_fx.rules.heads); a tensor indexed by heads then holds
+one id per head, which the uniform-use check accepts when every atom (head) occurs
+equally often.
 """
 
 from __future__ import annotations
