@@ -18,7 +18,10 @@ output, touches an op without a rule, or is used in a way its channels cannot
 all follow. Grouped convs prune whole conv groups, or, where that would freeze
 their channels (a channel shuffle), the same channels inside every conv group:
 the analysis is then run a second time and the result with more prunable
-channels is kept.
+channels is kept. ``attention="heads"`` (``RuleContext.heads``) prunes attention heads
+whole instead of their width (s2h_fx.rules.heads); a tensor indexed by heads then holds
+one id per head, which the uniform-use check accepts when every atom (head) occurs
+equally often.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from s2h_fx.channels import (
     GroupingResult,
     SlotKey,
 )
+from s2h_fx.config import ATTENTION_MODES
 from s2h_fx.errors import InvariantError, S2HError, UnsupportedOpError
 from s2h_fx.passes.trace_model import user_line
 from s2h_fx.rules import RuleContext, lookup_rule
@@ -54,13 +58,19 @@ S2H_MIXING = "s2h_mixing"  # (arg, axis) pairs (or arg indices) whose channels i
 
 
 def find_channel_groups(
-    gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False
+    gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False, attention: str = "width"
 ) -> GroupingResult:
-    ctx, result = _analyse(gm, divisor, frozenset())
+    """``attention``: ``"width"`` prunes each attention head's width, ``"heads"`` whole
+    heads (see s2h_fx.config.PruneConfig)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}, "
+                         f"got {attention!r}")
+    heads = attention == "heads"
+    ctx, result = _analyse(gm, divisor, frozenset(), heads)
     retry = _frozen_grouped_convs(gm, result)
     if retry:  # try pruning inside their conv groups instead of whole groups
         saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
-        alt_ctx, alt = _analyse(gm, divisor, retry)
+        alt_ctx, alt = _analyse(gm, divisor, retry, heads)
         if _prunable_ids(alt) > _prunable_ids(result):
             log.info("grouped convs pruned inside their groups: %s", ", ".join(sorted(retry)))
             ctx, result = alt_ctx, alt
@@ -83,10 +93,11 @@ _OWN_META = (S2H_SIZE_DEPS, S2H_LAYOUT, S2H_FLOP_REFS, S2H_MIXING)
 
 
 def _analyse(
-    gm: fx.GraphModule, divisor: int, tied_groups: frozenset[str]
+    gm: fx.GraphModule, divisor: int, tied_groups: frozenset[str], heads: bool = False
 ) -> tuple[RuleContext, GroupingResult]:
     ctx = RuleContext(gm)
     ctx.tied_groups = tied_groups
+    ctx.heads = heads
     for node in gm.graph.nodes:
         node.meta[S2H_SIZE_DEPS] = size_deps(ctx, node)
         node.meta[S2H_LAYOUT] = _visit(ctx, node)
@@ -210,7 +221,7 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         for g in np.unique(group_of[ids]).tolist():
             if g >= 0:
                 reasons[g].append(reason)
-    _check_uniform(arrays, group_of, class_of, sizes, reasons)
+    _check_uniform(arrays, group_of, class_of, sizes, reasons, atom_maps if ctx.heads else None)
     members = _members(ctx, group_of, len(order))
     producers: dict[int, list[SlotKey]] = defaultdict(list)
     for k in ctx.producers:
@@ -361,10 +372,13 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def _check_uniform(
     arrays: list[tuple[np.ndarray, str]], group_of: np.ndarray, class_of: np.ndarray,
-    sizes: list[int], reasons: dict[int, list[str]],
+    sizes: list[int], reasons: dict[int, list[str]], atom_maps: list[np.ndarray] | None = None,
 ) -> None:
     """Every space and every tensor axis must use all channels of a group equally often
-    (only parts merged by a block can break it)."""
+    (only parts merged by a block can break it). With ``atom_maps`` (whole-heads mode)
+    it is enough that it uses every atom equally often: a tensor indexed by heads holds
+    one id per head (attention logits, a relative position table), and as atoms are
+    kept or dropped whole its size is still a function of the width."""
     if not sizes:
         return
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -376,8 +390,32 @@ def _check_uniform(
     present = np.diff(np.append(start, len(which)))
     lo, hi = np.minimum.reduceat(counts, start), np.maximum.reduceat(counts, start)
     bad = (present != np.asarray(sizes)[pair[1]]) | (lo != hi)
+    if atom_maps is not None and bad.any():
+        bad &= ~_uniform_by_atom(which, cls, counts, offsets, atom_maps, pair)
     for a, g in pair[:, bad].T.tolist():
         reasons[g].append(f"{FreezeReason.PARTIAL_USE.value} at {arrays[a][1]}")
+
+
+def _uniform_by_atom(
+    which: np.ndarray, cls: np.ndarray, counts: np.ndarray, offsets: np.ndarray,
+    atom_maps: list[np.ndarray], pair: np.ndarray,
+) -> np.ndarray:
+    """Per (array, group) column of ``pair``: the array holds every atom of the group
+    equally often (its classes' counts summed)."""
+    natoms = np.array([int(m.max()) + 1 if m.size else 0 for m in atom_maps], dtype=np.int64)
+    aoff = np.concatenate([[0], np.cumsum(natoms)]).astype(np.int64)
+    atom_of_flat = np.concatenate([m + aoff[g] for g, m in enumerate(atom_maps)])
+    total = max(int(aoff[-1]), 1)
+    key, inverse = np.unique(which * total + atom_of_flat[cls], return_inverse=True)
+    sums = np.bincount(inverse.ravel(), weights=counts)
+    w, atom = key // total, key % total
+    group = np.searchsorted(aoff, atom, side="right") - 1
+    got, start = np.unique(np.stack([w, group]), axis=1, return_index=True)
+    if not np.array_equal(got, pair):
+        raise InvariantError("atom counts do not cover the same (tensor, group) pairs")
+    present = np.diff(np.append(start, len(w)))
+    lo, hi = np.minimum.reduceat(sums, start), np.maximum.reduceat(sums, start)
+    return (present == natoms[got[1]]) & (lo == hi)
 
 
 def _members(ctx: RuleContext, group_of: np.ndarray, num_groups: int) -> list[tuple[str, ...]]:

@@ -86,6 +86,7 @@ def prune_graph(
     *,
     divisor: int | None = None,
     strict: bool = False,
+    attention: str = "width",
     config: S2HConfig | None = None,
     latency_measure: Any = None,
 ) -> Pruner:
@@ -104,8 +105,12 @@ def prune_graph(
     ``{"params": 0.4}``, or ``{"latency": 0.5, "runtime": "onnxruntime", "batch": 1}``
     (layer latency tables are measured on that runtime, or by ``latency_measure``,
     a :class:`s2h_fx.latency.Measure`, and cached on disk).
+
+    ``attention``: ``"width"`` prunes each attention head's width, ``"heads"`` whole
+    heads (see :class:`~s2h_fx.config.PruneConfig`).
     """
-    prune_config = PruneConfig(budget, divisor, strict)  # type: ignore[arg-type]
+    prune_config = PruneConfig(budget, divisor, strict,  # type: ignore[arg-type]
+                               attention=attention)
     if example_inputs is None:
         raise InputError(
             "example_inputs is required to trace shapes, e.g. "
@@ -114,7 +119,8 @@ def prune_graph(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     gm = trace_model(model, tuple(example_inputs))
-    grouping = find_channel_groups(gm, divisor=prune_config.divisor, strict=prune_config.strict)
+    grouping = find_channel_groups(gm, divisor=prune_config.divisor, strict=prune_config.strict,
+                                   attention=prune_config.attention)
     if not grouping.prunable:
         raise NoPrunableChannelsError(
             f"{type(model).__name__} has no prunable channel group; why each is frozen:\n"

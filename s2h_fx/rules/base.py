@@ -141,6 +141,12 @@ class RuleContext:
         self.graph_changed = False
         # grouped convs that keep their groups and prune inside each (see rules.layers)
         self.tied_groups: frozenset[str] = frozenset()
+        # attention="heads": a channel axis split in (..., H, D) keeps its slices apart and
+        # each head's channels form a block (rules.shape), attention couples per head
+        # (rules.layers); head_rows maps the id that stands for head h on an axis indexed
+        # by heads (attention logits) to that head's contracted channel ids
+        self.heads = False
+        self.head_rows: dict[int, np.ndarray] = {}
         # a tensor reachable by several paths (tied weights) has one set of ids, kept
         # under the path named_parameters() reports it by (its first)
         self.canonical = tensor_aliases(gm)

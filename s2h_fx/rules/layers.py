@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
 from s2h_fx.rules.base import LayoutValue, RuleContext, register_rule
+from s2h_fx.rules.heads import heads_attention, heads_matmul, on_batch_axes
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -308,6 +309,8 @@ def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     la, lb, out_shape = ctx.layout(a), ctx.layout(b), ctx.shape(node)
     if la is None or lb is None or out_shape is None or la.ndim < 2 or lb.ndim < 2:
         return unknown_weights(ctx, node)
+    if ctx.heads and (on_batch_axes(la) or on_batch_axes(lb)):
+        return heads_matmul(ctx, node, la, lb, out_shape)
     la, lb = _batched(la), _batched(lb)
     ka, kb = _single(ctx, node, la, la.ndim - 1), _single(ctx, node, lb, lb.ndim - 2)
     if ka is not None and kb is not None:
@@ -357,9 +360,14 @@ def scaled_dot_product_attention(ctx: RuleContext, node: fx.Node) -> LayoutValue
     shape_q, out_shape = ctx.shape(q), ctx.shape(node)
     if lq is None or lk is None or lv is None or shape_q is None or out_shape is None:
         return unknown_weights(ctx, node)
-    lq, lk, lv = _batched(lq), _batched(lk), _batched(lv)
+    if ctx.arg(node, 6, "scale") is None:
+        node.kwargs = {**node.kwargs, "scale": float(shape_q[-1]) ** -0.5}
+        ctx.graph_changed = True
+    if ctx.heads and any(on_batch_axes(lay) for lay in (lq, lk, lv)):
+        return heads_attention(ctx, node, (lq, lk, lv), out_shape)
     mask = ctx.arg(node, 3, "attn_mask")
     ctx.freeze_layout(ctx.layout(mask), FreezeReason.IRREGULAR_LAYOUT, node)
+    lq, lk, lv = _batched(lq), _batched(lk), _batched(lv)
     last = [_single(ctx, node, lay, lay.ndim - 1) for lay in (lq, lk, lv)]
     for lay in (lq, lk, lv):
         for f in lay.factors:
@@ -373,9 +381,6 @@ def scaled_dot_product_attention(ctx: RuleContext, node: fx.Node) -> LayoutValue
     if tracked:
         ctx.couple(tracked[0].ids, tracked[1].ids)
         ctx.couple(tracked[0].ids, tracked[2].ids)
-    if ctx.arg(node, 6, "scale") is None:
-        node.kwargs = {**node.kwargs, "scale": float(shape_q[-1]) ** -0.5}
-        ctx.graph_changed = True
     nd = len(out_shape)
     res = ChannelLayout(nd, (Factor((nd - 1,), tracked[2].ids),) if tracked else ())
     ctx.flops(node, [(res, nd - 1)])

@@ -101,8 +101,12 @@ def reshape(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     if lay is None or shp is None or out_shape is None:
         return ctx.blank(node)
     out: list[Factor] = []
-    for gi, gj in reshape_groups(shp, out_shape):
-        inside = [f for f in lay.factors if set(f.axes) & set(gi)]
+    groups = reshape_groups(shp, out_shape)
+    moved = _moved_axes(groups, shp, out_shape)
+    spread = [f for f in lay.factors if len(f.axes) > 1 and all(a in moved for a in f.axes)]
+    out.extend(Factor(tuple(moved[a] for a in f.axes), f.ids, f.tiled) for f in spread)
+    for gi, gj in groups:
+        inside = [f for f in lay.factors if set(f.axes) & set(gi) and f not in spread]
         if not inside:
             continue
         f = inside[0]
@@ -112,6 +116,18 @@ def reshape(ctx: RuleContext, node: fx.Node) -> LayoutValue:
             continue
         out.extend(_reshape_factor(ctx, f, gi, gj, shp, out_shape))
     return ChannelLayout(len(out_shape), tuple(out))
+
+
+def _moved_axes(groups: list[tuple[list[int], list[int]]], shp: tuple[int, ...],
+                out_shape: tuple[int, ...]) -> dict[int, int]:
+    """Source axes that a reshape only moves (size-1 axes added or removed around them,
+    as ``squeeze(0)`` does): source axis -> destination axis."""
+    out = {}
+    for gi, gj in groups:
+        src, dst = [a for a in gi if shp[a] > 1], [b for b in gj if out_shape[b] > 1]
+        if len(src) == 1 and len(dst) == 1:
+            out[src[0]] = dst[0]
+    return out
 
 
 def _reshape_factor(
@@ -128,6 +144,9 @@ def _reshape_factor(
         if arr.shape[t] > 1 and not np.all(arr == arr.take([0], axis=t)):
             axes.append(t)
     arr = arr[tuple(slice(None) if t in axes else 0 for t in range(arr.ndim))]
+    if arr.ndim > 1 and ctx.heads:
+        _block_heads(ctx, arr)
+        return [Factor(tuple(gj[t] for t in axes), np.ascontiguousarray(arr))]
     if arr.ndim > 1:
         # a channel axis split in several: keep the layout rectangular by making
         # every slice along the leading axes the same channels as the first one
@@ -135,6 +154,15 @@ def _reshape_factor(
         ctx.couple(lead[1:], np.broadcast_to(lead[0], lead[1:].shape))
         return [Factor(tuple(gj[t] for t in axes), np.ascontiguousarray(arr), tiled=True)]
     return [Factor(tuple(gj[t] for t in axes), np.ascontiguousarray(arr))] if axes else []
+
+
+def _block_heads(ctx: RuleContext, ids: np.ndarray) -> None:
+    """Whole-heads mode: a channel axis split in (..., H, D) keeps its slices apart, and
+    head h (``ids[..., h, :]``: its D channels in every leading slice, e.g. its q, k and
+    v rows) is kept or dropped whole. So the kept ids are always a rectangle
+    (..., H', D) that the split's reshape can produce."""
+    for column in np.moveaxis(ids, -2, 0).reshape(ids.shape[-2], -1):
+        ctx.block(column)
 
 
 def _cat_operands(ctx: RuleContext, node: fx.Node) -> list[Any]:
@@ -207,6 +235,12 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
             _drop_axis(g, dim, s) if g is f else
             Factor(tuple(a - (a > dim) for a in g.axes), g.ids, g.tiled) for g in lay.factors))
             for s in range(shp[dim]))
+    if (f is not None and name in ("split", "chunk", "tensor_split") and _leading(f, dim)
+            and all(int(m.shape[dim]) == 1 for m in metas)):
+        # qkv.chunk(3, dim) over the 3 of (3, H, D): each piece keeps its dim, of size 1
+        return tuple(ChannelLayout(len(shp), tuple(
+            _drop_axis(g, dim, s, renumber=False) if g is f else g for g in lay.factors))
+            for s in range(len(metas)))
     if f is not None and f.axes != (dim,):
         ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
         f = None
@@ -232,17 +266,22 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
 
 
 def _leading(f: Factor, axis: int) -> bool:
-    """``axis`` is one of the repeated (leading) dims of a tiled factor."""
-    return f.tiled and axis in f.axes and f.axes.index(axis) < len(f.axes) - 1
+    """``axis`` is a leading dim of a split channel axis, one that no pruning shortens:
+    one of the repeated dims of a tiled factor, or, in whole-heads mode (not tiled), a
+    dim before the heads (the 3 of a fused qkv's (3, H, D)), each of whose slices
+    holds a row of every head (see ``_block_heads``)."""
+    if axis not in f.axes or f.ids.ndim < 2:
+        return False
+    return f.axes.index(axis) < f.ids.ndim - (1 if f.tiled else 2)
 
 
 def _drop_axis(f: Factor, axis: int, index: int, renumber: bool = True) -> Factor:
-    """Slice ``index`` of a tiled factor along one of its leading axes, which goes away
+    """Slice ``index`` of a split factor along one of its leading axes, which goes away
     (the axes after it move down by one unless ``renumber`` is False)."""
     k = f.axes.index(axis)
     axes = tuple(a - (renumber and a > axis) for a in f.axes if a != axis)
     ids = np.take(f.ids, index, axis=k)
-    return Factor(axes, ids, tiled=ids.ndim > 1)
+    return Factor(axes, ids, tiled=f.tiled and ids.ndim > 1)
 
 
 @register_rule(operator.getitem)
@@ -262,6 +301,8 @@ def index_layout(
 ) -> LayoutValue:
     raw = list(idx) if isinstance(idx, tuple) else [idx]
     items = [concrete(i) for i in raw]  # bounds taken from sizes: their example values
+    if ctx.heads and _gathers_one_axis(ctx, items, len(shp)):
+        return _gather(ctx, node, lay, items)
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) or _symbolic(i) for i in items):
         ctx.freeze_layout(lay, FreezeReason.CHANNEL_INDEXING, node)
         return ctx.blank(node)
@@ -295,8 +336,8 @@ def index_layout(
             out_axis += 1
     out = []
     for f in lay.factors:
-        # qkv[0]: an integer index into the repeated axes of a tiled factor takes one slice
-        while f.tiled and set(f.axes) & dropped and _leading(f, min(set(f.axes) & dropped)):
+        # qkv[0]: an integer index into a leading axis of a split factor takes one slice
+        while set(f.axes) & dropped and _leading(f, min(set(f.axes) & dropped)):
             a = min(set(f.axes) & dropped)
             f = _drop_axis(f, a, index_of[a] % shp[a], renumber=False)  # input axes still
         if set(f.axes) & dropped:
@@ -312,6 +353,37 @@ def index_layout(
             continue
         out.append(Factor(tuple(mapping[a] for a in f.axes), f.ids[tuple(sl)], f.tiled and full))
     return ChannelLayout(out_axis, tuple(f for f in out if f.ids.size > 0))
+
+
+def _gathers_one_axis(ctx: RuleContext, items: list[Any], ndim: int) -> bool:
+    """``t[..., idx, ...]``: one integer index tensor, every other item a whole axis."""
+    tensors = [i for i in items if isinstance(i, fx.Node)]
+    dots = sum(i is Ellipsis for i in items)
+    if len(tensors) != 1 or dots > 1 or len(items) - dots > ndim:
+        return False
+    meta = tensors[0].meta.get("tensor_meta")
+    if getattr(meta, "dtype", None) not in (torch.int64, torch.int32):
+        return False
+    whole = slice(None)
+    return all(i is Ellipsis or i is tensors[0] or (isinstance(i, slice) and i == whole)
+               for i in items)
+
+
+def _gather(ctx: RuleContext, node: fx.Node, lay: ChannelLayout, items: list[Any]) -> LayoutValue:
+    """A relative position table gathered by a fixed index buffer (``table[index]``): the
+    gathered axis is replaced by the index's axes (its channels, if any, are frozen);
+    the other axes keep theirs (a per-head table's head axis)."""
+    k = next(n for n, i in enumerate(items) if isinstance(i, fx.Node))
+    if any(i is Ellipsis for i in items[:k]):
+        k = lay.ndim - (len(items) - k)
+    idx_nd = len(ctx.shape(items[k]) or ())
+    out = []
+    for f in lay.factors:
+        if k in f.axes:
+            ctx.freeze(f.ids, FreezeReason.CHANNEL_INDEXING, node)
+            continue
+        out.append(Factor(tuple(a + (idx_nd - 1) * (a > k) for a in f.axes), f.ids, f.tiled))
+    return ChannelLayout(lay.ndim + idx_nd - 1, tuple(out))
 
 
 def _symbolic(item: Any) -> bool:
