@@ -33,7 +33,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from s2h_fx.config import PruneConfig
+from s2h_fx.config import ATTENTION_MODES, PruneConfig
 from s2h_fx.data import FASHION_MNIST_ROOT
 from s2h_fx.errors import InputError, S2HError
 from s2h_fx.measure import count_flops
@@ -101,6 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--divisor", type=_positive_int, default=None,
                         help="widths are multiples of this where a group allows (default 8; "
                              "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
+    common.add_argument("--attention", choices=ATTENTION_MODES, default="width",
+                        help="prune each attention head's width (default) or whole heads")
     common.add_argument("--strict", action="store_true",
                         help="fail on ops without a coupling rule instead of freezing their groups")
     common.add_argument("--seed", type=int, default=0,
@@ -150,7 +152,8 @@ def _budget_of(args: argparse.Namespace) -> float | dict[str, Any]:
             if getattr(args, "threads", None):
                 budget["threads"] = args.threads
     try:
-        config = PruneConfig(budget, args.divisor, args.strict)  # type: ignore[arg-type]
+        config = PruneConfig(budget, args.divisor, args.strict,  # type: ignore[arg-type]
+                             attention=args.attention)
         if config.kind == "latency":
             from s2h_fx.deploy import check_runtime
 
@@ -232,6 +235,8 @@ def _add_prune_parser(sub: Any) -> None:
     prune.add_argument("--divisor", type=_positive_int, default=None,
                        help="widths are multiples of this where a group allows (default 8; "
                             "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
+    prune.add_argument("--attention", choices=ATTENTION_MODES, default="width",
+                       help="prune each attention head's width (default) or whole heads")
     prune.add_argument("--strict", action="store_true",
                        help="fail on ops without a coupling rule instead of freezing their groups")
     prune.add_argument("--workers", type=_non_negative_int, default=0,
@@ -270,14 +275,16 @@ def _build(args: argparse.Namespace,
            budget: float | dict[str, Any]) -> tuple[nn.Module, torch.Tensor, Pruner]:
     """The model with seeded random weights, an example input and its pruner (eval mode)."""
     try:
-        PruneConfig(budget, args.divisor, args.strict)  # type: ignore[arg-type]  # fail early
+        PruneConfig(budget, args.divisor, args.strict,  # type: ignore[arg-type]  # fail early
+                    attention=args.attention)
     except ValueError as exc:  # BudgetError is a ValueError too
         raise CliError(str(exc)) from exc
     torch.manual_seed(args.seed)
     model = _load_model(args.model)
     x = torch.randn(args.batch, *args.input_size)
     log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
-    pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict)
+    pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict,
+                         attention=args.attention)
     return model, x, pruner.eval()
 
 
@@ -528,7 +535,8 @@ def _prune(args: argparse.Namespace) -> int:
     dense = dense.to(device)
 
     log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
-    pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict)
+    pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict,
+                         attention=args.attention)
     torch.manual_seed(args.seed)
     history = pruner.fit(train_loader, args.epochs, val_loader=val_loader, lr=args.lr,
                          device=device, progress=args.progress,

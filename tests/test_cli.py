@@ -214,3 +214,21 @@ def test_prune_bad_workers_or_device_exits_2_with_a_message(
     assert "error: " in err and message in err
     assert "Traceback" not in err
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_attention_option_reaches_prune_graph(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    seen: dict[str, Any] = {}
+    real = cli.prune_graph
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "prune_graph", spy)
+    assert cli.main(["inspect", "resnet18", "--attention", "heads", *SMALL]) == 0
+    assert seen["attention"] == "heads"
+    assert cli.main(["inspect", "resnet18", *SMALL]) == 0
+    assert seen["attention"] == "width"
+    assert cli.main(["inspect", "resnet18", "--attention", "rows", *SMALL]) == 2
+    assert "invalid choice: 'rows'" in capsys.readouterr().err
