@@ -122,11 +122,13 @@ def sample_models() -> list[str]:
 ATTN_LINEARS = {"q", "k", "v", "qkv", "kv", "qk", "proj", "q_proj", "k_proj", "v_proj",
                 "o_proj", "out_proj", "in_proj"}
 _ATTN_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
-_MEMBER = re.compile(r"^(?P<path>.+)\.(?P<param>weight|in_proj_weight)\[0\]$")
+# a producer's output channels: "blocks.0.attn.qkv:out" (a module), or a parameter's
+# axis 0 where the graph reads the weight itself ("...weight[0]", "...in_proj_weight[0]")
+_MEMBER = re.compile(r"^(?P<path>.+?)(?::out|\.(?P<param>weight|in_proj_weight)\[0\])$")
 
 
 def is_attention_output(member: str, gm: nn.Module) -> bool:
-    """``member`` ("blocks.0.attn.qkv.weight[0]") is the output channels of a q/k/v/qkv/proj
+    """``member`` ("blocks.0.attn.qkv:out", "...qkv.weight[0]") is the output channels of a q/k/v/qkv/proj
     linear whose parent is an attention module (by class or attribute name), or of an
     ``nn.MultiheadAttention``'s packed input projection."""
     m = _MEMBER.match(member)

@@ -114,6 +114,9 @@ class Block(nn.Module):
 def test_attention_outputs_are_recognised_by_parent() -> None:
     block = Block()
     assert timm_zoo.is_attention_output("attn.qkv.weight[0]", block)
+    assert timm_zoo.is_attention_output("attn.qkv:out", block)  # how groups name producers
+    assert not timm_zoo.is_attention_output("attn.qkv:in", block)
+    assert not timm_zoo.is_attention_output("mlp.0:out", block)
     assert timm_zoo.is_attention_output("attn.proj.weight[0]", block)
     assert not timm_zoo.is_attention_output("attn.qkv.weight[1]", block)  # input channels
     assert not timm_zoo.is_attention_output("proj.weight[0]", block)
