@@ -120,6 +120,10 @@ def plan_surgery(
         grp = grouping.groups[g]
         if not grp.prunable or len(classes) == 0 or len(classes) > grp.size:
             raise InvariantError(f"group {g}: cannot keep {len(classes)} of {grp.size} channels")
+        picked = np.asarray(classes)
+        if picked.min() < 0 or picked.max() >= grp.size:
+            raise InvariantError(f"group {g}: class indices must be in [0, {grp.size}); got "
+                                 f"{int(picked.min())}..{int(picked.max())}")
     kept = kept_ids(grouping, keep)
     params: dict[str, tuple[tuple[int, torch.Tensor], ...]] = {}
     for (path, axis), ids in grouping.slots.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -87,8 +88,8 @@ def add_parser(sub: Any) -> None:
     bench.add_argument("--input-size", type=_input_size, default=(3, 224, 224), metavar="C,H,W",
                        help="input size without batch (default 3,224,224)")
     bench.add_argument("--divisor", type=_positive_int, default=None,
-                       help="widths are multiples of this, for both pruners (default: the "
-                            "largest of the runtimes' own, 32 for onnxruntime on CPU, else 8)")
+                       help="widths are multiples of this, for both pruners (default: a multiple "
+                            "of every runtime's own: 32 for onnxruntime on CPU, else 8)")
     bench.add_argument("--rounds", type=_positive_int, default=30,
                        help="interleaved timed rounds (default 30)")
     bench.add_argument("--warmup", type=_non_negative_int, default=5,
@@ -118,7 +119,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.pruned is None and args.budget is None:
         raise CliError("bench needs --budget B (or --pruned FILE.pt2 to time a pruned network)")
     if args.divisor is None:  # widths that suit every runtime timed (multiples of each's)
-        args.divisor = max(default_divisor(rt, args.device) for rt in args.runtime)
+        args.divisor = math.lcm(*(default_divisor(rt, args.device) for rt in args.runtime))
     if args.pruned is not None and not args.pruned.is_file():
         raise CliError(f"--pruned {str(args.pruned)!r} is not a file")
     if args.budget is not None:

@@ -22,7 +22,7 @@ zero padded positions), unbatched inputs, a module not called on the example inp
 or called with differing kinds of input.
 
 The facts the trace cannot see (the rank of the query, the dtype and rank of the
-attention mask) come from one eager run on the example inputs (:func:`observe`).
+attention mask) come from one eager run on the example inputs (:func:`s2h_fx.observe.observe_calls`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2h_fx.errors import InputError
-from s2h_fx.observe import Recorder, observe_calls
+from s2h_fx.observe import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,6 @@ def _call_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> AttentionCall:
     shape = None if mask is None else (mask.dtype == torch.bool, mask.dim())
     return AttentionCall(q.dim(), q is k and k is v, b["key_padding_mask"] is not None,
                          shape, q.dtype)
-
-
-def observe(model: nn.Module, example_inputs: tuple[Any, ...]) -> Observed:
-    """Run ``model`` once (eval mode) and record how each ``nn.MultiheadAttention`` is
-    called (see :func:`s2h_fx.observe.observe_calls`)."""
-    return observe_calls(model, example_inputs, {"mha": RECORDER})["mha"]
 
 
 # what :func:`s2h_fx.observe.observe_calls` watches for this module

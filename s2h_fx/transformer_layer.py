@@ -29,7 +29,7 @@ module not called on the example inputs or called with differing kinds of input.
 inside a leaf stay torch's own (their ``nn.MultiheadAttention`` too).
 
 Which masks a module is called with and whether they are bool come from one eager run on
-the example inputs (:func:`observe`), as for :mod:`s2h_fx.mha`.
+the example inputs (:func:`s2h_fx.observe.observe_calls`), as for :mod:`s2h_fx.mha`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 
-from s2h_fx.observe import Recorder, observe_calls
+from s2h_fx.observe import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,6 @@ def bind(cls: type[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 
 def _call_of(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LayerCall:
     return LayerCall(tuple((k, _kind(v)) for k, v in bind(type(m), args, kwargs).items()))
-
-
-def observe(model: nn.Module, example_inputs: tuple[Any, ...]) -> Observed:
-    """Run ``model`` once (eval mode) and record how each transformer module is called
-    (see :func:`s2h_fx.observe.observe_calls`)."""
-    return observe_calls(model, example_inputs, {"layers": RECORDER})["layers"]
 
 
 # what :func:`s2h_fx.observe.observe_calls` watches for these modules
@@ -245,7 +239,7 @@ def prepare(model: nn.Module, observed: Observed,
             attention: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     """Get ``model`` (the tracer's working copy, modified in place) ready to trace its
     transformer modules: each one that can be traced exactly gets its ``Inlined`` class.
-    ``attention`` is :func:`s2h_fx.mha.observe`'s record; returned with each
+    ``attention`` is the record of the ``nn.MultiheadAttention`` calls (``observe_calls``); returned with each
     ``nn.MultiheadAttention`` inside a module kept whole marked so (it stays torch's).
     Returns the reason of each module that stays a leaf, and that record."""
     leaves: dict[str, str] = {}

@@ -197,3 +197,17 @@ def test_loaded_state_is_checked_against_the_masks() -> None:
     extra["widths"] = {**extra["widths"], g: extra["widths"][g] + 1}
     with pytest.raises(InvariantError, match="do not give the saved widths"):
         second.load_state_dict(state)
+
+
+def test_export_refuses_inf_in_any_norms_running_statistics() -> None:
+    """InstanceNorm with track_running_stats writes running statistics as BatchNorm does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.InstanceNorm2d(
+        16, affine=True, track_running_stats=True), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    pruner = s2h_fx.prune_graph(model.eval(), 0.6, example_inputs=(x,))
+    pruner.export()  # finite: fine
+    with torch.no_grad():
+        pruner.graph_module.get_submodule("1").running_var.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="running_var"):
+        pruner.export()

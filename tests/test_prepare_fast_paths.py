@@ -79,3 +79,51 @@ def test_importance_of_double_and_half_models(dtype: torch.dtype) -> None:
     l1 = w.abs().sum(dim=(1, 2, 3))
     torch.testing.assert_close(scores[group.index].double(), l1 / l1.mean(), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_collector_paused_only_inside_and_restored(tmp_path) -> None:  # noqa: ANN001
+    """prune_graph and export pause the cyclic collector and put it back as it was, also
+    after an error; a latency budget's measurements run with it on (they deploy whole
+    networks, whose cycles should be collected)."""
+    import gc
+
+    from test_latency_model import Chain, FakeMeasure, X, by_hand
+
+    class Watching(FakeMeasure):
+        seen: list[bool] = []
+
+        def layer(self, spec, sizes):  # noqa: ANN001, ANN201
+            self.seen.append(gc.isenabled())
+            return super().layer(spec, sizes)
+
+    assert gc.isenabled()
+    measure = Watching(by_hand(16, 32, 16) + 2e-4)  # a small remainder: 0.6 can be met
+    pruner = s2h_fx.prune_graph(Chain().eval(), {"latency": 0.6, "runtime": "eager",
+                                                  "cache_dir": str(tmp_path)},
+                                example_inputs=(X,), latency_measure=measure)
+    assert measure.seen and all(measure.seen)
+    assert gc.isenabled()
+    pruner.export()
+    assert gc.isenabled()
+    with pytest.raises(s2h_fx.NoPrunableChannelsError):
+        s2h_fx.prune_graph(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)), 0.5,
+                           example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        pruner.export()
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
+
+
+def test_plan_refuses_class_indices_out_of_range() -> None:
+    from s2h_fx.errors import InvariantError
+    from s2h_fx.passes.plan_surgery import plan_surgery
+
+    torch.manual_seed(0)
+    pruner = _grouping(toy_zoo.Residual(), toy_zoo.image())
+    g = pruner.grouping.prunable[0]
+    for bad in ([0, g.size], [-1, 0]):
+        with pytest.raises(InvariantError, match="class indices must be in"):
+            plan_surgery(pruner.graph_module, pruner.grouping, {g.index: np.array(bad)})
