@@ -392,3 +392,17 @@ def test_timm_swin_whole_heads_slice_the_relative_position_table() -> None:
     table = model.get_submodule(attn).relative_position_bias_table
     assert torch.equal(pruned.get_submodule(attn).relative_position_bias_table, table[:, KEEP])
     assert count_flops(pruned, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+
+
+def test_a_dynamic_per_group_size_of_rows_kept_whole_is_rewritten() -> None:
+    """``x.view(n, 2, c // 2, h, w)`` in heads mode keeps whole rows: pruned to one row,
+    ``c // 2`` would halve the row it no longer splits, so that size becomes -1."""
+    model, inputs = build("shuffle")
+    pruner = s2h_fx.prune_graph(model.eval(), 1.0, inputs, attention="heads").eval()
+    group = next(g for g in pruner.grouping.prunable if "a.0:out" in g.members)
+    assert group.divisor == 16  # one row of the shuffle's (2, 16) split
+    pruner.set_widths({**pruner.widths, group.index: 16})
+    emitted = pruner.export(enforce_budget=False)
+    with torch.no_grad():
+        assert rel_err(emitted(*inputs), pruner(*inputs)) < TOL
+    assert "view(getitem, 1, -1" in emitted.code

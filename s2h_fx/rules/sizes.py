@@ -119,7 +119,10 @@ def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
     for j, arg in enumerate(sizes):
         deps = arg if isinstance(arg, np.ndarray) else _deps(arg)
         if isinstance(deps, np.ndarray) and deps.size:
-            factor = _axis_ids(out, j) if isinstance(out, ChannelLayout) else None
+            f = out.factor_at(j) if isinstance(out, ChannelLayout) else None
+            # channels split over several axes and pruned in whole rows (whole heads): a
+            # count of them does not follow any one axis; kept as a use of the value
+            factor = None if f is None or (len(f.axes) > 1 and not f.tiled) else f.ids.ravel()
             ctx.size_checks.append((deps, factor, node))
     counted = {id(a) for a in sizes} | {id(a) for a in node.args[1:2] if _size_args(node)}
     for arg in _flat(node.args) + _flat(tuple(node.kwargs.values())):
@@ -166,6 +169,17 @@ def _explicit_sizes(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], Non
     return sizes, write
 
 
+def _sizes_itself(out: ChannelLayout, axis: int, deps: np.ndarray) -> bool:
+    """A size that counts exactly the channels on ``axis``, and ``axis`` alone holds
+    them: it follows the pruned axis by itself. A count of channels spread over several
+    axes (a channel axis split into (groups, per group), as whole heads keep it) does
+    not: pruning whole rows changes the row count, not the row length."""
+    f = out.factor_at(axis)
+    if f is None or f.axes != (axis,):
+        return False
+    return bool(np.isin(deps, f.ids).all() and np.isin(f.ids, deps).all())
+
+
 def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> None:
     """``qkv.reshape(B, N, 3, H, C // H)`` with ``C`` the channel count of the block's
     *input*: the size of one group of channels (the embedding's) gives the size of
@@ -187,7 +201,7 @@ def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> N
         deps = _deps(s)
         if not isinstance(deps, np.ndarray) or not deps.size:
             continue
-        if np.isin(deps, _axis_ids(out, j)).all() or ctx.all_frozen(deps):
+        if _sizes_itself(out, j, deps) or ctx.all_frozen(deps):
             continue  # the axis's own channels, or frozen ones: the size stays right
         foreign.append(j)
     if len(foreign) != 1:
