@@ -176,6 +176,26 @@ def _reshape(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     return ((args[0], new) if packed else (args[0], *new)), kwargs
 
 
+@register_rewrite(F.conv1d, F.conv2d, F.conv3d)
+def _conv_groups(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
+    """A functional grouped conv's ``groups`` (a constant: timm's anti-aliasing blur
+    ``F.conv2d(x, filt, groups=C)``) follows its pruned input: the input's channels
+    over the weight's input channels per group."""
+    args: tuple[Any, ...] = tuple(node.args)
+    kwargs = dict(node.kwargs)
+    groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    src, w = ctx.shape(args[0]), ctx.shape(weight)
+    if not isinstance(groups, int) or groups == 1 or src is None or w is None:
+        return None
+    new = src[1] // w[1]
+    if new == groups:
+        return None
+    if len(args) > 6:
+        return (*args[:6], new, *args[7:]), kwargs
+    return args, {**kwargs, "groups": new}
+
+
 @register_rewrite(F.layer_norm)
 def _layer_norm(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     args: tuple[Any, ...] = tuple(node.args)
