@@ -65,7 +65,7 @@ def test_s2h_steps_move_attention_masks_toward_the_budget(attention: str) -> Non
                                 divisor=1 if attention == "heads" else 8)
     pruner.reset_masks()  # start the search at full width
     heads = attention_groups(pruner)
-    start = {g: float(pruner.masks()[g].expected_width()) for g in heads}
+    start = {g: float(pruner.masks()[g].expected_width().detach()) for g in heads}
     opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01, momentum=0.9)
     pruner.train()
     ratios = []
@@ -78,7 +78,7 @@ def test_s2h_steps_move_attention_masks_toward_the_budget(attention: str) -> Non
         pruner.mask_step()
         ratios.append(float(pruner.flops_ratio()))
     assert ratios[0] > 0.9 and ratios[-1] < ratios[0] - 0.2  # descending to 0.5
-    assert any(float(pruner.masks()[g].expected_width()) < start[g] - 1e-3 for g in heads)
+    assert any(float(pruner.masks()[g].expected_width().detach()) < start[g] - 1e-3 for g in heads)
     pruner.eval()
     exported = pruner.export(enforce_budget=False)
     with torch.no_grad():
