@@ -302,8 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per model (default: cpu_count // jobs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tp-trials", type=int, default=zoo.TP_TRIALS,
-                   help="bisection trials for Torch-Pruning's pruning_ratio")
+    p.add_argument("--tp-trials", type=_at_least_one, default=zoo.TP_TRIALS,
+                   help="bisection trials for Torch-Pruning's pruning_ratio (at least 1)")
     p.add_argument("--resume", action="store_true",
                    help="keep the model rows already in --out and run only the others")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)       # subprocess mode
@@ -319,6 +319,13 @@ def model_names(args: argparse.Namespace) -> list[str]:
             raise SystemExit(f"unknown timm models: {', '.join(unknown)}")
         return names
     return sample_models() if args.sample else all_models()
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

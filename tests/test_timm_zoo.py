@@ -134,3 +134,11 @@ def test_attention_outputs_are_recognised_by_parent() -> None:
 ])
 def test_error_type(row, kind) -> None:
     assert timm_zoo.error_type(row) == kind
+
+
+def test_tp_trials_below_one_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        timm_zoo.parse_args(["--tp-trials", "0"])
+    assert exc.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    assert timm_zoo.parse_args(["--tp-trials", "2"]).tp_trials == 2
