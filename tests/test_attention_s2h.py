@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_s2h import _loop as s2h_loop
 
 import s2h_fx
 
@@ -66,17 +67,7 @@ def test_s2h_steps_move_attention_masks_toward_the_budget(attention: str) -> Non
     pruner.reset_masks()  # start the search at full width
     heads = attention_groups(pruner)
     start = {g: float(pruner.masks()[g].expected_width().detach()) for g in heads}
-    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.01, momentum=0.9)
-    pruner.train()
-    ratios = []
-    for _ in range(40):
-        out = pruner(x)
-        losses = pruner.losses(out, y)
-        opt.zero_grad()
-        pruner.backward(losses)
-        opt.step()
-        pruner.mask_step()
-        ratios.append(float(pruner.flops_ratio()))
+    ratios = s2h_loop(pruner, x, y, steps=40)  # SGD lr 0.01, momentum 0.9, a mask step each
     assert ratios[0] > 0.9 and ratios[-1] < ratios[0] - 0.2  # descending to 0.5
     assert any(float(pruner.masks()[g].expected_width().detach()) < start[g] - 1e-3 for g in heads)
     pruner.eval()
