@@ -213,7 +213,8 @@ def _group_norm(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     groups = args[1] if len(args) > 1 else kwargs.get("num_groups")
     if src is None or tm is None or groups is None:
         return None
-    num_groups = int(groups) * src[1] // int(tm.shape[1])  # type: ignore[arg-type]
+    # whole groups were dropped; one group stays one (its channels pruned one by one)
+    num_groups = 1 if int(groups) == 1 else int(groups) * src[1] // int(tm.shape[1])  # type: ignore[arg-type]
     if len(args) > 1:
         return (args[0], num_groups, *args[2:]), kwargs
     return args, {**kwargs, "num_groups": num_groups}

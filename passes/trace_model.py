@@ -35,6 +35,7 @@ from s2h_fx.copying import copy_module
 from s2h_fx.errors import InputError, TraceError
 from s2h_fx.measure import counted_paths
 from s2h_fx.observe import observe_calls
+from s2h_fx.rules.timm_modules import std_conv_types
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class _Tracer(fx.Tracer):
         plan = plan or TracePlan()
         super().__init__(autowrap_functions=tuple(plan.autowrap))
         self.leaf_names = frozenset(plan.leaves)
-        self.leaf_types = tuple(LEAF_MODULES) + tuple(plan.leaf_types)
+        self.leaf_types = tuple(LEAF_MODULES) + tuple(plan.leaf_types) + std_conv_types()
         # errors point at the user's line: create_node records it (torch.fx's own
         # record_stack_traces formats the whole stack of every node, which costs more than
         # the rest of tracing on a ViT)

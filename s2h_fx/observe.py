@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2h_fx.fake import fake_mode, holds_fake, modules_are_fake_safe
+
 log = logging.getLogger(__name__)
 
 # selects the modules to watch, and describes one call of such a module
@@ -26,7 +28,9 @@ def observe_calls(model: nn.Module, example_inputs: tuple[Any, ...],
     """Per recorder: qualified name -> the one kind of call its module got, or
     :data:`DIFFERING`. Modules never called are absent. The model runs once (in the
     mode it is in), and not at all when no recorder selects a module; a run that fails
-    records nothing (shape propagation later reports the bad inputs)."""
+    records nothing (shape propagation later reports the bad inputs). The run is on
+    fake tensors (:mod:`s2h_fx.fake`) where every module is torch's or torchvision's,
+    and for real where that fails or any module is someone else's."""
     watched: dict[int, tuple[str, str]] = {}
     for qualname, m in model.named_modules():
         for key, (select, _) in recorders.items():
@@ -45,7 +49,9 @@ def observe_calls(model: nn.Module, example_inputs: tuple[Any, ...],
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
                for m in model.modules() if id(m) in watched]
     try:
-        model(*example_inputs)
+        if not _run_fake(model, example_inputs):
+            calls.clear()
+            model(*example_inputs)
     except Exception as exc:  # shape propagation names the failing node later
         log.info("could not run the model to observe how its modules are called: %s", exc)
         return out
@@ -55,3 +61,18 @@ def observe_calls(model: nn.Module, example_inputs: tuple[Any, ...],
     for (key, qualname), kinds in calls.items():
         out[key][qualname] = next(iter(kinds)) if len(kinds) == 1 else DIFFERING
     return out
+
+
+def _run_fake(model: nn.Module, example_inputs: tuple[Any, ...]) -> bool:
+    """Run ``model`` on fake tensors where that is safe; whether it ran."""
+    if not modules_are_fake_safe(model):
+        return False
+    try:
+        with fake_mode():
+            model(*example_inputs)
+    except Exception as exc:  # an op needs data, or has no fake kernel: run for real
+        log.debug("observing on fake tensors failed (%s): running for real", exc)
+        return False
+    if holds_fake(model):  # cannot happen with torch's modules; never keep one
+        raise RuntimeError("internal error: a fake run left a fake tensor in the model")
+    return True

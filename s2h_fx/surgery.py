@@ -87,7 +87,8 @@ def _group_norm(m: nn.Module, in_shape: tuple[int, ...] | None) -> None:
     m = cast(nn.GroupNorm, m)
     per_group = m.num_channels // m.num_groups
     new = m.weight.shape[0] if m.weight is not None else (in_shape or (0, m.num_channels))[1]
-    m.num_channels, m.num_groups = new, new // per_group
+    # one group stays one group (its channels are pruned one by one, as LayerNorm's)
+    m.num_channels, m.num_groups = new, 1 if m.num_groups == 1 else new // per_group
 
 
 @register_surgery(nn.PReLU)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import pytest
 import torch
 from torch import fx, nn
@@ -213,3 +214,110 @@ def test_grn_mean_over_channels_stays_frozen() -> None:
     assert not group.prunable and not result.unknown_ops
     assert any(r.startswith(FreezeReason.CHANNEL_REDUCTION.value) and "mean" in r
                for r in group.frozen), group.frozen
+
+
+# ---- PoolFormer: GroupNorm with one group --------------------------------------------
+class OneGroupNorm(nn.Module):
+    """conv -> GroupNorm(1) (statistics over every channel and position) -> conv, once
+    as the module and once as timm's GroupNorm1 calls it (F.group_norm)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        y = (torch.nn.functional.group_norm(y, 1, self.norm.weight, self.norm.bias)
+             if self.functional else self.norm(y))
+        return self.head(torch.relu(self.b(y)))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+def test_group_norm_with_one_group_prunes_channel_by_channel(functional: bool) -> None:
+    """GroupNorm(1, C) kept its C channels as one block (a group is kept or dropped
+    whole), so poolformerv2 had nothing to prune. With one group each channel is pruned
+    as a LayerNorm's is: the pruned layer is GroupNorm(1, kept) over the kept channels,
+    checked against that reference built by hand."""
+    torch.manual_seed(0)
+    model = OneGroupNorm(functional)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    pruner = check_exact(model, x)
+    g = group_with(pruner, "b:in")
+    assert g.prunable and g.size == 16 and g.atom == 1
+    keep = np.sort(np.random.default_rng(0).permutation(16)[:8])
+    widths = {h.index: h.size for h in pruner.grouping.prunable}
+    keeps = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
+    widths[g.index], keeps[g.index] = 8, keep
+    pruner.set_widths(widths, keeps)
+    exported = pruner.export(enforce_budget=False).eval()
+    if not functional:
+        assert exported.norm.num_groups == 1 and exported.norm.num_channels == 8
+    kept_a = torch.relu(torch.nn.functional.conv2d(
+        x, model.a.weight[keep], model.a.bias[keep], padding=1))
+    ref = torch.nn.functional.group_norm(kept_a, 1, model.norm.weight[keep], model.norm.bias[keep])
+    with torch.no_grad():
+        got = exported.norm(kept_a) if not functional else None
+        hard = pruner(x)
+        assert rel_err(exported(x), hard) < 1e-5
+    if got is not None:
+        assert rel_err(got, ref) < 1e-5
+
+
+# ---- NF-RegNet / NF-ResNet / BiT: timm's weight-standardised convolutions ------------
+def test_timm_weight_standardised_convs_prune() -> None:
+    """timm's StdConv2d / ScaledStdConv2d standardise each output channel's weights
+    (F.batch_norm on the weight) before convolving: traced through, the weight is
+    computed in the graph and every channel they touch was frozen (nf_regnet_b0: 0.99
+    of the FLOPs). As leaves they prune as convolutions, the scaled kind's per-output
+    ``gain`` with their outputs; the pruned layer standardises over the inputs it keeps,
+    checked against timm's own layer built at the pruned size with the same weights."""
+    std_conv = pytest.importorskip("timm.layers.std_conv")
+    torch.manual_seed(0)
+
+    class NF(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = std_conv.ScaledStdConv2d(3, 16, 3, padding=1)
+            self.b = std_conv.StdConv2d(16, 16, 3, padding=1)
+            self.c = std_conv.ScaledStdConv2dSame(16, 16, 3, stride=2)
+            self.head = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.a(x))
+            y = torch.relu(self.b(y)) + y
+            return self.head(torch.relu(self.c(y)))
+
+    model = NF().eval()
+    with torch.no_grad():
+        model.a.gain.uniform_(0.5, 1.5)
+        model.c.gain.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 9, 9)
+    pruner = check_exact(model, x)
+    g_in, g_c = group_with(pruner, "c:in"), group_with(pruner, "c:out")
+    assert g_in.prunable and g_c.prunable
+    widths = {h.index: h.size for h in pruner.grouping.prunable}
+    keeps = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
+    rng = np.random.default_rng(1)
+    for g in (g_in, g_c):
+        widths[g.index], keeps[g.index] = 8, np.sort(rng.permutation(16)[:8])
+    pruner.set_widths(widths, keeps)
+    exported = pruner.export(enforce_budget=False).eval()
+    c = exported.c
+    assert type(c) is std_conv.ScaledStdConv2dSame
+    assert (c.in_channels, c.out_channels) == (8, 8) and c.gain.shape[0] == 8
+    kin, kout = torch.as_tensor(keeps[g_in.index]), torch.as_tensor(keeps[g_c.index])
+    ref = std_conv.ScaledStdConv2dSame(8, 8, 3, stride=2).eval()
+    with torch.no_grad():
+        ref.weight.copy_(model.c.weight[kout][:, kin])
+        ref.bias.copy_(model.c.bias[kout])
+        ref.gain.copy_(model.c.gain[kout])
+        ref.scale = model.c.scale  # the full fan-in's constant, kept
+        y = torch.randn(2, 8, 9, 9)
+        assert rel_err(c(y), ref(y)) < 1e-5
+        assert rel_err(exported(x), pruner(x)) < 1e-5

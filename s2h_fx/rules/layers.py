@@ -219,12 +219,20 @@ def batch_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     return per_channel_params(ctx, node, node.args[0], 1, names)
 
 
+def _group_block(channels: int, groups: int) -> int:
+    """The channels a GroupNorm keeps or drops together: a whole group, whose
+    statistics are its own, so that dropping it is exact; with one group (statistics
+    over all channels and positions, poolformer's norm) each channel, as LayerNorm's:
+    the pruned network normalises over the channels it keeps."""
+    return 1 if groups == 1 else channels // groups
+
+
 @register_rule(nn.GroupNorm)
 def group_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     m = cast(nn.GroupNorm, ctx.module(node))
     names = _present(ctx, node, ["weight", "bias"])
-    k = m.num_channels // m.num_groups
-    return per_channel_params(ctx, node, node.args[0], 1, names, block=k)
+    return per_channel_params(ctx, node, node.args[0], 1, names,
+                              block=_group_block(m.num_channels, m.num_groups))
 
 
 @register_rule(nn.PReLU)
@@ -298,7 +306,7 @@ def group_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         return unknown_weights(ctx, node)
     shape = ctx.shape(node.args[0])
     groups = int(ctx.arg(node, 1, "num_groups"))
-    k = shape[1] // groups if shape else 1
+    k = _group_block(shape[1], groups) if shape else 1
     return per_channel_params(ctx, node, node.args[0], 1, params, block=k)
 
 
