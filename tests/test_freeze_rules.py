@@ -40,7 +40,8 @@ def _stem_group(op, cin: int = 16, cout: int = 16) -> s2h_fx.ChannelGroup:
 CASES = {
     FreezeReason.UNTRACKED_OPERAND: (lambda h, x: h + x.mean(1, keepdim=True).expand_as(h) * 0
                                      + torch.ones_like(h), 16, 16),
-    FreezeReason.CHANNEL_REDUCTION: (lambda h, x: h * h.sum(1, keepdim=True), 16, 16),
+    # a maximum over the channels: zeroing a channel is not removing it, nor a statistic
+    FreezeReason.CHANNEL_REDUCTION: (lambda h, x: h * h.amax(1, keepdim=True), 16, 16),
     FreezeReason.CHANNEL_INDEXING: (lambda h, x: h[:, ::2], 8, 16),
     # a slice through a block that GroupNorm keeps whole (channels 0-7): the slice's width
     # would depend on which blocks are kept, not on the group's width

@@ -203,17 +203,56 @@ def test_spatial_norm_and_addcmul_keep_channels() -> None:
     assert not pruner.grouping.unknown_ops
 
 
-def test_grn_mean_over_channels_stays_frozen() -> None:
-    """The full GRN divides each channel's norm by the mean of all channels' norms: the
-    statistic changes with the channels kept, so conv1's channels are frozen, for that
-    reason (no longer as an op without a rule)."""
-    x = torch.randn(2, 3, 8, 8)
-    gm = s2h_fx.passes.trace_model(NormGate(grn=True).eval(), (x,))
-    result = s2h_fx.passes.find_channel_groups(gm)
-    group = next(g for g in result.groups if "conv1:out" in g.members)
-    assert not group.prunable and not result.unknown_ops
-    assert any(r.startswith(FreezeReason.CHANNEL_REDUCTION.value) and "mean" in r
-               for r in group.frozen), group.frozen
+def test_grn_mean_over_channels_prunes_as_a_statistic() -> None:
+    """The full GRN divides each channel's norm by the mean of all channels' norms: a
+    statistic over the channels, as LayerNorm's. It used to freeze conv1's channels
+    (csatv2 could not reach 0.5 of its FLOPs); the pruned network takes the mean over
+    the channels it keeps, checked against that mean computed by hand, and exported ==
+    hard."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = NormGate(grn=True).eval()
+    pruner = check_exact(model, x)
+    group = group_with(pruner, "conv1:out")
+    assert group.prunable, group.frozen
+    widths = {h.index: h.size for h in pruner.grouping.prunable}
+    keeps = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
+    keep = np.sort(np.random.default_rng(2).permutation(32)[:16])
+    widths[group.index], keeps[group.index] = 16, keep
+    pruner.set_widths(widths, keeps)
+    exported = pruner.export(enforce_budget=False).eval()
+    k = torch.as_tensor(keep)
+    with torch.no_grad():
+        h = torch.relu(torch.nn.functional.conv2d(x, model.conv1.weight[k], model.conv1.bias[k],
+                                                  padding=1))
+        g = h.norm(p=2, dim=(2, 3), keepdim=True)
+        g = g / (g.mean(dim=1, keepdim=True) + 1e-6)  # over the 16 kept channels
+        h = h + torch.addcmul(model.beta[:, k], model.gamma[:, k], h * g)
+        ref = model.head(torch.nn.functional.conv2d(h, model.conv2.weight[:, k],
+                                                    model.conv2.bias).mean((2, 3)))
+        assert rel_err(exported(x), ref) < 1e-5
+
+
+def test_a_sum_over_channels_is_exact_under_zeroing() -> None:
+    """A sum over the channels leaves out the pruned ones exactly as zeroing them does:
+    the group prunes and the exported network equals the masked model."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class SumGate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(t))
+            return self.b(h * torch.sigmoid(h.sum(1, keepdim=True)))
+
+    pruner = check_exact(SumGate().eval(), x)
+    assert group_with(pruner, "a:out").prunable
+    for seed in range(3):
+        pruner.set_widths(*random_keep(pruner, seed))
+        exported = pruner.export(enforce_budget=False).eval()
+        with torch.no_grad():
+            assert rel_err(exported(x), pruner.eval().masked_forward(x)) < 1e-5
 
 
 # ---- PoolFormer: GroupNorm with one group --------------------------------------------

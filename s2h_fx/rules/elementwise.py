@@ -149,9 +149,17 @@ def _dims(arg: Any, ndim: int) -> tuple[int, ...] | None:
     return tuple(sorted(d % ndim for d in arg))
 
 
-@register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
+@register_rule(torch.amax, torch.amin, "amax", "amin")
 def reduction(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     return reduce_over(ctx, node, 1, 2)
+
+
+@register_rule(torch.mean, torch.sum, "mean", "sum")
+def statistic(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """A sum over channels leaves the pruned ones out exactly as zeroing them does; a
+    mean over channels is a statistic of the kept ones, as LayerNorm's (GRN's mean of
+    the channels' norms): the pruned network divides by the channels it keeps."""
+    return reduce_over(ctx, node, 1, 2, over_kept=True)
 
 
 @register_rule(torch.norm, "norm")
@@ -166,10 +174,12 @@ def vector_norm(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     return reduce_over(ctx, node, 2, 3)
 
 
-def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int) -> ChannelLayout | None:
+def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
+                over_kept: bool = False) -> ChannelLayout | None:
     """Reduction over the axes in argument ``dim_at`` (all axes when None), keeping them
     as size 1 when argument ``keep_at`` (``keepdim``) is true. Channels on reduced axes
-    are frozen (summed over); the others pass, their axes renumbered."""
+    are frozen, or with ``over_kept`` reduced over the kept ones (a factor wholly on
+    reduced axes; its mask site is here); the others pass, their axes renumbered."""
     src = node.args[0]
     lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
     if lay is None or shp is None or out_shape is None:
@@ -178,13 +188,18 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int) -> C
     if dims is None:
         dims = tuple(range(len(shp)))
     keep = bool(ctx.arg(node, keep_at, "keepdim", False))
-    out = []
+    out, summed = [], []
     for f in lay.factors:
+        if over_kept and set(f.axes) <= set(dims):
+            summed += [(0, a) for a in f.axes]  # its mask site: the soft network sums m * x
+            continue
         if set(f.axes) & set(dims):
             ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
             continue
         axes = f.axes if keep else tuple(a - sum(d < a for d in dims) for a in f.axes)
         out.append(Factor(axes, f.ids, f.tiled))
+    if summed:
+        ctx.mixes(node, *summed)
     return ChannelLayout(len(out_shape), tuple(out))
 
 
