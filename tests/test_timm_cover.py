@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 import s2h_fx
-from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
+from s2h_fx.channels import ChannelLayout, Factor
 from s2h_fx.rules import FUNCTION_RULES, METHOD_RULES, RuleContext
 
 from helpers import count_flops, random_keep, rel_err
