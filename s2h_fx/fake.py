@@ -14,18 +14,22 @@ for real. It cannot be where an op needs data (``.item()``, ``.tolist()``, a
 where code outside torch could keep a fake tensor (a module that caches a tensor
 in eval mode): :func:`modules_are_fake_safe` accepts a model only when all its
 modules are torch's or torchvision's, and :func:`holds_fake` checks it after.
-(Shape and FLOPs propagation through the traced graph stays a real run: on this
-machine the fixed cost per op on fake or meta tensors is more than the arithmetic
-it saves on every CNN tried, and less only on ViTs.)
+Shape and FLOPs propagation through the traced graph runs on fake tensors for
+large models only (``passes.trace_model.FAKE_PROPAGATION_PARAMS``): a fake op
+costs about a millisecond whatever its size, more than the arithmetic it saves on
+a small CNN. :func:`graph_is_fake_safe` accepts a traced graph only when it calls
+torch's or torchvision's modules and torch's or Python's functions.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 _SAFE_MODULES = ("torch.", "torchvision.")
+_SAFE_FUNCTIONS = ("torch", "operator", "_operator", "builtins", "math")
 
 
 def fake_mode() -> Any:
@@ -46,6 +50,24 @@ def modules_are_fake_safe(model: nn.Module) -> bool:
     """Whether every module of ``model`` is one of torch's or torchvision's (none of
     which keeps a tensor it computed), so that a fake run leaves nothing fake behind."""
     return all(type(m).__module__.startswith(_SAFE_MODULES) for m in model.modules())
+
+
+def graph_is_fake_safe(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> bool:
+    """Whether running ``gm`` on fake tensors can leave nothing fake behind and computes
+    what a real run would: inputs that are tensors or plain Python values, torch's and
+    torchvision's modules, torch's, ``operator``'s, ``math``'s and Python's functions,
+    and tensor methods."""
+    if not all(isinstance(x, (torch.Tensor, bool, int, float, type(None))) for x in example_inputs):
+        return False
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            if not type(gm.get_submodule(str(node.target))).__module__.startswith(_SAFE_MODULES):
+                return False
+        elif node.op == "call_function":
+            home = getattr(node.target, "__module__", None) or ""
+            if home.split(".")[0] not in _SAFE_FUNCTIONS:
+                return False
+    return True
 
 
 def holds_fake(model: nn.Module) -> bool:
