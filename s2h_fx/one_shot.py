@@ -49,6 +49,8 @@ def choose_widths(
             terms_of[g].append(t)
     current = flops(widths)
 
+    saves: dict[int, float] = {}  # FLOPs one more step of each group saves
+
     def score(g: int) -> float:
         grp = groups[g]
         if widths[g] - grp.divisor < grp.divisor:
@@ -56,7 +58,7 @@ def choose_widths(
         trial = {**flops.sizes, **widths}
         before = sum(t.at(trial, flops.sizes) for t in terms_of[g])
         trial[g] -= grp.divisor
-        saved = before - sum(t.at(trial, flops.sizes) for t in terms_of[g])
+        saved = saves[g] = before - sum(t.at(trial, flops.sizes) for t in terms_of[g])
         if saved <= 0:
             return np.inf
         dropped = (grp.size - widths[g]) // grp.atom  # atoms are dropped least important first
@@ -70,9 +72,13 @@ def choose_widths(
         if not np.isfinite(scores[g]):
             break
         widths[g] -= groups[g].divisor
-        current = flops(widths)
+        # only g's terms change: subtract what they save, and count in full near the end
+        current -= saves[g]
+        if current <= target * (1 + 1e-6):
+            current = flops(widths)
         for h in neighbours[g] | {g}:
             scores[h] = score(h)
+    current = flops(widths)
     log.info("one-shot widths: %.4f of full %s (budget %.4f)", current / flops.total, what,
              budget)
     return widths
