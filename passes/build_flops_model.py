@@ -65,6 +65,11 @@ class FlopsModel:
     def total(self) -> float:
         return self.constant + sum(t.base for t in self.terms)
 
+    @property
+    def scale(self) -> float:
+        """The factor on the terms' sum (1: FLOPs and parameters are counted as they are)."""
+        return 1.0
+
     def __call__(self, widths: dict[int, Any]) -> Any:
         w = {**self.sizes, **widths}
         value: Any = self.constant

@@ -34,8 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from s2h_fx import mha, transformer_layer
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.copying import copy_module
-from s2h_fx.errors import InputError, TraceError
-from s2h_fx.fake import fake_mode, graph_is_fake_safe
+from s2h_fx.errors import InputError, InvariantError, TraceError
+from s2h_fx.fake import fake_mode, graph_is_fake_safe, holds_fake
 from s2h_fx.measure import counted_paths
 from s2h_fx.observe import observe_calls
 from s2h_fx.rules.timm_modules import std_conv_types
@@ -465,10 +465,15 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphMo
                     and graph_is_fake_safe(gm, example_inputs))
             try:
                 _FlopShapeProp(gm, fake=fake).propagate(*example_inputs)
+                if fake and holds_fake(gm):  # something kept one: a real run writes over it
+                    raise _FakeRunFailed("a fake tensor was left in the model")
             except _FakeRunFailed as exc:  # an op needs data: run for real
                 log.info("propagating shapes on fake tensors failed at %s (%s); running "
                          "for real", exc, exc.__cause__)
                 _FlopShapeProp(gm).propagate(*example_inputs)
+            if holds_fake(gm):
+                raise InvariantError("a fake tensor is left in the model after propagating "
+                                     "shapes for real")
     finally:
         gm.train(was_training)
     gm.graph.lint()

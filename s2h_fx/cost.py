@@ -2,7 +2,8 @@
 
 A cost model is anything with the interface of
 :class:`~s2h_fx.passes.build_flops_model.FlopsModel` (:class:`CostModel`): a sum
-of *terms*, each depending on a few groups' widths, plus a constant; ``model(widths)``
+of *terms*, each depending on a few groups' widths, times ``scale`` (1 but for a
+fitted latency model), plus a constant; ``model(widths)``
 is the cost of the hard network at those widths (groups left out are at full
 width), ``model.ratio(widths)`` that cost over ``model.total``, the cost of the
 full network. Widths may be straight-through float tensors: every model is
@@ -55,6 +56,9 @@ class CostModel(Protocol):
 
     @property
     def total(self) -> float: ...
+
+    @property
+    def scale(self) -> float: ...  # model(w) = constant + scale * sum of the terms at w
 
     def __call__(self, widths: dict[int, Any]) -> Any: ...
 

@@ -12,8 +12,10 @@ A fake run is only an optimisation: where it cannot be trusted the caller runs
 for real. It cannot be where an op needs data (``.item()``, ``.tolist()``, a
 ``nonzero`` size): the fake run raises and the caller falls back. It must not be
 where code outside torch could keep a fake tensor (a module that caches a tensor
-in eval mode): :func:`modules_are_fake_safe` accepts a model only when all its
-modules are torch's or torchvision's, and :func:`holds_fake` checks it after.
+in eval mode, a hook that stores what it computes): :func:`modules_are_fake_safe`
+accepts a model only when all its modules are torch's or torchvision's and none
+has forward hooks, and :func:`holds_fake` checks it after (a fake tensor found
+means a real run follows, which writes real ones over it).
 Shape and FLOPs propagation through the traced graph runs on fake tensors for
 large models only (``passes.trace_model.FAKE_PROPAGATION_PARAMS``): a fake op
 costs about a millisecond whatever its size, more than the arithmetic it saves on
@@ -46,10 +48,24 @@ def is_fake(value: Any) -> bool:
     return isinstance(value, FakeTensor)
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks (``spectral_norm``'s pre-hook stores the weight
+    it computes on the module: a fake one in a fake run)."""
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_
+
+    return bool(module_._global_forward_pre_hooks or module_._global_forward_hooks)
+
+
 def modules_are_fake_safe(model: nn.Module) -> bool:
     """Whether every module of ``model`` is one of torch's or torchvision's (none of
-    which keeps a tensor it computed), so that a fake run leaves nothing fake behind."""
-    return all(type(m).__module__.startswith(_SAFE_MODULES) for m in model.modules())
+    which keeps a tensor it computed) and none has forward hooks, so that a fake run
+    leaves nothing fake behind."""
+    return not _global_hooks() and all(
+        type(m).__module__.startswith(_SAFE_MODULES) and not _hooked(m) for m in model.modules())
 
 
 def graph_is_fake_safe(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> bool:
@@ -59,9 +75,12 @@ def graph_is_fake_safe(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> b
     and tensor methods."""
     if not all(isinstance(x, (torch.Tensor, bool, int, float, type(None))) for x in example_inputs):
         return False
+    if _global_hooks():
+        return False
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            if not type(gm.get_submodule(str(node.target))).__module__.startswith(_SAFE_MODULES):
+            m = gm.get_submodule(str(node.target))
+            if not type(m).__module__.startswith(_SAFE_MODULES) or _hooked(m):
                 return False
         elif node.op == "call_function":
             home = getattr(node.target, "__module__", None) or ""

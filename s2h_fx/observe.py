@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2h_fx.errors import InvariantError
 from s2h_fx.fake import fake_mode, holds_fake, modules_are_fake_safe
 
 log = logging.getLogger(__name__)
@@ -46,33 +47,35 @@ def observe_calls(model: nn.Module, example_inputs: tuple[Any, ...],
         key, qualname = watched[id(m)]
         calls.setdefault((key, qualname), set()).add(recorders[key][1](m, args, kwargs))
 
+    fake_safe = modules_are_fake_safe(model)  # before our own hooks are on it
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
                for m in model.modules() if id(m) in watched]
     try:
-        if not _run_fake(model, example_inputs):
+        if not (fake_safe and _run_fake(model, example_inputs)):
             calls.clear()
             model(*example_inputs)
     except Exception as exc:  # shape propagation names the failing node later
         log.info("could not run the model to observe how its modules are called: %s", exc)
-        return out
+        calls.clear()
     finally:
         for h in handles:
             h.remove()
+    if holds_fake(model):
+        raise InvariantError("a fake tensor is left in the model after observing it for real")
     for (key, qualname), kinds in calls.items():
         out[key][qualname] = next(iter(kinds)) if len(kinds) == 1 else DIFFERING
     return out
 
 
 def _run_fake(model: nn.Module, example_inputs: tuple[Any, ...]) -> bool:
-    """Run ``model`` on fake tensors where that is safe; whether it ran."""
-    if not modules_are_fake_safe(model):
-        return False
+    """Run ``model`` (whose modules are fake-safe) on fake tensors; whether it ran."""
     try:
         with fake_mode():
             model(*example_inputs)
     except Exception as exc:  # an op needs data, or has no fake kernel: run for real
         log.debug("observing on fake tensors failed (%s): running for real", exc)
         return False
-    if holds_fake(model):  # cannot happen with torch's modules; never keep one
-        raise RuntimeError("internal error: a fake run left a fake tensor in the model")
+    if holds_fake(model):  # something kept a fake tensor: the real run writes over it
+        log.debug("observing on fake tensors left a fake tensor in the model: running for real")
+        return False
     return True

@@ -72,8 +72,9 @@ def choose_widths(
         if not np.isfinite(scores[g]):
             break
         widths[g] -= groups[g].divisor
-        # only g's terms change: subtract what they save, and count in full near the end
-        current -= saves[g]
+        # only g's terms change: subtract what they save (in the model's units: a
+        # latency model scales its terms' sum), and count in full near the end
+        current -= flops.scale * saves[g]
         if current <= target * (1 + 1e-6):
             current = flops(widths)
         for h in neighbours[g] | {g}:

@@ -29,18 +29,21 @@ def tiny_vit() -> nn.Module:
         mlp_dim=32, num_classes=5).eval()
 
 
-def watch_attention(model: nn.Module) -> list[type]:
-    """The tensor type each nn.MultiheadAttention call gets, appended per call."""
+@pytest.fixture
+def watch_attention(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The tensor type of each nn.MultiheadAttention call the observation run makes
+    (read through the tracer's recorder: a hook on the model would change it)."""
+    from s2h_fx import mha
+
     seen: list[type] = []
+    select, describe = mha.RECORDER
 
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if isinstance(args[0], torch.Tensor):  # not a tracing proxy
-            seen.append(type(args[0]))
+    def spy(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        seen.append(type(args[0]))
+        return describe(m, args, kwargs)
 
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            m.register_forward_pre_hook(hook)
-    return seen
+    monkeypatch.setattr(mha, "RECORDER", (select, spy))
+    return lambda model: seen
 
 
 def inlined(gm: Any) -> bool:
@@ -48,7 +51,7 @@ def inlined(gm: Any) -> bool:
                 and isinstance(gm.get_submodule(str(n.target)), nn.MultiheadAttention)]
 
 
-def test_torchvision_vit_is_observed_on_fake_tensors() -> None:
+def test_torchvision_vit_is_observed_on_fake_tensors(watch_attention: Any) -> None:
     from torch._subclasses.fake_tensor import FakeTensor
 
     model = tiny_vit()
@@ -62,7 +65,8 @@ def test_torchvision_vit_is_observed_on_fake_tensors() -> None:
         torch.testing.assert_close(gm(x), model(x))
 
 
-def test_observation_runs_for_real_when_the_fake_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_observation_runs_for_real_when_the_fake_run_fails(
+        monkeypatch: pytest.MonkeyPatch, watch_attention: Any) -> None:
     @contextlib.contextmanager
     def failing() -> Any:
         raise RuntimeError("no fake kernel")
@@ -76,7 +80,7 @@ def test_observation_runs_for_real_when_the_fake_run_fails(monkeypatch: pytest.M
     assert inlined(gm)  # the calls were still observed
 
 
-def test_a_model_with_modules_of_its_own_is_observed_for_real() -> None:
+def test_a_model_with_modules_of_its_own_is_observed_for_real(watch_attention: Any) -> None:
     class Mine(nn.Module):  # could cache a tensor in eval mode: never run fake
         def __init__(self) -> None:
             super().__init__()
@@ -184,3 +188,36 @@ def test_fake_propagation_falls_back_where_an_op_needs_data(
     node = next(n for n in gm.graph.nodes if n.op == "call_function"
                 and n.target.__name__ == "getitem")
     assert node.meta["tensor_meta"].shape == (int((model.conv(x) > 0).sum()),)
+
+
+def spectral_transformer() -> nn.Module:
+    """torch modules only, but spectral_norm's forward pre-hook stores the weight it
+    computes on the module: a fake run would leave a fake weight there."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.utils.spectral_norm(nn.Linear(16, 16)),
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)).eval()
+
+
+def test_a_module_with_hooks_is_observed_for_real(watch_attention: Any) -> None:
+    model = spectral_transformer()
+    assert not modules_are_fake_safe(model)
+    seen = watch_attention(model)
+    x = torch.randn(2, 5, 16)
+    gm = trace_model(model, (x,))
+    assert seen and all(t is torch.Tensor for t in seen)
+    assert inlined(gm) and not holds_fake(gm)
+
+
+def test_fake_propagation_leaves_no_fake_tensor_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the parameter threshold, a graph calling a hooked module runs for real; a
+    fake tensor found after a fake run (kept by anything) means a real run."""
+    monkeypatch.setattr(trace_pass, "FAKE_PROPAGATION_PARAMS", 0)
+    model, x = spectral_transformer(), torch.randn(2, 5, 16)
+    gm = trace_model(model, (x,))
+    assert not graph_is_fake_safe(gm, (x,)) and not holds_fake(gm)
+    monkeypatch.setattr(trace_pass, "graph_is_fake_safe", lambda *a: True)  # force it
+    propagate(gm, (x,))
+    assert not holds_fake(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))

@@ -182,3 +182,53 @@ def test_tied_weights_are_one_tensor_in_every_network() -> None:
     assert w < 16 and tuple(pruned.a.weight.shape[:2]) == (w, w)
     assert rel_err(pruner(x), pruned(x)) < 1e-5
     assert rel_err(pruner.masked_forward(x), pruned(x)) < 1e-5
+
+
+def test_one_shot_greedy_meets_a_budget_of_a_scaled_cost_model() -> None:
+    """A latency model is ``constant + scale * sum(terms)``: the greedy's running cost
+    must fall by scale times a step's terms, or it shrinks far past the budget. It
+    lands where the same greedy does on the unscaled terms with the budget moved to
+    the same absolute cost, i.e. the widths agree."""
+    import dataclasses
+
+    import numpy as np
+    import torchvision
+
+    from s2h_fx.one_shot import choose_widths
+    from s2h_fx.passes.build_flops_model import build_flops_model
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    gm = trace_model(torchvision.models.resnet18().eval(), (x,))
+    grouping = find_channel_groups(gm)
+    flops = build_flops_model(gm, grouping)
+
+    @dataclasses.dataclass(frozen=True)
+    class Scaled:
+        terms: tuple
+        sizes: dict
+        constant: float
+        scale: float
+
+        @property
+        def total(self) -> float:
+            return self.constant + self.scale * sum(t.base for t in self.terms)
+
+        def __call__(self, widths: dict) -> float:
+            w = {**self.sizes, **widths}
+            return self.constant + self.scale * sum(t.at(w, self.sizes) for t in self.terms)
+
+        def ratio(self, widths: dict) -> float:
+            return self(widths) / self.total
+
+    rng = np.random.default_rng(0)
+    importance = {g.index: rng.random(g.size) for g in grouping.prunable}
+    for scale in (0.5, 1.035, 2.0):
+        scaled = Scaled(flops.terms, flops.sizes, flops.constant, scale)
+        for budget in (0.3, 0.5, 0.7):
+            widths = choose_widths(scaled, grouping, importance, budget)
+            assert scaled.ratio(widths) <= budget
+            # the same absolute cost on the plain model
+            plain_budget = (flops.constant + (budget * scaled.total - scaled.constant) / scale
+                            ) / flops.total
+            assert widths == choose_widths(flops, grouping, importance, plain_budget)

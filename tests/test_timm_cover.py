@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 import s2h_fx
-from s2h_fx.channels import ChannelLayout, Factor
+from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
 from s2h_fx.rules import FUNCTION_RULES, METHOD_RULES, RuleContext
 
 from helpers import count_flops, random_keep, rel_err
@@ -360,3 +360,39 @@ def test_timm_weight_standardised_convs_prune() -> None:
         y = torch.randn(2, 8, 9, 9)
         assert rel_err(c(y), ref(y)) < 1e-5
         assert rel_err(exported(x), pruner(x)) < 1e-5
+
+
+def test_a_sum_over_two_sets_of_channels_freezes_both() -> None:
+    """One mask site per argument: a sum over two factors' axes cannot mask both, so
+    both stay frozen (as reductions)."""
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 1), nn.Conv2d(3, 24, 1)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return (self.a(t).unsqueeze(2) * self.b(t).unsqueeze(1)).sum((1, 2))
+
+    x = torch.randn(2, 3, 4, 4)
+    gm = s2h_fx.passes.trace_model(Outer().eval(), (x,))
+    result = s2h_fx.passes.find_channel_groups(gm)
+    for member in ("a:out", "b:out"):
+        group = next(g for g in result.groups if member in g.members)
+        assert not group.prunable
+        assert any(r.startswith(FreezeReason.CHANNEL_REDUCTION.value) for r in group.frozen)
+
+
+def test_a_mean_given_axis_reduces_those_axes() -> None:
+    """torch's ``axis=`` alias of ``dim``: the spatial mean keeps the channels for the
+    linear head (read as a mean over every axis, the head was left uncoupled and the
+    export failed)."""
+    class AxisMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 32, 3, padding=1), nn.Linear(32, 10)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(t)).mean(axis=(2, 3)))
+
+    pruner = check_exact(AxisMean(), torch.randn(2, 3, 8, 8))
+    assert {"conv:out", "fc:in"} <= set(group_with(pruner, "conv:out").members)

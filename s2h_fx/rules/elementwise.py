@@ -178,19 +178,25 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
                 over_kept: bool = False) -> ChannelLayout | None:
     """Reduction over the axes in argument ``dim_at`` (all axes when None), keeping them
     as size 1 when argument ``keep_at`` (``keepdim``) is true. Channels on reduced axes
-    are frozen, or with ``over_kept`` reduced over the kept ones (a factor wholly on
-    reduced axes; its mask site is here); the others pass, their axes renumbered."""
+    are frozen, or with ``over_kept`` reduced over the kept ones (the one factor wholly
+    on reduced axes; its mask site is here: two such factors would need two mask sites
+    on one argument, so both freeze); the others pass, their axes renumbered."""
     src = node.args[0]
     lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
     if lay is None or shp is None or out_shape is None:
         return ctx.blank(node)  # type: ignore[return-value]
-    dims = _dims(ctx.arg(node, dim_at, "dim"), len(shp))
+    dims = _dims(ctx.arg(node, dim_at, "dim", node.kwargs.get("axis")), len(shp))
     if dims is None:
         dims = tuple(range(len(shp)))
     keep = bool(ctx.arg(node, keep_at, "keepdim", False))
+    # one set of channels summed over at most (one mask site per argument), and only
+    # with arguments this rule reads
+    reduced = [f for f in lay.factors if set(f.axes) <= set(dims)]
+    over_kept = (over_kept and len(reduced) == 1
+                 and set(node.kwargs) <= {"dim", "axis", "keepdim", "dtype"})
     out, summed = [], []
     for f in lay.factors:
-        if over_kept and set(f.axes) <= set(dims):
+        if over_kept and f is reduced[0]:
             summed += [(0, a) for a in f.axes]  # its mask site: the soft network sums m * x
             continue
         if set(f.axes) & set(dims):
