@@ -14,7 +14,8 @@ order (a fresh loader with the seed's generator for each method):
 - ``tp-magnitude`` / ``tp-taylor``: Torch-Pruning's ``MetaPruner`` (L1 magnitude,
   or first-order Taylor on the gradients of ``TAYLOR_BATCHES`` training batches),
   one shot, channels ranked globally, classifier ignored, ``round_to`` = s2h-fx's
-  divisor 8 (at least 8 channels a group: see :func:`tp_pruner_class`), its
+  divisor (``--divisor``, default 8; at least that many channels a group: see
+  :func:`tp_pruner_class`), its
   ``pruning_ratio`` bisected (``benchmarks/zoo.py``'s ``bisect_tp``, here up to
   ``TP_TRIALS`` trials, to within ``TP_TOL``) to the budget's FLOPs; then
   ``s2h_fx.trainer.fit_dense``. Its FLOPs follow the ratio in steps: one ratio
@@ -111,7 +112,13 @@ TP_TRIALS = 12      # bisection trials (zoo.py's bisect_tp) for Torch-Pruning's 
 TP_TOL = 0.005      # ... stopping once its FLOPs ratio is this close to the budget
 TAYLOR_BATCHES = 4
 INPUT = (1, 28, 28)
-SETTINGS = ("e0", "e1", "train_size", "test_size", "batch_size", "lr")
+SETTINGS = ("e0", "e1", "train_size", "test_size", "batch_size", "lr", "divisor")
+# a row written before a setting existed ran at its default
+SETTING_DEFAULTS = {"divisor": DIVISOR}
+
+
+def setting(row: Row, key: str) -> Any:
+    return row.get(key, SETTING_DEFAULTS.get(key))
 # S2H variants for the ablation (``--methods s2h,s2h:NAME,...``; more with --variant):
 # S2HConfig fields set over the library's defaults. Every row keeps the full
 # S2HConfig it ran with (``s2h_config``), so a table read after the defaults change
@@ -333,7 +340,7 @@ def run_s2h(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int
     train_loader, _ = loaders(args, seed)
     config = s2h_config(method, args)
     pruner = s2h_fx.prune_graph(copy.deepcopy(dense), budget, (torch.zeros(2, *INPUT),),
-                                divisor=DIVISOR, config=config)
+                                divisor=args.divisor, config=config)
     torch.manual_seed(seed)
     history = fit(pruner, train_loader, args.e1, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
                   device=device, progress=args.progress, finish=False)
@@ -351,7 +358,7 @@ def run_oneshot(dense: nn.Module, budget: float, args: argparse.Namespace, seed:
     import s2h_fx
 
     pruner = s2h_fx.prune_graph(copy.deepcopy(dense), budget, (torch.zeros(2, *INPUT),),
-                                divisor=DIVISOR)
+                                divisor=args.divisor)
     net = pruner.export()
     train_loader, _ = loaders(args, seed)
     torch.manual_seed(seed)
@@ -396,7 +403,7 @@ def taylor_grads(dense: nn.Module, calib: list[Any], device: torch.device) -> li
 
 
 def tp_prune(dense: nn.Module, ratio: float, importance: str, grads: list[torch.Tensor] | None,
-             device: torch.device) -> nn.Module:
+             device: torch.device, divisor: int = DIVISOR) -> nn.Module:
     """A copy of ``dense`` pruned by Torch-Pruning at ``pruning_ratio=ratio``: channels
     ranked globally (``global_pruning=True``, each group's scores mean-normalised, as
     Torch-Pruning does by default), so the FLOPs can be matched finely."""
@@ -409,7 +416,7 @@ def tp_prune(dense: nn.Module, ratio: float, importance: str, grads: list[torch.
     imp = (tp.importance.MagnitudeImportance(p=1) if importance == "magnitude"
            else tp.importance.TaylorImportance())
     pruner = tp_pruner_class()(work, x, importance=imp, pruning_ratio=ratio,
-                               ignored_layers=ignored, round_to=DIVISOR, global_pruning=True)
+                               ignored_layers=ignored, round_to=divisor, global_pruning=True)
     if grads is not None:
         for p, g in zip(work.parameters(), grads):
             p.grad = g.clone()
@@ -434,7 +441,7 @@ def run_tp(importance: str) -> Callable[..., tuple[nn.Module, Row]]:
         trials: list[tuple[float, float]] = []
 
         def trial(ratio: float) -> tuple[float, nn.Module]:
-            net = tp_prune(dense, ratio, importance, grads, device)
+            net = tp_prune(dense, ratio, importance, grads, device, args.divisor)
             trials.append((ratio, count_flops(net, x) / dense_flops))
             return trials[-1][1], net
 
@@ -500,7 +507,7 @@ def config_tag(config: dict[str, Any] | None) -> str | None:
 
 def key_of(row: Row) -> tuple[Any, ...]:
     return (row["model"], float(row["budget"]), int(row["seed"]), row["method"],
-            *(row.get(k) for k in SETTINGS), config_tag(row.get("s2h_config")))
+            *(setting(row, k) for k in SETTINGS), config_tag(row.get("s2h_config")))
 
 
 def read_rows(paths: Iterable[Path]) -> list[Row]:
@@ -556,7 +563,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
 
 # ---- table and plot -----------------------------------------------------------------
-COLUMNS = ("model", "budget", "method", "seeds", "E0+E1", "train", "test acc", "FLOPs ratio",
+COLUMNS = ("model", "budget", "method", "seeds", "E0+E1", "train", "div", "test acc", "FLOPs ratio",
            "params (M)", "wall s")
 
 
@@ -581,7 +588,7 @@ def cells_of(rows: list[Row]) -> dict[Cell, list[Row]]:
     unique = {key_of(r): r for r in rows}
     cells: dict[Cell, list[Row]] = {}
     for r in unique.values():
-        cell = (r["model"], float(r["budget"]), r["method"], *(r.get(k) for k in SETTINGS),
+        cell = (r["model"], float(r["budget"]), r["method"], *(setting(r, k) for k in SETTINGS),
                 config_tag(r.get("s2h_config")))
         cells.setdefault(cell, []).append(r)
 
@@ -598,6 +605,7 @@ def table(rows: list[Row]) -> str:
     for (model, budget, method, *_), rs in cells_of(rows).items():
         lines.append([model, f"{budget:.2f}", method, str(len({r["seed"] for r in rs})),
                       f"{rs[0]['e0']}+{rs[0]['e1']}", str(rs[0]["train_size"] or 60000),
+                      str(setting(rs[0], "divisor")),
                       _pm([r["test_acc"] for r in rs], ".4f"),
                       _pm([r["flops_ratio"] for r in rs], ".3f"),
                       f"{mean_sd([r['params'] / 1e6 for r in rs])[0]:.3f}",
@@ -661,6 +669,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seeded subset of the 10,000 test images (default: all)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="base lr of the cosine schedule")
+    p.add_argument("--divisor", type=int, default=DIVISOR,
+                   help="channel divisor of every method (s2h-fx's divisor, Torch-Pruning's "
+                        "round_to and minimum width)")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--data", type=Path, default=None,

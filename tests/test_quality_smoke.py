@@ -280,3 +280,18 @@ def test_quality_models_prune_with_both_tools(name):
         assert all(c.out_channels % 8 == 0 for c in convs if c.groups == 1)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_divisor_is_a_setting_rows_from_before_it_ran_at_8() -> None:
+    """--divisor keys rows (resume) and table cells; a row written before the option
+    existed counts as divisor 8, so --resume does not rerun it."""
+    quality = load_quality()
+    base = {"model": "resnet20", "budget": 0.15, "seed": 0, "method": "s2h", "e0": 4,
+            "e1": 10, "train_size": 10000, "test_size": 10000, "batch_size": 128, "lr": 0.05,
+            "test_acc": 0.9, "flops_ratio": 0.15, "params": 30000, "seconds": 1.0}
+    old, eight, four = dict(base), {**base, "divisor": 8}, {**base, "divisor": 4, "test_acc": 0.8}
+    assert quality.key_of(old) == quality.key_of(eight) != quality.key_of(four)
+    cells = quality.cells_of([old, four])
+    assert len(cells) == 2
+    lines = quality.table([old, four]).splitlines()
+    assert any(" 8  0.9000" in line for line in lines) and any(" 4  0.8000" in line for line in lines)
