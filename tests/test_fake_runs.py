@@ -6,6 +6,7 @@ models; each for real otherwise, or when the fake run fails."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Any
 
 import pytest
@@ -13,13 +14,15 @@ import torch
 import torchvision
 from torch import nn
 
-import passes.trace_model as trace_pass
 import s2h_fx.observe as observe
-from passes.trace_model import propagate, trace_model
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.fake import fake_mode, graph_is_fake_safe, holds_fake, modules_are_fake_safe
+from s2h_fx.passes.trace_model import propagate, trace_model
 
 from toy_zoo import TOY_ZOO
+
+# the module (``s2h_fx.passes.trace_model`` as an attribute is the function of that name)
+trace_pass = importlib.import_module("s2h_fx.passes.trace_model")
 
 
 def tiny_vit() -> nn.Module:
@@ -182,7 +185,7 @@ def test_fake_propagation_falls_back_where_an_op_needs_data(
     monkeypatch.setattr(trace_pass, "FAKE_PROPAGATION_PARAMS", 0)
     x = torch.randn(2, 3, 8, 8)
     model = Selects().eval()
-    with caplog.at_level("INFO", logger="passes.trace_model"):
+    with caplog.at_level("INFO", logger=trace_pass.log.name):
         gm = trace_model(model, (x,))
     assert "on fake tensors failed" in caplog.text
     node = next(n for n in gm.graph.nodes if n.op == "call_function"
