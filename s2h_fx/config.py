@@ -140,7 +140,7 @@ SETTLE_SHARE = 0.6
 
 @dataclass(frozen=True)
 class S2HConfig:
-    """Hyper-parameters of S2H training (DESIGN.md section 3).
+    """Hyper-parameters of S2H training (soft and hard branches, masks, resource loss).
 
     ``temperature``: T of the width softmax. ``resource_weight``: lambda_R of the
     resource loss. ``kd_weight``: weight of both distillation terms.

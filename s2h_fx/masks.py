@@ -1,7 +1,7 @@
 """ChannelMask: one module per prunable group, called wherever the group's
 channels enter an op that sums over channels (conv, linear, matmul).
 
-The mask is the S2HPruner parameterisation (DESIGN.md section 3). With C
+The mask is the S2HPruner parameterisation (a softmax over candidate widths). With C
 classes and divisor d the candidate widths are c_k = k d, k = 1..K, K = C / d:
 
 * p = softmax(u / T) over the K widths (``logits`` u);

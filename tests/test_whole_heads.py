@@ -1,4 +1,4 @@
-"""Whole-heads mode (``attention="heads"``, DESIGN.md section 8): an attention block's
+"""Whole-heads mode (``attention="heads"``): an attention block's
 heads are pruned whole (q, k and v rows of a head, the output projection's columns
 for it, and per-head tables), the head width stays.
 

@@ -1,4 +1,4 @@
-"""Matmul and attention over whole heads (``attention="heads"``, DESIGN.md section 8).
+"""Matmul and attention over whole heads (``attention="heads"``).
 
 In whole-heads mode a channel axis split in (..., H, D) is a plain factor over the
 head axis and the channel axis, each head a block (rules.shape). In a matmul or in
