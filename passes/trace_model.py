@@ -471,7 +471,7 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphMo
                 log.info("propagating shapes on fake tensors failed at %s (%s); running "
                          "for real", exc, exc.__cause__)
                 _FlopShapeProp(gm).propagate(*example_inputs)
-            if holds_fake(gm):
+            if fake and holds_fake(gm):
                 raise InvariantError("a fake tensor is left in the model after propagating "
                                      "shapes for real")
     finally:

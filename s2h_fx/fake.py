@@ -60,12 +60,16 @@ def _global_hooks() -> bool:
     return bool(module_._global_forward_pre_hooks or module_._global_forward_hooks)
 
 
+def _safe_module(m: nn.Module) -> bool:
+    """One of torch's or torchvision's modules (none keeps a tensor it computed),
+    without forward hooks."""
+    return type(m).__module__.startswith(_SAFE_MODULES) and not _hooked(m)
+
+
 def modules_are_fake_safe(model: nn.Module) -> bool:
-    """Whether every module of ``model`` is one of torch's or torchvision's (none of
-    which keeps a tensor it computed) and none has forward hooks, so that a fake run
-    leaves nothing fake behind."""
-    return not _global_hooks() and all(
-        type(m).__module__.startswith(_SAFE_MODULES) and not _hooked(m) for m in model.modules())
+    """Whether every module of ``model`` is safe (:func:`_safe_module`) and no global
+    forward hook is set, so that a fake run leaves nothing fake behind."""
+    return not _global_hooks() and all(_safe_module(m) for m in model.modules())
 
 
 def graph_is_fake_safe(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> bool:
@@ -79,8 +83,7 @@ def graph_is_fake_safe(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> b
         return False
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            m = gm.get_submodule(str(node.target))
-            if not type(m).__module__.startswith(_SAFE_MODULES) or _hooked(m):
+            if not _safe_module(gm.get_submodule(str(node.target))):
                 return False
         elif node.op == "call_function":
             home = getattr(node.target, "__module__", None) or ""

@@ -192,20 +192,19 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
     # one set of channels summed over at most (one mask site per argument), and only
     # with arguments this rule reads
     reduced = [f for f in lay.factors if set(f.axes) <= set(dims)]
-    over_kept = (over_kept and len(reduced) == 1
-                 and set(node.kwargs) <= {"dim", "axis", "keepdim", "dtype"})
-    out, summed = [], []
+    summed = (reduced[0] if over_kept and len(reduced) == 1
+            and set(node.kwargs) <= {"dim", "axis", "keepdim", "dtype"} else None)
+    out = []
     for f in lay.factors:
-        if over_kept and f is reduced[0]:
-            summed += [(0, a) for a in f.axes]  # its mask site: the soft network sums m * x
+        if f is summed:
             continue
         if set(f.axes) & set(dims):
             ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
             continue
         axes = f.axes if keep else tuple(a - sum(d < a for d in dims) for a in f.axes)
         out.append(Factor(axes, f.ids, f.tiled))
-    if summed:
-        ctx.mixes(node, *summed)
+    if summed is not None:  # its mask site: the soft network sums m * x
+        ctx.mixes(node, *[(0, a) for a in summed.axes])
     return ChannelLayout(len(out_shape), tuple(out))
 
 
