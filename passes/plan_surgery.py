@@ -243,7 +243,7 @@ def _split(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     sizes, channels = [], False
     for lay, m in zip(outs, metas):
         f = lay.factor_at(dim) if isinstance(lay, ChannelLayout) else None
-        sizes.append(int(m.shape[dim]) if f is None else int(kept[f.ids].sum()))
+        sizes.append(int(m.shape[dim]) if f is None else axis_extent(f.ids, f.axes.index(dim), kept))
         channels |= f is not None
     computed = channels and len(args) > 1 and _has_node(args[1])  # sizes computed in the graph
     if sizes == [int(m.shape[dim]) for m in metas] and not computed:

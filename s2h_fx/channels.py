@@ -39,6 +39,8 @@ class FreezeReason(enum.Enum):
     NON_UNIFORM = "coupled channels do not pair up one-to-one"
     TOO_SMALL = "no smaller width is allowed by its divisor"
     SIZE_AS_VALUE = "its channel count is used as a value (not as the size of these channels)"
+    WITHIN_BLOCK = ("multiplies or adds along channels that are kept whole (a head's width), "
+                    "so it is never sliced")
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import operator
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -31,11 +32,13 @@ _POINTWISE_FUNCTIONS: list[Any] = [
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate, F.pad,
     torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.clamp,
     operator.neg, operator.pos, torch.nn.functional.relu_, torch.square, torch.sqrt,
+    torch.sin, torch.cos, torch.log, torch.rsqrt, torch.reciprocal, torch.erf,
 ]
 _POINTWISE_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "clamp",
     "clamp_", "contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type",
     "type_as", "detach", "square", "sqrt", "hardswish", "hardsigmoid", "softplus",
+    "sin", "cos", "log", "rsqrt", "reciprocal", "erf",
 ]
 
 _POINTWISE_EXTRA: list[Any] = []
@@ -102,18 +105,54 @@ def join(
                     if j > i:
                         ctx.couple(f.ids, same[0].ids)
                 elif clash:
-                    for g in clash:
-                        ctx.freeze(g.ids, FreezeReason.IRREGULAR_LAYOUT, node)
-                    ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
-                    ok = False
-                elif any(full[a] == out_shape[a] and out_shape[a] > 1 for a in f.axes):
-                    ctx.freeze(f.ids, FreezeReason.UNTRACKED_OPERAND, node)
+                    ok = _clash(ctx, node, f, clash) and ok
+                else:
+                    varying = [a for a in f.axes if full[a] == out_shape[a] and out_shape[a] > 1]
+                    if varying and not block_within(ctx, f, varying):
+                        ctx.freeze(f.ids, FreezeReason.UNTRACKED_OPERAND, node)
             taken = {a for g in out for a in g.axes}
             if ok and not (set(f.axes) & taken) and all(
                 out_shape[a] == f.ids.shape[k] for k, a in enumerate(f.axes)
             ):
                 out.append(f)
     return tuple(out)
+
+
+def _clash(ctx: RuleContext, node: fx.Node, f: Factor, clash: list[Factor]) -> bool:
+    """``f`` meets factors of another operand on overlapping but different axes. Where
+    one lies within the other's axes (a RoPE table's channels over D, from its buffer,
+    against q's (H, D)), the larger is kept together along the smaller's axes (see
+    :func:`block_within`) and the smaller is frozen: it is never sliced. Else both
+    freeze. Whether ``f`` passes to the output."""
+    ok = True
+    for g in clash:
+        if set(g.axes) < set(f.axes) and block_within(ctx, f, list(g.axes)):
+            ctx.freeze(g.ids, FreezeReason.WITHIN_BLOCK, node)
+        elif set(f.axes) < set(g.axes) and block_within(ctx, g, list(f.axes)):
+            ctx.freeze(f.ids, FreezeReason.WITHIN_BLOCK, node)
+            ok = False
+        else:
+            ctx.freeze(g.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+            ok = False
+    return ok
+
+
+def block_within(ctx: RuleContext, f: Factor, axes: list[int]) -> bool:
+    """Keep the ids of a channel axis split in several (``f``, not tiled) together along
+    ``axes`` (one block per index of its other axes: a head's D channels), so that an op
+    may cut, slice or vary along those axes and pruning never shortens them: a tensor
+    whose channels are not tracked may vary along them (RoPE's sin/cos tables over the
+    head width of q's (H, D)), broadcast along the others. False (and
+    nothing blocked) where no axis would be left to prune along, or ``f`` is tiled (its
+    rows are the same channels: one block would hold them all)."""
+    if f.tiled or not set(axes) <= set(f.axes) or len(set(axes)) >= len(f.axes):
+        return False
+    ks = [f.axes.index(a) for a in dict.fromkeys(axes)]
+    rows = np.moveaxis(f.ids, ks, list(range(f.ids.ndim - len(ks), f.ids.ndim)))
+    for row in rows.reshape(-1, int(np.prod([f.ids.shape[k] for k in ks]))):
+        ctx.block(row)
+    return True
 
 
 def _tensor_operands(ctx: RuleContext, node: fx.Node) -> list[tuple[ChannelLayout, tuple[int, ...]]]:

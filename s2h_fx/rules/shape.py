@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from s2h_fx.channels import ChannelLayout, Factor, FreezeReason, SpaceKind
 from s2h_fx.rules.base import LayoutValue, RuleContext, concrete, register_rule
-from s2h_fx.rules.elementwise import join
+from s2h_fx.rules.elementwise import block_within, join
 
 
 def _permuted(lay: ChannelLayout, perm: list[int]) -> ChannelLayout:
@@ -105,17 +105,60 @@ def reshape(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     moved = _moved_axes(groups, shp, out_shape)
     spread = [f for f in lay.factors if len(f.axes) > 1 and all(a in moved for a in f.axes)]
     out.extend(Factor(tuple(moved[a] for a in f.axes), f.ids, f.tiled) for f in spread)
+    across: list[Factor] = []
     for gi, gj in groups:
         inside = [f for f in lay.factors if set(f.axes) & set(gi) and f not in spread]
         if not inside:
             continue
         f = inside[0]
+        if len(inside) == 1 and not set(f.axes) <= set(gi) and not f.tiled:
+            if not any(g is f for g in across):  # once, whichever of its runs comes first
+                across.append(f)
+                moved_f = _reshape_across(ctx, lay, f, groups, shp, out_shape)
+                if moved_f is None:
+                    ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+                else:
+                    out.append(moved_f)
+            continue
         if len(inside) > 1 or not set(f.axes) <= set(gi):
             for g in inside:
                 ctx.freeze(g.ids, FreezeReason.IRREGULAR_LAYOUT, node)
             continue
         out.extend(_reshape_factor(ctx, f, gi, gj, shp, out_shape))
     return ChannelLayout(len(out_shape), tuple(out))
+
+
+def _reshape_across(
+    ctx: RuleContext, lay: ChannelLayout, f: Factor, groups: list[tuple[list[int], list[int]]],
+    shp: tuple[int, ...], out_shape: tuple[int, ...],
+) -> Factor | None:
+    """A factor over several axes (a head's (H, D), not tiled) whose axes fall in
+    different runs of the reshape, each run reshaped on its own: interleaved RoPE's
+    ``stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)`` merges (D/2, 2) into D
+    under the heads. The ids are reshaped with the runs they lie in (the other runs
+    held at size 1); the channels are then kept together along every axis that a run
+    split or merged, so pruning only drops whole rows of the other axes and the
+    reshape's sizes along those axes never change. None where another factor shares a
+    run, or no axis would be left to prune along."""
+    touched = [(gi, gj) for gi, gj in groups if set(gi) & set(f.axes)]
+    if any(g is not f and set(g.axes) & set(gi) for g in lay.factors for gi, _ in touched):
+        return None
+    src_axes = {a for gi, _ in touched for a in gi}
+    dst_axes = {b for _, gj in touched for b in gj}
+    src = [shp[a] if a in src_axes else 1 for a in range(len(shp))]
+    dst = [out_shape[b] if b in dst_axes else 1 for b in range(len(out_shape))]
+    order = sorted(f.axes)
+    ids = np.transpose(f.ids, [f.axes.index(a) for a in order])
+    expand = [shp[a] if a in f.axes else 1 for a in range(len(shp))]
+    arr = np.broadcast_to(ids.reshape(expand), src).reshape(dst)
+    axes = [t for t in range(arr.ndim)
+            if arr.shape[t] > 1 and not np.all(arr == arr.take([0], axis=t))]
+    arr = np.ascontiguousarray(arr[tuple(slice(None) if t in axes else 0 for t in range(arr.ndim))])
+    if arr.size != f.ids.size:  # a channel repeated by the reshape
+        return None
+    moved = Factor(tuple(axes), arr)
+    reshaped = [b for gi, gj in touched if len(gi) > 1 or len(gj) > 1 for b in gj if b in axes]
+    return moved if block_within(ctx, moved, reshaped) else None
 
 
 def _moved_axes(groups: list[tuple[list[int], list[int]]], shp: tuple[int, ...],
@@ -183,15 +226,19 @@ def cat(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         if lay is None or shp is None:
             return ctx.blank(node)
         f = lay.factor_at(dim)
-        if f is not None and f.axes != (dim,):
-            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
-            f = None
         pieces.append((f, shp[dim]))
         others = tuple(g for g in lay.factors if dim not in g.axes)
         rest.append((ChannelLayout(len(shp), others), shp[:dim] + (1,) + shp[dim + 1 :]))
     joined = join(ctx, node, rest, out_shape[:dim] + (1,) + out_shape[dim + 1 :])
     if all(f is None for f, _ in pieces):
         return ChannelLayout(nd, joined)
+    within = _cat_within(ctx, node, [f for f, _ in pieces], dim)
+    if within is not None:
+        return ChannelLayout(nd, joined + (within,))
+    for f, _ in pieces:
+        if f is not None and f.axes != (dim,):
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+    pieces = [(None if f is None or f.axes != (dim,) else f, size) for f, size in pieces]
     parts = []
     for f, size in pieces:
         if f is None:  # untracked positions get ids of their own, frozen
@@ -199,6 +246,24 @@ def cat(ctx: RuleContext, node: fx.Node) -> LayoutValue:
             ctx.freeze(f.ids, FreezeReason.UNTRACKED_OPERAND, node)
         parts.append(f.ids)
     return ChannelLayout(nd, joined + (Factor((dim,), np.concatenate(parts)),))
+
+
+def _cat_within(ctx: RuleContext, node: fx.Node, factors: list[Factor | None],
+                dim: int) -> Factor | None:
+    """Pieces of a head's width joined again (rotate_half's ``cat([-x2, x1], -1)``):
+    every piece split the same way (same axes, not tiled, the same sizes on the other
+    axes); the joined ids are kept together along ``dim``, so the join keeps its sizes."""
+    first = factors[0]
+    if first is None or first.axes == (dim,) or first.tiled:
+        return None
+    k = first.axes.index(dim)
+    rest = [s for t, s in enumerate(first.ids.shape) if t != k]
+    for f in factors:
+        if (f is None or f.axes != first.axes or f.tiled
+                or [s for t, s in enumerate(f.ids.shape) if t != k] != rest):
+            return None
+    joined = Factor(first.axes, np.concatenate([f.ids for f in factors if f is not None], axis=k))
+    return joined if block_within(ctx, joined, [dim]) else None
 
 
 @register_rule(torch.stack)
@@ -214,7 +279,33 @@ def stack(ctx: RuleContext, node: fx.Node) -> LayoutValue:
             return ctx.blank(node)
         fs = tuple(Factor(tuple(a + (a >= dim) for a in f.axes), f.ids, f.tiled) for f in lay.factors)
         ops.append((ChannelLayout(len(out_shape), fs), shp[:dim] + (1,) + shp[dim:]))
+    within = _stack_within(ctx, [lay for lay, _ in ops])
+    if within is not None:
+        rest = [(ChannelLayout(lay.ndim, tuple(g for g in lay.factors if g.axes != within.axes)),
+                 shp) for lay, shp in ops]
+        stacked = Factor(within.axes + (dim,), np.stack(
+            [next(g for g in lay.factors if g.axes == within.axes).ids for lay, _ in ops], -1))
+        if block_within(ctx, stacked, [dim]):
+            return ChannelLayout(len(out_shape), join(ctx, node, rest, out_shape) + (stacked,))
     return ChannelLayout(len(out_shape), join(ctx, node, ops, out_shape))
+
+
+def _stack_within(ctx: RuleContext, lays: list[ChannelLayout]) -> Factor | None:
+    """Pieces of a head's width stacked on a new axis (interleaved RoPE's
+    ``stack([-x[..., 1::2], x[..., ::2]], -1)`` over (H, D/2)): every operand has one
+    factor over the same two or more axes (heads and width), not tiled, of the same
+    shape; it is returned (the first operand's). The caller stacks their ids on the new
+    axis and keeps them together along it, so the pieces stay paired and only whole
+    rows of the other axes are dropped."""
+    found = []
+    for lay in lays:
+        fs = [f for f in lay.factors if len(f.axes) > 1 and not f.tiled]
+        found.append(fs[0] if len(fs) == 1 else None)
+    first = found[0]
+    if first is None or any(f is None or f.axes != first.axes or f.ids.shape != first.ids.shape
+                            for f in found):
+        return None
+    return first
 
 
 @register_rule(torch.split, torch.chunk, torch.tensor_split, torch.unbind,
@@ -241,6 +332,16 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         return tuple(ChannelLayout(len(shp), tuple(
             _drop_axis(g, dim, s, renumber=False) if g is f else g for g in lay.factors))
             for s in range(len(metas)))
+    if f is not None and f.axes != (dim,) and name != "unbind" and block_within(ctx, f, [dim]):
+        # a head's width cut in pieces (RoPE's rotate_half: x.chunk(2, -1) over (H, D)):
+        # the pieces keep their sizes, the heads are dropped in all of them alike
+        k, start, outs = f.axes.index(dim), 0, []
+        for m in metas:
+            size = int(m.shape[dim])
+            piece = Factor(f.axes, np.take(f.ids, np.arange(start, start + size), axis=k))
+            outs.append(ChannelLayout(len(shp), tuple(piece if g is f else g for g in lay.factors)))
+            start += size
+        return tuple(outs)
     if f is not None and f.axes != (dim,):
         ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
         f = None
@@ -344,6 +445,12 @@ def index_layout(
             ctx.freeze(f.ids, FreezeReason.CHANNEL_INDEXING, node)
             continue
         sl = [slices[a] for a in f.axes]
+        cut = [a for s, a in zip(sl, f.axes) if s.indices(shp[a]) != (0, shp[a], 1)]
+        if cut and len(f.axes) > 1 and block_within(ctx, f, cut):
+            # q[..., :D // 2] or x[..., 1::2] within each head: bounds that pruning never
+            # moves, the heads dropped along the other axes
+            out.append(Factor(tuple(mapping[a] for a in f.axes), f.ids[tuple(sl)]))
+            continue
         if any(s.step not in (None, 1) for s in sl):
             ctx.freeze(f.ids, FreezeReason.CHANNEL_INDEXING, node)
             continue

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from s2h_fx.channels import ChannelLayout
+from s2h_fx.channels import ChannelLayout, Factor
 from s2h_fx.rules.base import RuleContext
 
 S2H_SIZE_DEPS = "s2h_size_deps"
@@ -116,13 +116,18 @@ def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
     if isinstance(out, ChannelLayout):
         infer_foreign_size(ctx, node, out)
     sizes = _size_args(node)
+    source = _shape_source(ctx, node)
     for j, arg in enumerate(sizes):
         deps = arg if isinstance(arg, np.ndarray) else _deps(arg)
         if isinstance(deps, np.ndarray) and deps.size:
             f = out.factor_at(j) if isinstance(out, ChannelLayout) else None
             # channels split over several axes and pruned in whole rows (whole heads): a
-            # count of them does not follow any one axis; kept as a use of the value
+            # count of them does not follow any one axis; kept as a use of the value,
+            # unless it is the same axis of a tensor laid out alike (see _same_rows)
             factor = None if f is None or (len(f.axes) > 1 and not f.tiled) else f.ids.ravel()
+            if factor is None and f is not None and source is not None:
+                g = source.factor_at(j)
+                factor = f.ids.ravel() if g is not None and _same_rows(f, g, j) else None
             ctx.size_checks.append((deps, factor, node))
     counted = {id(a) for a in sizes} | {id(a) for a in node.args[1:2] if _size_args(node)}
     for arg in _flat(node.args) + _flat(tuple(node.kwargs.values())):
@@ -136,6 +141,36 @@ def check_size_uses(ctx: RuleContext, node: fx.Node) -> None:
             for d in deps:
                 if d.size:
                     ctx.size_checks.append((d, None, node))
+
+
+def _shape_source(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """The layout of ``x`` in ``t.reshape(x.shape)`` / ``t.view(x.size())``: the whole
+    shape of one tensor as the sizes; None otherwise."""
+    rest = node.args[1:] if node.target in _RESHAPES else ()
+    shape = rest[0] if len(rest) == 1 else None
+    if not (isinstance(shape, fx.Node) and isinstance(_deps(shape), tuple)):
+        return None
+    if (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1) or (
+            shape.target is builtins.getattr and shape.args[1] == "shape"):
+        lay = ctx.layout(shape.args[0])
+        return lay if isinstance(lay, ChannelLayout) else None
+    return None
+
+
+def _same_rows(f: Factor, g: Factor, axis: int) -> bool:
+    """Whether axis ``axis`` of two factors over several axes (whole heads) has the
+    same slices up to their order: each index along the axis holds one set of ids, and
+    the two factors have the same sets (interleaved RoPE swaps channels inside each
+    head, so its slices along the head width come in another order). Then whichever
+    ids are kept, as many slices keep one in both, and the pruned sizes agree."""
+    if len(g.axes) < 2 or g.tiled or axis not in f.axes or axis not in g.axes:
+        return False
+
+    def rows(h: Factor) -> list[tuple[int, ...]]:
+        ids = np.moveaxis(h.ids, h.axes.index(axis), 0)
+        return sorted(tuple(np.unique(r).tolist()) for r in ids.reshape(ids.shape[0], -1))
+
+    return f.ids.shape[f.axes.index(axis)] == g.ids.shape[g.axes.index(axis)] and rows(f) == rows(g)
 
 
 def _flat(args: Any) -> list[Any]:
