@@ -29,6 +29,7 @@ from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE, ChannelLayout, GroupingRe
 from s2h_fx.errors import InvariantError
 from s2h_fx.passes.build_flops_model import axis_extent  # noqa: I001
 from s2h_fx.rules.base import add_to_registry, concrete, iter_layouts, lookup_in_registry
+from s2h_fx.rules.layers import RMS_NORM_FUNCTIONS
 
 # (args, kwargs) of the node in the pruned graph, or (args, kwargs, new target)
 RewriteResult = Union[  # noqa: UP007 (runtime alias, py3.10)
@@ -196,13 +197,18 @@ def _conv_groups(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     return args, {**kwargs, "groups": new}
 
 
-@register_rewrite(F.layer_norm)
+@register_rewrite(F.layer_norm, *RMS_NORM_FUNCTIONS)
 def _layer_norm(node: fx.Node, ctx: RewriteContext) -> RewriteResult | None:
     args: tuple[Any, ...] = tuple(node.args)
     kwargs = dict(node.kwargs)
     src = ctx.shape(args[0])
-    n = len(args[1]) if isinstance(args[1], (list, tuple)) else 1
-    return None if src is None else ((args[0], list(src[-n:]), *args[2:]), kwargs)
+    shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+    if src is None or shape is None:
+        return None
+    new = list(src[-(len(shape) if isinstance(shape, (list, tuple)) else 1):])
+    if len(args) > 1:
+        return (args[0], new, *args[2:]), kwargs
+    return args, {**kwargs, "normalized_shape": new}
 
 
 @register_rewrite(F.group_norm)

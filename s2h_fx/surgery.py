@@ -72,9 +72,9 @@ def _batch_norm(m: nn.Module, in_shape: tuple[int, ...] | None) -> None:
         m.num_features = in_shape[1]
 
 
-@register_surgery(nn.LayerNorm)
+@register_surgery(nn.LayerNorm, nn.RMSNorm)
 def _layer_norm(m: nn.Module, in_shape: tuple[int, ...] | None) -> None:
-    m = cast(nn.LayerNorm, m)
+    m = cast(nn.LayerNorm, m)  # RMSNorm: the same two attributes
     n = len(m.normalized_shape)
     if m.weight is not None:
         m.normalized_shape = tuple(m.weight.shape)

@@ -104,7 +104,19 @@ def conv_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
                      transposed=isinstance(m, _CONV_T))
 
 
+# methods that only change a tensor's dtype or device: a weight read through them
+# (``self.weight.float()``, DeepSeek's RMSNorm) is still that parameter, sliced alike
+_CASTS = frozenset({"float", "half", "bfloat16", "double", "to", "type", "type_as"})
+
+
 def _attr_path(arg: Any) -> str | None:
+    """The parameter (or buffer) a weight argument reads: a ``get_attr``, possibly
+    through dtype or device casts; None where the weight is computed."""
+    while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _CASTS:
+        others = [*arg.args[1:], *arg.kwargs.values()]
+        if arg.target != "type_as" and any(isinstance(a, fx.Node) for a in others):
+            break  # .to(other_tensor): not a plain cast
+        arg = arg.args[0]
     return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
@@ -282,6 +294,31 @@ def _attr_params(ctx: RuleContext, node: fx.Node, slots: list[tuple[int, str]]) 
 @register_rule(F.layer_norm)
 def layer_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     params = _attr_params(ctx, node, [(2, "weight"), (3, "bias")])
+    if params is None:
+        return unknown_weights(ctx, node)
+    shape = ctx.arg(node, 1, "normalized_shape")
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return layer_norm_like(ctx, node, node.args[0], shape, params)
+
+
+# RMSNorm, functional: torch's and timm's (its RmsNorm layer calls these; the tracer
+# keeps them as calls), all (x, normalized_shape, weight, eps)
+RMS_NORM_FUNCTIONS = (F.rms_norm, "timm.layers.fast_norm.rms_norm",
+                      "timm.layers.fast_norm.fast_rms_norm")
+
+
+@register_rule(nn.RMSNorm)
+def rms_norm_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """As LayerNorm: over the last axis each channel is pruned on its own, and the
+    pruned network's root mean square is over the channels it keeps."""
+    m = cast(nn.RMSNorm, ctx.module(node))
+    names = _present(ctx, node, ["weight"])
+    return layer_norm_like(ctx, node, node.args[0], tuple(m.normalized_shape), names)
+
+
+@register_rule(*RMS_NORM_FUNCTIONS)
+def rms_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    params = _attr_params(ctx, node, [(2, "weight")])
     if params is None:
         return unknown_weights(ctx, node)
     shape = ctx.arg(node, 1, "normalized_shape")
