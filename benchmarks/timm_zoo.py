@@ -14,7 +14,8 @@ and these s2h-fx columns:
   fallback`` (a failing submodule made a leaf), or ``failed`` (the reason is the
   row's error);
 - ``attention_pruned``: whether a prunable group holds the output channels of a
-  q/k/v/qkv/proj linear of an attention module.
+  q/k/v/qkv/proj linear of an attention module; ``attention_mode``: what the default
+  ``attention="auto"`` chose (``width``, or ``heads`` where whole heads prune more).
 
     python benchmarks/timm_zoo.py --sample --jobs 1 --timeout 120 --out timm.jsonl
     python benchmarks/timm_zoo.py --models test_vit,test_resnet --input-size 3,32,32
@@ -185,6 +186,7 @@ def inspect_pruner(pruner: Any) -> Row:
         row["attention_pruned"] = any(
             is_attention_output(member, gm)
             for g in pruner.grouping.prunable for member in g.members)
+        row["attention_mode"] = pruner.grouping.attention  # what "auto" chose
     return row
 
 

@@ -21,16 +21,24 @@ the analysis is then run a second time and the result with more prunable
 channels is kept. ``attention="heads"`` (``RuleContext.heads``) prunes attention heads
 whole instead of their width (s2h_fx.rules.heads); a tensor indexed by heads then holds
 one id per head, which the uniform-use check accepts when every atom (head) occurs
-equally often.
+equally often. ``attention="auto"`` (the default) analyses head widths and, where the
+graph computes attention and some producer's channels came out frozen, whole heads
+too, keeping whole heads only where they leave more producer channels prunable (a
+rotary attention, whose sin/cos tables vary along the head width, prunes only by
+heads).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import fx, nn
@@ -58,21 +66,22 @@ S2H_MIXING = "s2h_mixing"  # (arg, axis) pairs (or arg indices) whose channels i
 
 
 def find_channel_groups(
-    gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False, attention: str = "width"
+    gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False, attention: str = "auto"
 ) -> GroupingResult:
     """``attention``: ``"width"`` prunes each attention head's width, ``"heads"`` whole
-    heads (see s2h_fx.config.PruneConfig)."""
+    heads, ``"auto"`` head widths unless whole heads make more producer channels
+    prunable (see s2h_fx.config.PruneConfig); the result's ``attention`` says which."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}, "
                          f"got {attention!r}")
-    heads = attention == "heads"
-    ctx, result = _analyse(gm, divisor, frozenset(), heads)
-    retry = _frozen_grouped_convs(gm, result)
-    if retry:  # try pruning inside their conv groups instead of whole groups
+    ctx, result = _analyse_mode(gm, divisor, attention == "heads")
+    if attention == "auto" and _heads_may_help(gm, ctx, result):
+        # attention whose head width cannot be pruned (RoPE tables along it): whole heads
         saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
-        alt_ctx, alt = _analyse(gm, divisor, retry, heads)
-        if _prunable_ids(alt) > _prunable_ids(result):
-            log.info("grouped convs pruned inside their groups: %s", ", ".join(sorted(retry)))
+        alt_ctx, alt = _analyse_mode(gm, divisor, True)
+        if _prunable_producer_ids(alt_ctx, alt) > _prunable_producer_ids(ctx, result):
+            log.info("attention='auto': whole heads make more channels prunable than head "
+                     "widths; pruning whole heads")
             ctx, result = alt_ctx, alt
         else:
             for n, meta in saved.items():
@@ -90,6 +99,48 @@ def find_channel_groups(
 
 
 _OWN_META = (S2H_SIZE_DEPS, S2H_LAYOUT, S2H_FLOP_REFS, S2H_MIXING)
+# what marks a graph as holding attention (for attention="auto")
+_ATTENTION_OPS = (F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm,
+                  torch.einsum, "matmul", "bmm")
+
+
+def _analyse_mode(
+    gm: fx.GraphModule, divisor: int, heads: bool
+) -> tuple[RuleContext, GroupingResult]:
+    """One analysis in one attention mode; grouped convs whose channels it freezes are
+    tried again pruned inside their conv groups, and the result with more prunable
+    channels is kept."""
+    ctx, result = _analyse(gm, divisor, frozenset(), heads)
+    retry = _frozen_grouped_convs(gm, result)
+    if retry:  # try pruning inside their conv groups instead of whole groups
+        saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
+        alt_ctx, alt = _analyse(gm, divisor, retry, heads)
+        if _prunable_ids(alt) > _prunable_ids(result):
+            log.info("grouped convs pruned inside their groups: %s", ", ".join(sorted(retry)))
+            ctx, result = alt_ctx, alt
+        else:
+            for n, meta in saved.items():
+                n.meta.update(meta)
+    return ctx, dataclasses.replace(result, attention="heads" if heads else "width")
+
+
+def _heads_may_help(gm: fx.GraphModule, ctx: RuleContext, result: GroupingResult) -> bool:
+    """Whether a whole-heads analysis is worth a try: the graph computes attention and
+    some producer's channels are frozen for a reason other than reaching the output."""
+    if not any(n.target in _ATTENTION_OPS for n in gm.graph.nodes
+               if n.op in ("call_function", "call_method")):
+        return False
+    output = FreezeReason.MODEL_OUTPUT.value
+    return any(g.producers and not all(r.startswith(output) for r in g.frozen)
+               for g in result.frozen)
+
+
+def _prunable_producer_ids(ctx: RuleContext, result: GroupingResult) -> int:
+    """Output channels of producers (convs, linears, embeddings) in prunable groups: what
+    pruning can take away, in either attention mode (tables indexed by heads are not
+    counted, so whole heads do not win by them)."""
+    ids = [ctx.slots[k] for k in ctx.producers]
+    return int(np.count_nonzero(result.group_of_id[np.concatenate(ids)] >= 0)) if ids else 0
 
 
 def _analyse(

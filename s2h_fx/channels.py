@@ -140,6 +140,7 @@ class GroupingResult:
     class_of_id: np.ndarray  # class index inside its group, -1 outside
     unknown_ops: tuple[str, ...] = ()
     atom_of_class: tuple[np.ndarray, ...] = field(default=())  # per group
+    attention: str = "width"  # what attention blocks prune: "width" or "heads"
 
     @property
     def prunable(self) -> tuple[ChannelGroup, ...]:

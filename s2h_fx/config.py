@@ -25,8 +25,9 @@ def default_divisor(runtime: str | None = None, device: str = "cpu") -> int:
 # keys a latency budget dict may carry besides the kind itself
 LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir", "points")
 GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full size included)
-# what an attention block prunes: each head's width (heads stay whole), or whole heads
-ATTENTION_MODES = ("width", "heads")
+# what an attention block prunes: each head's width (heads stay whole), or whole heads,
+# or (auto) the width unless whole heads leave more channels prunable
+ATTENTION_MODES = ("auto", "width", "heads")
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,13 @@ class PruneConfig:
     for a latency budget the runtime's own, :func:`default_divisor`: 32 for ONNX
     Runtime on CPU).
     ``strict``: raise on ops without a coupling rule instead of freezing them.
-    ``attention``: ``"width"`` (default) prunes the width of every attention head
-    (the same channels in each head; the heads stay whole); ``"heads"`` prunes whole
-    heads (q, k and v rows of a head, the output projection's columns, and per-head
-    tables such as relative position biases; the head width stays).
+    ``attention``: ``"width"`` prunes the width of every attention head (the same
+    channels in each head; the heads stay whole); ``"heads"`` prunes whole heads (q, k
+    and v rows of a head, the output projection's columns, and per-head tables such as
+    relative position biases; the head width stays); ``"auto"`` (default) prunes
+    widths, unless whole heads leave more of the convs' and linears' output channels
+    prunable (rotary position embeddings keep the head width: their attention prunes
+    by heads). ``pruner.grouping.attention`` says which was used.
     """
 
     budget: float
@@ -63,12 +67,12 @@ class PruneConfig:
     device: str = "cpu"
     cache_dir: str | None = None
     points: int = GRID_POINTS
-    attention: str = "width"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}"
-                             f" (prune each head's width, or whole heads); got {self.attention!r}")
+                             f" (prune each head's width, whole heads, or the one that prunes more); got {self.attention!r}")
         b = self.budget
         if isinstance(b, dict):
             b = self._from_dict(b)

@@ -82,7 +82,7 @@ def prune_graph(
     *,
     divisor: int | None = None,
     strict: bool = False,
-    attention: str = "width",
+    attention: str = "auto",
     config: S2HConfig | None = None,
     latency_measure: Any = None,
 ) -> Pruner:
@@ -103,7 +103,8 @@ def prune_graph(
     a :class:`s2h_fx.latency.Measure`, and cached on disk).
 
     ``attention``: ``"width"`` prunes each attention head's width, ``"heads"`` whole
-    heads (see :class:`~s2h_fx.config.PruneConfig`).
+    heads, ``"auto"`` (default) the width unless whole heads prune more (see
+    :class:`~s2h_fx.config.PruneConfig`).
     """
     prune_config = PruneConfig(budget, divisor, strict,  # type: ignore[arg-type]
                                attention=attention)

@@ -229,6 +229,6 @@ def test_attention_option_reaches_prune_graph(monkeypatch: pytest.MonkeyPatch,
     assert cli.main(["inspect", "resnet18", "--attention", "heads", *SMALL]) == 0
     assert seen["attention"] == "heads"
     assert cli.main(["inspect", "resnet18", *SMALL]) == 0
-    assert seen["attention"] == "width"
+    assert seen["attention"] == "auto"
     assert cli.main(["inspect", "resnet18", "--attention", "rows", *SMALL]) == 2
     assert "invalid choice: 'rows'" in capsys.readouterr().err

@@ -147,10 +147,14 @@ def test_rope_heads_are_prunable_and_exact(form: str) -> None:
 @pytest.mark.parametrize("form", ["chunk", "slice", "interleaved"])
 def test_rope_width_mode_keeps_the_head_width(form: str) -> None:
     """In width mode the head width is not pruned (the tables would need slicing); the
-    rest prunes and exports exactly."""
+    rest prunes and exports exactly. The default (attention="auto") takes whole heads
+    here, since they prune where the width cannot."""
     model, x = make(form)
-    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="width").eval()
     assert not [g for g in pruner.grouping.prunable if "proj:in" in g.members]
+    auto = s2h_fx.prune_graph(model, 1.0, (x,))
+    assert auto.grouping.attention == "heads"
+    assert [g for g in auto.grouping.prunable if "proj:in" in g.members]
     for seed in range(2):
         widths, keep = random_keep(pruner, seed)
         pruner.set_widths(widths, keep)

@@ -184,14 +184,31 @@ def _atom_of_head(pruner: s2h_fx.Pruner, group: int) -> dict[int, int]:
 
 def test_width_mode_is_unchanged_on_the_toys() -> None:
     model, x = make("relpos")
-    width = s2h_fx.prune_graph(model, 1.0, (x,))
-    default = s2h_fx.prune_graph(model, 1.0, (x,), attention="width")
+    width = s2h_fx.prune_graph(model, 1.0, (x,), attention="width")
+    assert width.grouping.attention == "width"
     g = [g for g in width.grouping.groups if "proj:in" in g.members]
     # head width: one set of 8 channels repeated over the heads (too small to prune
     # at divisor 8); the table is not in it
     assert [(g.size, g.atom) for g in g] == [(D, 1)]
     assert "table[1]" not in g[0].members
-    assert width.grouping.table() == default.grouping.table()
+    assert not g[0].prunable
+
+
+def test_auto_mode_prunes_heads_where_the_width_cannot() -> None:
+    """The default, attention="auto": here the head width (8 channels, the divisor) has
+    no smaller width, so whole heads prune more and are chosen; with a divisor that
+    lets the width shrink, the widths are kept (heads stay whole)."""
+    model, x = make("relpos")
+    auto = s2h_fx.prune_graph(model, 1.0, (x,))
+    heads = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads")
+    assert auto.grouping.attention == "heads"
+    assert auto.grouping.table() == heads.grouping.table()
+    assert [g for g in auto.grouping.prunable if "proj:in" in g.members]
+    auto4 = s2h_fx.prune_graph(model, 1.0, (x,), divisor=4)
+    width4 = s2h_fx.prune_graph(model, 1.0, (x,), divisor=4, attention="width")
+    assert auto4.grouping.attention == "width"
+    assert auto4.grouping.table() == width4.grouping.table()
+    assert [g for g in width4.grouping.prunable if "proj:in" in g.members]
 
 
 def test_attention_option_is_validated() -> None:
