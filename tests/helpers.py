@@ -101,3 +101,10 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def prunable_group(pruner: s2h_fx.Pruner, member: str) -> s2h_fx.ChannelGroup:
+    """The one prunable group that holds ``member`` (e.g. ``"proj:in"``)."""
+    found = [g for g in pruner.grouping.prunable if member in g.members]
+    assert len(found) == 1, pruner.grouping.table()
+    return found[0]

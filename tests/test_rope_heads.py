@@ -25,7 +25,7 @@ from torch import nn
 import s2h_fx
 from s2h_fx.channels import FreezeReason
 
-from helpers import count_flops, random_keep, rel_err
+from helpers import count_flops, prunable_group, random_keep, rel_err
 
 TOL = 1e-5
 E, H, D, N = 24, 3, 8, 6  # embedding, heads, head width, tokens
@@ -101,12 +101,6 @@ def make(form: str) -> tuple[RopeBlock, torch.Tensor]:
     return RopeBlock(form).eval(), torch.randn(2, N, 10)
 
 
-def head_group(pruner: s2h_fx.Pruner, member: str) -> s2h_fx.channels.ChannelGroup:
-    found = [g for g in pruner.grouping.prunable if member in g.members]
-    assert len(found) == 1, pruner.grouping.table()
-    return found[0]
-
-
 def keep_classes(pruner: s2h_fx.Pruner, param: str, group: int, heads: list[int],
                  head_dim: int) -> np.ndarray:
     """The group's classes of the kept heads, read from proj's input columns."""
@@ -122,7 +116,7 @@ def keep_classes(pruner: s2h_fx.Pruner, param: str, group: int, heads: list[int]
 def test_rope_heads_are_prunable_and_exact(form: str) -> None:
     model, x = make(form)
     pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
-    g = head_group(pruner, "proj:in")
+    g = prunable_group(pruner, "proj:in")
     assert g.divisor == g.atom and g.size // g.atom == H  # three heads, each one unit
     with torch.no_grad():
         assert rel_err(pruner(x), model(x)) < TOL
@@ -201,7 +195,7 @@ def test_a_learned_table_is_frozen_within_the_heads() -> None:
     table = [g for g in pruner.grouping.groups if "pos:out" in g.members]
     assert len(table) == 1 and not table[0].prunable
     assert any(r.startswith(FreezeReason.WITHIN_BLOCK.value) for r in table[0].frozen)
-    g = head_group(pruner, "proj:in")
+    g = prunable_group(pruner, "proj:in")
     keep = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
     keep[g.index] = keep_classes(pruner, "proj.weight", g.index, KEEP, D)
     pruner.set_widths({g.index: len(keep[g.index])}, keep)
@@ -249,7 +243,7 @@ def test_timm_vit_heads_with_rope(name: str) -> None:
     keep = {g.index: np.arange(g.size) for g in pruner.grouping.prunable}
     kept_heads = {0: [0, 2], 1: [1]}
     for i, kept in kept_heads.items():
-        g = head_group(pruner, f"blocks.{i}.attn.proj:in")
+        g = prunable_group(pruner, f"blocks.{i}.attn.proj:in")
         # every head one unit (the rotation pairs channel j of a head with j + d / 2,
         # or 2j with 2j + 1, so a head is d / 2 classes: the add of the two rotated
         # terms couples them)

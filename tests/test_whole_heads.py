@@ -19,7 +19,7 @@ import s2h_fx
 from s2h_fx.config import PruneConfig
 from s2h_fx.passes import find_channel_groups, trace_model
 
-from helpers import build, count_flops, random_keep, rel_err
+from helpers import build, count_flops, prunable_group, random_keep, rel_err
 
 TOL = 1e-5
 E, H, D, N = 24, 3, 8, 5  # embedding, heads, head width, tokens
@@ -115,12 +115,6 @@ def make(form: str) -> tuple[Block, torch.Tensor]:
     return Block(form).eval(), torch.randn(2, N, 10)
 
 
-def head_group(pruner: s2h_fx.Pruner, member: str) -> s2h_fx.channels.ChannelGroup:
-    found = [g for g in pruner.grouping.prunable if member in g.members]
-    assert len(found) == 1, pruner.grouping.table()
-    return found[0]
-
-
 def keep_heads(pruner: s2h_fx.Pruner, group: int, heads: list[int], head_dim: int) -> None:
     """Set the group to those heads (classes of a head: its atom), the rest full."""
     atom_of = pruner.grouping.atom_of_class[group]
@@ -133,7 +127,7 @@ def keep_heads(pruner: s2h_fx.Pruner, group: int, heads: list[int], head_dim: in
 def test_toy_heads_group(form: str) -> None:
     model, x = make(form)
     pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
-    g = head_group(pruner, "proj:in")
+    g = prunable_group(pruner, "proj:in")
     # one group: q, k, v rows of every head and proj's columns; 3 heads of 8 channels
     # (q's, k's and v's channel d of a head are one class); a head is kept or dropped whole
     assert (g.size, g.divisor, g.atom) == (H * D, D, D)
@@ -152,7 +146,7 @@ def test_toy_heads_group(form: str) -> None:
 def test_toy_keep_heads_0_and_2(form: str) -> None:
     model, x = make(form)
     pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
-    g = head_group(pruner, "proj:in")
+    g = prunable_group(pruner, "proj:in")
     # which atom is which head: the atom of the classes of proj's input columns
     atom_of_head = _atom_of_head(pruner, g.index)
     keep_heads(pruner, g.index, [atom_of_head[h] for h in KEEP], D)
@@ -266,7 +260,7 @@ def test_sdpa_mask_buffer_per_head_follows_the_heads() -> None:
     torch.manual_seed(0)
     model, x = Masked().eval(), torch.randn(2, N, E)
     pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
-    g = head_group(pruner, "proj:in")
+    g = prunable_group(pruner, "proj:in")
     assert "mask[1]" in g.members
     classes = pruner.grouping.class_of_id[pruner.grouping.slots[("proj.weight", 1)]]
     keep = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
@@ -293,7 +287,7 @@ def test_heads_mode_trains() -> None:
     """One S2H step in train mode: both branches run and the head mask gets a gradient."""
     model, x = make("relpos")
     pruner = s2h_fx.prune_graph(model.train(), 0.7, (x,), attention="heads")
-    g = head_group(pruner, "proj:in")
+    g = prunable_group(pruner, "proj:in")
     soft, hard = pruner(x)
     losses = pruner.losses((soft, hard), torch.tensor([0, 3]))
     assert pruner.backward(losses)
@@ -362,7 +356,7 @@ def test_timm_vit_whole_heads() -> None:
     pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
     with torch.no_grad():
         assert rel_err(pruner(x), model(x)) < TOL
-    groups = [head_group(pruner, f"blocks.{i}.attn.proj:in") for i in range(2)]
+    groups = [prunable_group(pruner, f"blocks.{i}.attn.proj:in") for i in range(2)]
     for g in groups:  # 3 heads of 64 channels
         assert (g.size, g.divisor, g.atom) == (192, 64, 64)
     assert any("patch_embed.proj:out" in g.members for g in pruner.grouping.prunable)
@@ -396,7 +390,7 @@ def test_timm_swin_whole_heads_slice_the_relative_position_table() -> None:
     with torch.no_grad():
         assert rel_err(pruner(x), model(x)) < TOL
     attn = "layers.0.blocks.1.attn"  # the shifted block (it adds the window mask)
-    g = head_group(pruner, f"{attn}.proj:in")
+    g = prunable_group(pruner, f"{attn}.proj:in")
     assert (g.size, g.divisor, g.atom) == (24, 8, 8)
     ids = pruner.grouping.slots[(f"{attn}.proj.weight", 1)]
     classes = pruner.grouping.class_of_id[ids].reshape(3, 8)
