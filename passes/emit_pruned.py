@@ -97,6 +97,12 @@ def emit_pruned(
     if not share:
         _unshare(new, gm)
     first_input = _first_inputs(graph)
+    # a module with no sliced tensor of its own whose input narrows (LayerNorm or
+    # RMSNorm without affine parameters) still needs its sizes updated
+    old_shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+                  if n.name in set(first_input.values()) and _has_shape(n)}
+    touched.update(path for path, arg in first_input.items()
+                   if arg in old_shapes and plan.shapes.get(arg, old_shapes[arg]) != old_shapes[arg])
     for owner_path in sorted(touched):
         if owner_path:
             apply_surgery(new.get_submodule(owner_path), plan.shapes.get(first_input.get(owner_path, "")))
@@ -126,6 +132,10 @@ def _lookup(module: nn.Module, path: str) -> Any:
     owner_path, _, attr = path.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
     return getattr(owner, attr, None)
+
+
+def _has_shape(node: fx.Node) -> bool:
+    return hasattr(node.meta.get("tensor_meta"), "shape")
 
 
 def _first_inputs(graph: fx.Graph) -> dict[str, str]:

@@ -75,6 +75,7 @@ def find_channel_groups(
         raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}, "
                          f"got {attention!r}")
     ctx, result = _analyse_mode(gm, divisor, attention == "heads")
+    changed = ctx.graph_changed  # an analysis may write into the graph (SDPA scale, -1 sizes)
     if attention == "auto" and _heads_may_help(gm, ctx, result):
         # attention whose head width cannot be pruned (RoPE tables along it): whole heads
         saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
@@ -86,7 +87,8 @@ def find_channel_groups(
         else:
             for n, meta in saved.items():
                 n.meta.update(meta)
-    if ctx.graph_changed:
+        changed |= alt_ctx.graph_changed  # its edits stay: each is exact on any pruning
+    if changed:
         gm.recompile()
     if ctx.unknown:
         msg = "ops without a coupling rule (their channels are kept whole): " + "; ".join(

@@ -16,7 +16,7 @@ import s2h_fx
 from helpers import count_flops, rel_err
 
 C, KEPT = 16, 8
-FORMS = ["module", "function", "function-kwargs", "function-cast", "timm"]
+FORMS = ["module", "function", "function-kwargs", "function-cast", "function-to-dtype", "timm"]
 
 
 def _timm_rms_norm() -> nn.Module:
@@ -39,6 +39,8 @@ class Tokens(nn.Module):
             h = F.rms_norm(h, (C,), self.norm.weight, 1e-6)
         elif self.form == "function-cast":  # the weight read through a cast (DeepSeek ViT)
             h = F.rms_norm(h.float(), (C,), weight=self.norm.weight.float(), eps=1e-6)
+        elif self.form == "function-to-dtype":  # cast to the input's dtype, read in the graph
+            h = F.rms_norm(h, (C,), self.norm.weight.to(h.dtype), 1e-6)
         elif self.form == "function-kwargs":
             h = F.rms_norm(h, normalized_shape=(C,), weight=self.norm.weight, eps=1e-6)
         else:
@@ -91,3 +93,33 @@ def test_rms_norm_over_two_axes_freezes() -> None:
 
     with pytest.raises(s2h_fx.NoPrunableChannelsError, match="reduced over the channel axis at norm"):
         s2h_fx.prune_graph(TwoAxes(), 1.0, (torch.randn(2, 5, 10),))
+
+
+@pytest.mark.parametrize("norm", [nn.RMSNorm, nn.LayerNorm])
+def test_norm_without_affine_parameters_is_resized(norm: type[nn.Module]) -> None:
+    """A norm with nothing of its own to slice still gets its normalized_shape from the
+    narrowed input (export used to leave it at the full width)."""
+
+    class NoAffine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(10, C), norm(C, elementwise_affine=False), nn.Linear(C, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.n(self.a(x)))
+
+    torch.manual_seed(0)
+    model, x = NoAffine().eval(), torch.randn(2, 10)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    [g] = pruner.grouping.prunable
+    keep = np.arange(1, C, 2)
+    pruner.set_widths({g.index: len(keep)}, {g.index: keep})
+    exported = pruner.export(enforce_budget=False)
+    assert tuple(exported.get_submodule("n").normalized_shape) == (len(keep),)
+    idx = torch.as_tensor(keep)
+    with torch.no_grad():
+        h = F.linear(x, model.a.weight[idx], model.a.bias[idx])
+        ref = F.linear(norm(len(keep), elementwise_affine=False)(h), model.b.weight[:, idx], model.b.bias)
+        assert rel_err(exported(x), ref) < 1e-5
+        assert rel_err(exported(x), pruner(x)) < 1e-5
+

@@ -24,6 +24,7 @@ from torch import nn
 
 import s2h_fx
 from s2h_fx.channels import FreezeReason
+from s2h_fx.passes import find_channel_groups, trace_model
 
 from helpers import count_flops, prunable_group, random_keep, rel_err
 
@@ -149,6 +150,11 @@ def test_rope_width_mode_keeps_the_head_width(form: str) -> None:
     auto = s2h_fx.prune_graph(model, 1.0, (x,))
     assert auto.grouping.attention == "heads"
     assert [g for g in auto.grouping.prunable if "proj:in" in g.members]
+    # what the analyses wrote into the graph (SDPA's original scale) is in its code,
+    # whichever analysis was kept
+    gm = trace_model(model, (x,))
+    assert find_channel_groups(gm).attention == "heads"
+    assert "scale = " in gm.code
     for seed in range(2):
         widths, keep = random_keep(pruner, seed)
         pruner.set_widths(widths, keep)

@@ -417,3 +417,39 @@ def test_a_dynamic_per_group_size_of_rows_kept_whole_is_rewritten() -> None:
     with torch.no_grad():
         assert rel_err(emitted(*inputs), pruner(*inputs)) < TOL
     assert "view(getitem, 1, -1" in emitted.code
+
+
+def test_batch_heads_reshape_at_batch_one() -> None:
+    """Attention over (B * H, N, D) (q.reshape(b * H, n, D)) traced at batch 1: the
+    size b * H is computed from no channels, yet the axis holds the heads. It is written
+    as -1, so the pruned graph reshapes to the heads it keeps (it used to keep H and
+    fail to run); any batch runs."""
+    hk = 3
+
+    class BatchHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.qkv = nn.Linear(10, E), nn.Linear(E, 3 * E)
+            self.proj, self.head = nn.Linear(E, E), nn.Linear(E, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            b, n, _ = h.shape
+            q, k, v = self.qkv(h).reshape(b, n, 3, hk, D).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = (t.reshape(b * hk, n, D) for t in (q, k, v))
+            o = ((q @ k.transpose(1, 2)).softmax(-1) @ v).reshape(b, hk, n, D)
+            return self.head((h + self.proj(o.transpose(1, 2).reshape(b, n, E))).mean(1))
+
+    torch.manual_seed(0)
+    model, x = BatchHeads().eval(), torch.randn(1, N, 10)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
+    g = prunable_group(pruner, "proj:in")
+    keep = {h.index: np.arange(h.size) for h in pruner.grouping.prunable}
+    keep[g.index] = np.arange(g.atom, g.size)  # drop head 0
+    pruner.set_widths({i: len(k) for i, k in keep.items()}, keep)
+    pruned = pruner.export(enforce_budget=False)
+    assert pruned.get_submodule("proj").in_features == 2 * D
+    with torch.no_grad():
+        for batch in (x, torch.randn(3, N, 10)):
+            assert rel_err(pruned(batch), pruner(batch)) < 1e-5
+

@@ -109,12 +109,21 @@ def conv_module(ctx: RuleContext, node: fx.Node) -> LayoutValue:
 _CASTS = frozenset({"float", "half", "bfloat16", "double", "to", "type", "type_as"})
 
 
+def _dtype_or_device(arg: Any) -> bool:
+    """A cast's argument that names a dtype or device: a constant, or ``x.dtype`` /
+    ``x.device`` read in the graph."""
+    if not isinstance(arg, fx.Node):
+        return True
+    return (arg.op == "call_function" and arg.target is getattr and len(arg.args) == 2
+            and arg.args[1] in ("dtype", "device"))
+
+
 def _attr_path(arg: Any) -> str | None:
     """The parameter (or buffer) a weight argument reads: a ``get_attr``, possibly
     through dtype or device casts; None where the weight is computed."""
     while isinstance(arg, fx.Node) and arg.op == "call_method" and arg.target in _CASTS:
         others = [*arg.args[1:], *arg.kwargs.values()]
-        if arg.target != "type_as" and any(isinstance(a, fx.Node) for a in others):
+        if arg.target != "type_as" and not all(_dtype_or_device(a) for a in others):
             break  # .to(other_tensor): not a plain cast
         arg = arg.args[0]
     return str(arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None

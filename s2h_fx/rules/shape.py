@@ -157,7 +157,9 @@ def _reshape_across(
     if arr.size != f.ids.size:  # a channel repeated by the reshape
         return None
     moved = Factor(tuple(axes), arr)
-    reshaped = [b for gi, gj in touched if len(gi) > 1 or len(gj) > 1 for b in gj if b in axes]
+    reshaped = [b for gi, gj in touched
+                if sum(shp[a] > 1 for a in gi) > 1 or sum(out_shape[b] > 1 for b in gj) > 1
+                for b in gj if b in axes]
     return moved if block_within(ctx, moved, reshaped) else None
 
 

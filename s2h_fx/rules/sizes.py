@@ -8,8 +8,9 @@ A size read from a channel axis changes when that axis is pruned. Where it is
 used as the size of the same channels in a reshape, the graph adapts by itself;
 used anywhere else (the size of other channels, a scale, a new tensor) it
 would silently change meaning, so those channels are frozen. One exception: a
-reshape size computed from other channels, when it is the only such size and the
-reshape has no -1, is written as -1 (:func:`infer_foreign_size`).
+reshape size computed from other channels (or from none, on an axis that pruning
+shortens), when it is the only such size and the reshape has no -1, is written as -1
+(:func:`infer_foreign_size`).
 
 ``node.meta[S2H_SIZE_DEPS]``: for a node holding sizes, the channel ids its value
 depends on (an array), or a tuple of those for a tuple of sizes; None otherwise.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from s2h_fx.channels import ChannelLayout, Factor
+from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
 from s2h_fx.rules.base import RuleContext
 
 S2H_SIZE_DEPS = "s2h_size_deps"
@@ -215,6 +216,16 @@ def _sizes_itself(out: ChannelLayout, axis: int, deps: np.ndarray) -> bool:
     return bool(np.isin(deps, f.ids).all() and np.isin(f.ids, deps).all())
 
 
+def _narrows(ctx: RuleContext, out: ChannelLayout, axis: int) -> bool:
+    """Whether pruning may shorten ``axis`` of a reshape's output: it carries channels
+    that are not all frozen, and is not a repeated row of a tiled factor (the heads of
+    a head-width split, which every head keeps)."""
+    f = out.factor_at(axis)
+    if f is None or ctx.all_frozen(f.ids):
+        return False
+    return not (f.tiled and axis != f.axes[-1])
+
+
 def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> None:
     """``qkv.reshape(B, N, 3, H, C // H)`` with ``C`` the channel count of the block's
     *input*: the size of one group of channels (the embedding's) gives the size of
@@ -224,24 +235,31 @@ def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> N
     never change), and no size is -1 yet, it is the one size the others leave free: the
     rule writes -1 there, which is the same reshape on the unpruned graph and the right
     one on any pruned graph; the channels it read are then not used as a value (timm's
-    NesT; what Torch-Pruning asks its users to patch by hand)."""
+    NesT; what Torch-Pruning asks its users to patch by hand). A size computed from no
+    channels at all on an axis that pruning shortens (``reshape(b * H, n, D)`` at batch
+    1, where the axis holds the heads) is foreign too: -1 where it is the only one, else
+    that axis's channels are frozen (nothing else would follow them)."""
     found = _explicit_sizes(node)
     if found is None:
         return
     sizes, write = found
-    if any(isinstance(s, int) and s == -1 for s in sizes):
-        return
-    foreign = []
+    foreign, blind = [], []
     for j, s in enumerate(sizes):
         deps = _deps(s)
         if not isinstance(deps, np.ndarray) or not deps.size:
+            if isinstance(s, fx.Node) and _narrows(ctx, out, j):
+                blind.append(j)  # computed from no channels (``b * H``), on an axis that narrows
             continue
         if _sizes_itself(out, j, deps) or ctx.all_frozen(deps):
             continue  # the axis's own channels, or frozen ones: the size stays right
         foreign.append(j)
-    if len(foreign) != 1:
+    if any(isinstance(s, int) and s == -1 for s in sizes) or len(foreign) + len(blind) != 1:
+        for j in blind:  # nothing would follow the pruned axis: keep its channels
+            f = out.factor_at(j)
+            ctx.freeze(f.ids if f is not None else np.zeros(0, np.int64),
+                       FreezeReason.SIZE_AS_VALUE, node)
         return
-    j = foreign[0]
+    j = (foreign + blind)[0]
     write([-1 if k == j else s for k, s in enumerate(sizes)])
     ctx.graph_changed = True
     log.info("%s: size %d read from other channels, written as -1", node.name, j)
