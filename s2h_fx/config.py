@@ -138,7 +138,7 @@ class PruneConfig:
 
 SETTLE_MODES = ("distill", "hard")
 # the defaults of S2HConfig.descent_epochs / settle_epochs (None): shares of fit's epochs
-DESCENT_SHARE = 0.15
+DESCENT_SHARE = 0.3
 SETTLE_SHARE = 0.6
 
 
