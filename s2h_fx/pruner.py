@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ def prune_graph(
         example_inputs = (example_inputs,)
     with _GcPaused():
         gm = trace_model(model, tuple(example_inputs))
-        grouping = find_channel_groups(gm, divisor=prune_config.divisor,
+        grouping = find_channel_groups(gm, divisor=cast(int, prune_config.divisor),  # PruneConfig sets it
                                        strict=prune_config.strict,
                                        attention=prune_config.attention)
         if not grouping.prunable:

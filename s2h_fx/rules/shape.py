@@ -337,13 +337,13 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     if f is not None and f.axes != (dim,) and name != "unbind" and block_within(ctx, f, [dim]):
         # a head's width cut in pieces (RoPE's rotate_half: x.chunk(2, -1) over (H, D)):
         # the pieces keep their sizes, the heads are dropped in all of them alike
-        k, start, outs = f.axes.index(dim), 0, []
+        k, at, cut = f.axes.index(dim), 0, []
         for m in metas:
-            size = int(m.shape[dim])
-            piece = Factor(f.axes, np.take(f.ids, np.arange(start, start + size), axis=k))
-            outs.append(ChannelLayout(len(shp), tuple(piece if g is f else g for g in lay.factors)))
-            start += size
-        return tuple(outs)
+            n = int(m.shape[dim])
+            part = Factor(f.axes, np.take(f.ids, np.arange(at, at + n), axis=k))
+            cut.append(ChannelLayout(len(shp), tuple(part if g is f else g for g in lay.factors)))
+            at += n
+        return tuple(cut)
     if f is not None and f.axes != (dim,):
         ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
         f = None
