@@ -36,7 +36,10 @@ order (a fresh loader with the seed's generator for each method):
 Each row (appended to ``--out`` as it finishes): test accuracy of the exported
 (pruned) network on the test split, its FLOPs over the dense model's
 (``s2h_fx.measure.count_flops`` on one 1x1x28x28 input), params, wall seconds of
-the method (pruning + training; not the evaluation), versions and settings.
+the method (pruning + training; not the evaluation), versions and settings, and
+``dense_start``, a digest of the dense start it trained from (a start retrained on
+another machine need not be bit for bit the same: ``--table`` warns when one seed's
+rows come from different starts).
 ``--table`` prints mean +- sample sd over seeds per (model, budget, method);
 ``--plot`` draws test accuracy against FLOPs ratio.
 
@@ -297,6 +300,20 @@ def dense_start(args: argparse.Namespace, name: str, seed: int,
     return model.cpu().eval(), seconds
 
 
+def start_checksum(model: nn.Module) -> str:
+    """A short digest of a dense start's weights and buffers (names, dtypes, values):
+    every row records the start it trained from. A start retrained on another machine
+    need not be bit for bit the same (its float arithmetic may differ), and then the
+    methods of one seed did not start alike; :func:`table` says so."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 # ---- the methods: each returns (network to evaluate, extra row fields) --------------
 def s2h_config(method: str, args: argparse.Namespace) -> Any:
     """The S2HConfig of ``s2h`` (the defaults) or of a variant ``s2h:NAME``."""
@@ -491,6 +508,7 @@ def run_row(name: str, budget: float, seed: int, method: str, dense: nn.Module,
     x = torch.zeros(1, *INPUT, device=device)
     dense_flops = count_flops(copy.deepcopy(dense).to(device), x)
     return {"model": name, "budget": budget, "seed": seed, "method": method,
+            "dense_start": start_checksum(dense),
             "test_acc": test_accuracy(net, test_loader, device),
             "flops_ratio": count_flops(net, x) / dense_flops, "flops": count_flops(net, x),
             "dense_flops": dense_flops, "params": params(net), "dense_params": params(dense),
@@ -614,7 +632,22 @@ def table(rows: list[Row]) -> str:
     text = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in
                       enumerate(zip(line, widths))) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(text) + "\n(mean +- sample sd over seeds; '-': one seed)"
+    return ("\n".join(text) + "\n(mean +- sample sd over seeds; '-': one seed)"
+            + "".join(f"\nwarning: {w}" for w in mixed_starts(rows)))
+
+
+def mixed_starts(rows: list[Row]) -> list[str]:
+    """(model, seed, settings) whose rows record more than one dense start: their
+    methods were not compared from the same weights (rows from before the checksum
+    carry none and are not counted)."""
+    starts: dict[tuple[Any, ...], set[str]] = {}
+    for r in rows:
+        if r.get("dense_start"):
+            key = (r["model"], r["seed"], *(setting(r, k) for k in SETTINGS))
+            starts.setdefault(key, set()).add(r["dense_start"])
+    return [f"{k[0]} seed {k[1]}: rows from {len(v)} different dense starts "
+            f"({', '.join(sorted(v))}); their methods did not start from the same weights"
+            for k, v in starts.items() if len(v) > 1]
 
 
 def plot(rows: list[Row], path: Path) -> None:

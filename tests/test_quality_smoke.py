@@ -181,6 +181,7 @@ def test_quality_every_method_table_flops_and_resume(fashion, tmp_path, capsys):
         assert quality.main(argv + ["--plot", str(tmp_path / "q.png")]) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert sorted(r["method"] for r in rows) == sorted(quality.METHODS)
+        assert len({r["dense_start"] for r in rows}) == 1  # every method from one start
         for r in rows:
             assert 0.0 <= r["test_acc"] <= 1.0 and r["seconds"] > 0 and r["params"] > 0
             assert r["e0"] == 1 and r["e1"] == 1 and r["train_size"] == 40
@@ -295,3 +296,32 @@ def test_divisor_is_a_setting_rows_from_before_it_ran_at_8() -> None:
     assert len(cells) == 2
     lines = quality.table([old, four]).splitlines()
     assert any(" 8  0.9000" in line for line in lines) and any(" 4  0.8000" in line for line in lines)
+
+
+def test_quality_table_warns_of_mixed_dense_starts(tmp_path, capsys):
+    """Rows of one seed that trained from different dense starts are named; rows from
+    before the digest (none recorded) and other seeds' starts are not."""
+    quality = load_quality()
+    base = {"model": "resnet20", "budget": 0.35, "e0": 1, "e1": 2, "train_size": 100,
+            "test_size": None, "batch_size": 128, "lr": 0.05, "flops_ratio": 0.35,
+            "params": 1000, "seconds": 10.0, "test_acc": 0.9}
+    rows = [{**base, "seed": 0, "method": "s2h", "dense_start": "aaa"},
+            {**base, "seed": 0, "method": "tp-taylor", "dense_start": "aaa"},
+            {**base, "seed": 1, "method": "s2h", "dense_start": "bbb"},
+            {**base, "seed": 1, "method": "tp-taylor", "dense_start": "ccc"},
+            {**base, "seed": 2, "method": "s2h"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert quality.main(["--table", str(path)]) == 0
+    warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning")]
+    assert len(warnings) == 1 and "seed 1" in warnings[0] and "bbb, ccc" in warnings[0]
+
+
+def test_dense_start_digest_follows_the_weights():
+    quality = load_quality()
+    a, b = quality.build_model("resnet20", 0), quality.build_model("resnet20", 0)
+    assert quality.start_checksum(a) == quality.start_checksum(b)  # same seed, same weights
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-6
+    assert quality.start_checksum(a) != quality.start_checksum(b)
+
