@@ -31,7 +31,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from s2h_fx import mha, transformer_layer
+from s2h_fx import mha, swin, transformer_layer
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.copying import copy_module
 from s2h_fx.errors import InputError, InvariantError, TraceError
@@ -422,9 +422,11 @@ def trace_model(
         # nn.Transformer's modules, then nn.MultiheadAttention, are traced as their ops
         # where they can say them exactly
         seen = observe_calls(work, example_inputs, {"mha": mha.RECORDER,
-                                                    "layers": transformer_layer.RECORDER})
+                                                    "layers": transformer_layer.RECORDER,
+                                                    "swin": swin.RECORDER})
         kept, attention = transformer_layer.prepare(work, seen["layers"], seen["mha"])
         kept.update(mha.prepare(work, attention))
+        kept.update(swin.prepare(work, seen["swin"]))  # torchvision's window attention
         concrete = _defaults_not_given(work, len(example_inputs), concrete_args)
         graph, plan = _trace_with_fallback(work, type(model).__name__, concrete)
         # pickling a GraphModule stores its graph's tracer class by reference: keep ours

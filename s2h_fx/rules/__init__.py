@@ -6,6 +6,7 @@ from s2h_fx.rules import (  # noqa: F401  (registers the built-ins)
     layers,
     shape,
     timm_functions,
+    torchvision_functions,
 )
 from s2h_fx.rules.base import (
     FUNCTION_RULES,

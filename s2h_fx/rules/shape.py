@@ -566,3 +566,27 @@ def flip(ctx: RuleContext, node: fx.Node) -> LayoutValue:
                 ids = np.flip(ids, axis=k)
         out.append(Factor(f.axes, np.ascontiguousarray(ids), f.tiled))
     return ChannelLayout(lay.ndim, tuple(out))
+
+
+@register_rule(torch.roll, "roll")
+def roll(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """A cyclic shift along axes that hold no channels (Swin's shifted windows roll the
+    feature map's height and width) leaves the channels where they are. Along a channel
+    axis the shift would move other channels into place once some are pruned: those
+    are frozen. Without ``dims`` the tensor is flattened first: everything freezes."""
+    src = node.args[0]
+    lay = ctx.layout(src)
+    if lay is None:
+        return ctx.blank(node)
+    dims = ctx.arg(node, 2, "dims")
+    if dims is None:
+        ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
+        return ctx.blank(node)
+    rolled = {int(d) % lay.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    out = []
+    for f in lay.factors:
+        if rolled & set(f.axes):
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+        else:
+            out.append(f)
+    return ChannelLayout(lay.ndim, tuple(out))

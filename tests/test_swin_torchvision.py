@@ -1,0 +1,75 @@
+"""torchvision's Swin: its window attention (``shifted_window_attention``, a function
+torchvision keeps out of torch.fx's reach) is traced as its ops for the example size
+(s2h_fx.swin), ``torch.roll`` of the shifted windows and the patch merging's 2x2
+phases have rules, so every group but the classifier's output prunes: head widths (or
+whole heads), the MLPs and each stage's embedding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import s2h_fx
+from s2h_fx.swin import InlinedShiftedWindowAttention
+
+from helpers import count_flops, random_keep, rel_err
+
+TOL = 1e-5
+
+
+def swin_t() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.swin_t(num_classes=10).eval()
+
+
+@pytest.mark.parametrize(("size", "attention"), [(64, "auto"), (112, "heads")])
+def test_swin_t_prunes_attention_and_embedding_exactly(size: int, attention: str) -> None:
+    """At 64x64 the stages are 16, 8, 4, 2 wide (padded to windows of 7, the last ones
+    unshifted); at 112, 28 to 4."""
+    model, x = swin_t(), torch.randn(2, 3, size, size)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention=attention).eval()
+    with torch.no_grad():
+        assert rel_err(pruner(x), model(x)) < TOL  # full width: the model itself
+    frozen = pruner.grouping.frozen
+    assert len(frozen) == 1 and frozen[0].frozen[0].startswith("reaches a model output")
+    members = {m for g in pruner.grouping.prunable for m in g.members}
+    assert {"features.1.0.attn.qkv:out", "features.7.1.attn.proj:in",
+            "features.2.reduction:in"} <= members
+    for seed in range(2):
+        pruner.set_widths(*random_keep(pruner, seed))
+        exported = pruner.export(enforce_budget=False)
+        with torch.no_grad():
+            assert rel_err(exported(x), pruner(x)) < TOL
+            assert exported(torch.randn(3, 3, size, size)).shape == (3, 10)  # any batch
+        assert count_flops(exported, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+        assert count_flops(exported, (x,)) < count_flops(model, (x,))
+        # patch merging: four copies of the kept channels into its norm and linear
+        c = exported.get_submodule("features.1.0.mlp.0").in_features  # stage-1 embedding
+        assert exported.get_submodule("features.2.reduction").in_features == 4 * c
+
+
+def test_inlined_attention_is_torchvisions_function() -> None:
+    """The traceable forward equals torchvision's on the size it was made for (shifted
+    and unshifted blocks, padded windows) and falls back to it on another size."""
+    model, x = swin_t(), torch.randn(2, 3, 64, 64)
+    from s2h_fx.observe import observe_calls
+    from s2h_fx.swin import RECORDER, prepare
+
+    seen = observe_calls(model, (x,), {"swin": RECORDER})["swin"]
+    assert seen["features.1.1.attn"] == (16, 16) and seen["features.7.0.attn"] == (2, 2)
+    with torch.no_grad():
+        feats = {name: model.get_submodule(name) for name in ("features.1.0.attn",
+                                                              "features.1.1.attn",
+                                                              "features.7.1.attn")}
+        inputs = {name: torch.randn(2, *seen[name], m.qkv.in_features)
+                  for name, m in feats.items()}
+        other = torch.randn(2, 9, 9, feats["features.1.1.attn"].qkv.in_features)
+        expected = {name: feats[name](inputs[name]) for name in feats}
+        expected_other = feats["features.1.1.attn"](other)
+        assert prepare(model, seen) == {}
+        for name, m in feats.items():
+            assert isinstance(m, InlinedShiftedWindowAttention)
+            assert rel_err(m(inputs[name]), expected[name]) < TOL
+        assert rel_err(feats["features.1.1.attn"](other), expected_other) < TOL
