@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from s2h_fx import mha, swin, transformer_layer
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
 from s2h_fx.copying import copy_module
+from s2h_fx.einsum import einsums_as_matmul
 from s2h_fx.errors import InputError, InvariantError, TraceError
 from s2h_fx.fake import fake_mode, graph_is_fake_safe, holds_fake
 from s2h_fx.measure import counted_paths
@@ -437,6 +438,7 @@ def trace_model(
         gm.train(was_training)
     gm.graph.eliminate_dead_code()  # results nobody uses are not part of the network
     gm.recompile()
+    einsums_as_matmul(gm)  # attention written with einsum: the matmul rules apply
     propagate(gm, example_inputs)
     return gm
 

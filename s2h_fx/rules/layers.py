@@ -7,6 +7,7 @@ import operator
 from typing import Any, cast
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
@@ -356,7 +357,7 @@ def group_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     return per_channel_params(ctx, node, node.args[0], 1, params, block=k)
 
 
-@register_rule(operator.matmul, "matmul", "bmm", "mm")
+@register_rule(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
 def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     """(..., M, K) @ (..., K, N): K is contracted, so its channels couple."""
     a, b = node.args[0], node.args[1]
