@@ -47,8 +47,7 @@ def _form(equation: str) -> str | None:
     (x, y), z = ins, out
     if not (len(x) == len(y) == len(z) >= 2 and x[:-2] == y[:-2] == z[:-2]):
         return None
-    i, p = x[-2:]
-    j, q = y[-2:]
+    i, p, j, q = x[-2], x[-1], y[-2], y[-1]
     if len({i, p, j, q} - set(x[:-2])) != len({i, p, j, q}):
         return None
     if p == q and i != j and z[-2:] == i + j and p not in z:

@@ -79,10 +79,13 @@ def _windows(size: tuple[int, int], window: list[int], shift: list[int]) -> dict
 class InlinedShiftedWindowAttention(nn.Module):
     """torchvision's ``ShiftedWindowAttention`` computed as plain ops for the feature-map
     size seen on the example inputs (``s2h_windows``); the same parameters and
-    buffers, plus the shifted windows' mask as a buffer (``s2h_mask``)."""
+    buffers, plus the shifted windows' mask as a buffer (``s2h_mask``) and its two
+    dropouts as ``nn.Dropout`` modules."""
 
     s2h_windows: dict[str, Any]
     s2h_mask: torch.Tensor
+    s2h_attn_drop: nn.Dropout
+    s2h_proj_drop: nn.Dropout
     window_size: list[int]
     shift_size: list[int]
     num_heads: int
@@ -118,9 +121,9 @@ class InlinedShiftedWindowAttention(nn.Module):
         if win["mask"] is not None:
             attn = attn.view(b, n_win, heads, tokens, tokens) + self.s2h_mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(b * n_win, heads, tokens, tokens)
-        attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
+        attn = self.s2h_attn_drop(F.softmax(attn, dim=-1))
         y = attn.matmul(v).transpose(1, 2).reshape(b * n_win, tokens, -1)
-        y = F.dropout(self.proj(y), p=self.dropout, training=self.training)
+        y = self.s2h_proj_drop(self.proj(y))
         y = y.view(b, ph // wh, pw // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, -1)
         if sum(shift) > 0:
             y = torch.roll(y, shifts=(shift[0], shift[1]), dims=(1, 2))
@@ -147,10 +150,14 @@ def prepare(model: nn.Module, observed: dict[str, Any]) -> dict[str, str]:
                                else "not called on the example inputs") + ")")
             continue
         windows = _windows(size, list(m.window_size), list(m.shift_size))
+        # dropout as modules: F.dropout(training=self.training) would be traced (in eval
+        # mode) as a constant and never drop in training
+        m.add_module("s2h_attn_drop", nn.Dropout(m.attention_dropout))
+        m.add_module("s2h_proj_drop", nn.Dropout(m.dropout))
         m.__class__ = InlinedShiftedWindowAttention
         m.s2h_windows = windows
-        if windows["mask"] is not None:
-            m.register_buffer("s2h_mask", windows["mask"], persistent=False)
+        if windows["mask"] is not None:  # in the attention's dtype and on its device
+            m.register_buffer("s2h_mask", windows["mask"].to(m.qkv.weight), persistent=False)
     if leaves:
         log.info("Swin attention kept whole: %s", "; ".join(f"{k}: {v}" for k, v in leaves.items()))
     return leaves

@@ -93,3 +93,37 @@ def test_torchvision_maxvit_prunes_its_attention() -> None:
     with torch.no_grad():
         assert rel_err(exported(x), pruner(x)) < TOL
     assert count_flops(exported, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+
+
+@pytest.mark.parametrize("form", ["input-other", "mat2", "roll-input", "roll-computed-dims"])
+def test_named_operands_and_computed_dims(form: str) -> None:
+    """torch.matmul(input=, other=), torch.mm(x, mat2=), torch.roll(input=...) and a
+    roll over dims computed in the graph: handled or frozen, never a crash, exact."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+            self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            if form == "input-other":
+                h = torch.matmul(input=h, other=self.w)
+            elif form == "mat2":
+                h = torch.mm(h, mat2=self.w)
+            elif form == "roll-input":
+                h = torch.roll(input=h, shifts=1, dims=0)
+            else:
+                h = torch.roll(h, 1, h.ndim - 2)
+            return self.c(torch.relu(self.b(torch.relu(h))))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(4, 6)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    with torch.no_grad():
+        assert rel_err(pruner(x), model(x)) < TOL
+    pruner.set_widths(*random_keep(pruner, 0))
+    exported = pruner.export(enforce_budget=False)
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < TOL

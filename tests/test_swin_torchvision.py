@@ -73,3 +73,40 @@ def test_inlined_attention_is_torchvisions_function() -> None:
             assert isinstance(m, InlinedShiftedWindowAttention)
             assert rel_err(m(inputs[name]), expected[name]) < TOL
         assert rel_err(feats["features.1.1.attn"](other), expected_other) < TOL
+
+
+def test_attention_dropout_still_drops_in_training() -> None:
+    """The inlined attention's dropouts are modules, so the traced graph drops in train
+    mode (F.dropout(training=self.training) would have been traced as never)."""
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=10, attention_dropout=0.5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    gm = s2h_fx.prune_graph(model, 1.0, (x,)).graph_module
+    assert any(n.op == "call_module" and str(n.target).endswith("s2h_attn_drop")
+               for n in gm.graph.nodes)
+    for m in gm.modules():  # only the attention dropout left to make runs differ
+        if type(m).__name__ == "StochasticDepth" or (
+                isinstance(m, nn.Dropout) and m.p != 0.5):
+            m.p = 0.0
+    with torch.no_grad():
+        outs = []
+        for mode in (True, False):
+            gm.train(mode)
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                outs.append(gm(x))
+        assert rel_err(outs[0], outs[1]) > 1e-3  # training: two draws differ
+        assert rel_err(outs[2], outs[3]) == 0.0  # eval: no dropout
+
+
+def test_shift_mask_follows_the_model_dtype() -> None:
+    """A bfloat16 Swin: the shifted windows' mask is a bfloat16 buffer (a float32 mask
+    promoted the attention and the traced graph failed)."""
+    model = swin_t().to(torch.bfloat16)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    masks = [b for name, b in pruner.graph_module.named_buffers()  # traced as constants
+             if name.startswith("_tensor_constant") and b.ndim == 5]
+    assert masks and all(b.dtype == torch.bfloat16 for b in masks)
+    with torch.no_grad():
+        assert rel_err(pruner(x).float(), model(x).float()) < 1e-2

@@ -359,8 +359,13 @@ def group_norm_function(ctx: RuleContext, node: fx.Node) -> LayoutValue:
 
 @register_rule(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
 def matmul(ctx: RuleContext, node: fx.Node) -> LayoutValue:
-    """(..., M, K) @ (..., K, N): K is contracted, so its channels couple."""
-    a, b = node.args[0], node.args[1]
+    """(..., M, K) @ (..., K, N): K is contracted, so its channels couple. The operands
+    may be named (``torch.matmul(input=, other=)``, ``torch.mm(mat2=)``); a result
+    written into ``out=`` is not followed: its channels freeze."""
+    a = ctx.arg(node, 0, "input")
+    b = ctx.arg(node, 1, "mat2" if "mat2" in node.kwargs else "other")
+    if "out" in node.kwargs:
+        return unknown_weights(ctx, node)
     la, lb, out_shape = ctx.layout(a), ctx.layout(b), ctx.shape(node)
     if la is None or lb is None or out_shape is None or la.ndim < 2 or lb.ndim < 2:
         return unknown_weights(ctx, node)

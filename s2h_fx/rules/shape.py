@@ -573,16 +573,17 @@ def roll(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     """A cyclic shift along axes that hold no channels (Swin's shifted windows roll the
     feature map's height and width) leaves the channels where they are. Along a channel
     axis the shift would move other channels into place once some are pruned: those
-    are frozen. Without ``dims`` the tensor is flattened first: everything freezes."""
-    src = node.args[0]
-    lay = ctx.layout(src)
+    are frozen. Without ``dims`` the tensor is flattened first, and dims computed in the
+    graph are not known here: everything freezes."""
+    lay = ctx.layout(ctx.arg(node, 0, "input"))
     if lay is None:
         return ctx.blank(node)
     dims = ctx.arg(node, 2, "dims")
-    if dims is None:
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if not all(isinstance(d, int) for d in dims):  # none, or computed in the graph
         ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
         return ctx.blank(node)
-    rolled = {int(d) % lay.ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    rolled = {d % lay.ndim for d in dims}
     out = []
     for f in lay.factors:
         if rolled & set(f.axes):
