@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import operator
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -78,16 +79,12 @@ def find_channel_groups(
     changed = ctx.graph_changed  # an analysis may write into the graph (SDPA scale, -1 sizes)
     if attention == "auto" and _heads_may_help(gm, ctx, result):
         # attention whose head width cannot be pruned (RoPE tables along it): whole heads
-        saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
-        alt_ctx, alt = _analyse_mode(gm, divisor, True)
-        if _prunable_producer_ids(alt_ctx, alt) > _prunable_producer_ids(ctx, result):
-            log.info("attention='auto': whole heads make more channels prunable than head "
-                     "widths; pruning whole heads")
-            ctx, result = alt_ctx, alt
-        else:
-            for n, meta in saved.items():
-                n.meta.update(meta)
-        changed |= alt_ctx.graph_changed  # its edits stay: each is exact on any pruning
+        (ctx, result), tried = _keep_better(
+            gm, (ctx, result), lambda: _analyse_mode(gm, divisor, True),
+            lambda c, r: _prunable_producer_ids(c, r),
+            "attention='auto': whole heads make more channels prunable than head widths; "
+            "pruning whole heads")
+        changed |= tried.graph_changed  # its edits stay: each is exact on any pruning
     if changed:
         gm.recompile()
     if ctx.unknown:
@@ -115,15 +112,30 @@ def _analyse_mode(
     ctx, result = _analyse(gm, divisor, frozenset(), heads)
     retry = _frozen_grouped_convs(gm, result)
     if retry:  # try pruning inside their conv groups instead of whole groups
-        saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
-        alt_ctx, alt = _analyse(gm, divisor, retry, heads)
-        if _prunable_ids(alt) > _prunable_ids(result):
-            log.info("grouped convs pruned inside their groups: %s", ", ".join(sorted(retry)))
-            ctx, result = alt_ctx, alt
-        else:
-            for n, meta in saved.items():
-                n.meta.update(meta)
+        (ctx, result), _ = _keep_better(
+            gm, (ctx, result), lambda: _analyse(gm, divisor, retry, heads),
+            lambda c, r: _prunable_ids(r),
+            "grouped convs pruned inside their groups: " + ", ".join(sorted(retry)))
     return ctx, dataclasses.replace(result, attention="heads" if heads else "width")
+
+
+Analysis = tuple[RuleContext, GroupingResult]
+
+
+def _keep_better(gm: fx.GraphModule, current: Analysis, run: Callable[[], Analysis],
+                 score: Callable[[RuleContext, GroupingResult], int],
+                 message: str) -> tuple[Analysis, RuleContext]:
+    """Run another analysis and keep it where it scores higher (logging ``message``);
+    else put back the node metadata the current one wrote. Also returns the other
+    analysis's context (what it wrote into the graph stays either way)."""
+    saved = {n: {k: n.meta.get(k) for k in _OWN_META} for n in gm.graph.nodes}
+    alt = run()
+    if score(*alt) > score(*current):
+        log.info("%s", message)
+        return alt, alt[0]
+    for n, meta in saved.items():
+        n.meta.update(meta)
+    return current, alt[0]
 
 
 def _heads_may_help(gm: fx.GraphModule, ctx: RuleContext, result: GroupingResult) -> bool:
