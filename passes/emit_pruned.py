@@ -19,6 +19,7 @@ from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE
 from s2h_fx.copying import copy_module
 from s2h_fx.passes.find_channel_groups import S2H_FLOP_REFS, S2H_MIXING
 from s2h_fx.passes.plan_surgery import SurgeryPlan  # noqa: I001
+from s2h_fx.passes.trace_model import drop_dead_code
 from s2h_fx.rules.base import tensor_aliases
 from s2h_fx.rules.sizes import S2H_SIZE_DEPS
 from s2h_fx.surgery import apply_surgery
@@ -106,7 +107,7 @@ def emit_pruned(
     for owner_path in sorted(touched):
         if owner_path:
             apply_surgery(new.get_submodule(owner_path), plan.shapes.get(first_input.get(owner_path, "")))
-    graph.eliminate_dead_code()
+    drop_dead_code(graph)
     graph.lint()
     new.recompile()
     return new

@@ -22,6 +22,7 @@ from torch import fx
 from s2h_fx.channels import S2H_LAYOUT, S2H_MASK_SITE, ChannelLayout, GroupingResult
 from s2h_fx.masks import ChannelMask
 from s2h_fx.passes.find_channel_groups import S2H_MIXING  # noqa: I001
+from s2h_fx.passes.trace_model import drop_dead_code
 
 _COPIED_META = ("tensor_meta", S2H_LAYOUT, "stack_trace", "nn_module_stack", "val")
 
@@ -55,7 +56,7 @@ def insert_masks(gm: fx.GraphModule, grouping: GroupingResult) -> fx.GraphModule
             new = _mask_chain(gm, node, arg, lay, grouping)
             if new is not arg:
                 node.update_arg(i, new)
-    gm.graph.eliminate_dead_code()
+    drop_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return gm

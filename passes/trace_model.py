@@ -436,11 +436,18 @@ def trace_model(
         gm = fx.GraphModule(work, graph, type(work).__name__)
         gm.meta[S2H_TRACE] = _record(gm, plan, kept)
         gm.train(was_training)
-    gm.graph.eliminate_dead_code()  # results nobody uses are not part of the network
+    drop_dead_code(gm.graph)  # results nobody uses are not part of the network
     gm.recompile()
     einsums_as_matmul(gm)  # attention written with einsum: the matmul rules apply
     propagate(gm, example_inputs)
     return gm
+
+
+def drop_dead_code(graph: fx.Graph) -> None:
+    """torch.fx's dead-code elimination, keeping every call that writes into an ``out=``
+    tensor: its result may be read only through that tensor (``torch.matmul(a, b,
+    out=o)`` then ``f(o)``), which torch.fx does not see as a use."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or "out" in n.kwargs)
 
 
 # Shape and FLOPs propagation runs on fake tensors from this many parameters up. A

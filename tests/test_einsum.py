@@ -127,3 +127,33 @@ def test_named_operands_and_computed_dims(form: str) -> None:
     exported = pruner.export(enforce_budget=False)
     with torch.no_grad():
         assert rel_err(exported(x), pruner(x)) < TOL
+
+
+def test_a_result_read_through_out_is_kept() -> None:
+    """torch.matmul(a, w, out=o) then f(o): the call is not dead code (torch.fx sees
+    no use of its return value); its channels freeze, the rest prunes, exactly."""
+
+    class OutNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+            self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            o = torch.zeros(4, 16)
+            torch.matmul(torch.relu(self.a(x)), self.w, out=o)
+            return self.c(torch.relu(self.b(o)))
+
+    torch.manual_seed(0)
+    model, x = OutNet().eval(), torch.randn(4, 6)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    assert "matmul" in pruner.graph_module.code
+    with torch.no_grad():
+        assert rel_err(pruner(x), model(x)) < TOL
+    [g] = pruner.grouping.prunable  # b's outputs; a's freeze at the matmul
+    assert "b:out" in g.members
+    pruner.set_widths({g.index: g.divisor})
+    exported = pruner.export(enforce_budget=False)
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < TOL
+        assert rel_err(exported(x), model(x)) > 1e-4  # something was pruned
