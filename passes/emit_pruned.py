@@ -100,8 +100,9 @@ def emit_pruned(
     first_input = _first_inputs(graph)
     # a module with no sliced tensor of its own whose input narrows (LayerNorm or
     # RMSNorm without affine parameters) still needs its sizes updated
+    inputs = set(first_input.values())
     old_shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
-                  if n.name in set(first_input.values()) and _has_shape(n)}
+                  if n.name in inputs and _has_shape(n)}
     touched.update(path for path, arg in first_input.items()
                    if arg in old_shapes and plan.shapes.get(arg, old_shapes[arg]) != old_shapes[arg])
     for owner_path in sorted(touched):
