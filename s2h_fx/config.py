@@ -137,6 +137,7 @@ class PruneConfig:
 
 
 SETTLE_MODES = ("distill", "hard")
+DESCENT_SHAPES = ("linear", "geometric")
 # the defaults of S2HConfig.descent_epochs / settle_epochs (None): shares of fit's epochs
 DESCENT_SHARE = 0.3
 SETTLE_SHARE = 0.6
@@ -161,7 +162,11 @@ class S2HConfig:
     the weights' schedule factor (lr now / base lr) when
     ``mask_lr_follows_schedule``. ``descent_epochs``: the target cost ratio (FLOPs
     unless the budget says otherwise) of the resource loss and the mask step falls
-    from 1 (the full network) to the budget along a half cosine over this many epochs (0: the budget from the start).
+    from 1 (the full network) to the budget along a half cosine over this many epochs (0: the budget from the start);
+    ``descent_shape`` says in what: ``"linear"`` in the ratio itself (equal cuts of
+    the cost), ``"geometric"`` in its logarithm (equal *relative* cuts: at budget
+    0.15 the last third of the descent goes from 0.24 to 0.15 where a linear one
+    goes from 0.36).
     ``settle_epochs``: the last this many epochs keep the architecture fixed (it is
     projected into the budget band first, then no mask step: logits, ranks and
     widths stay) while the weights train on; ``settle_mode`` says how: ``"hard"``
@@ -186,6 +191,7 @@ class S2HConfig:
     settle_epochs: int | None = None
     settle_mode: str = "hard"
     descent_epochs: float | None = None
+    descent_shape: str = "linear"
 
     def __post_init__(self) -> None:
         for name in ("temperature", "mask_lr", "tolerance", "balance_cap"):
@@ -211,6 +217,9 @@ class S2HConfig:
         if self.settle_mode not in SETTLE_MODES:
             raise ValueError(f"S2HConfig.settle_mode must be one of {', '.join(SETTLE_MODES)}, "
                              f"got {self.settle_mode!r}")
+        if self.descent_shape not in DESCENT_SHAPES:
+            raise ValueError(f"S2HConfig.descent_shape must be one of {', '.join(DESCENT_SHAPES)}, "
+                             f"got {self.descent_shape!r}")
         d = self.descent_epochs
         if d is not None and (isinstance(d, bool) or not isinstance(d, numbers.Real)
                               or math.isnan(d) or float(d) < 0):

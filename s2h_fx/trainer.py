@@ -390,20 +390,24 @@ def _run_epochs(loop: Loop, pruner: Pruner, steps: tuple[Any, Any, Any], epochs:
 def _descent(pruner: Pruner, epochs: float, sched: CosineSchedule, warmup_epochs: int
              ) -> Callable[[], float | None] | None:
     """``S2HConfig.descent_epochs``: the target cost ratio of each S2H step, from 1 (the full
-    network) down to the budget along a half cosine over that many epochs, then the
-    budget. It reads the optimiser steps the schedule counted, so a resume continues
+    network) down to the budget along a half cosine over that many epochs (in the ratio,
+    or in its logarithm: ``descent_shape``), then the budget. It reads the optimiser steps the schedule counted, so a resume continues
     the descent where it stopped; while the epoch length is unknown (a loader without
     ``__len__`` and no ``steps_per_epoch``) the target is the budget."""
     if not epochs:
         return None
     budget = pruner.config.budget
+    geometric = pruner.s2h.descent_shape == "geometric"
 
     def target() -> float | None:
         if sched.steps_per_epoch is None:
             return None
         done = sched.steps - warmup_epochs * sched.steps_per_epoch
         length = max(round(epochs * sched.steps_per_epoch), 1)
-        return min(1.0, budget + (1.0 - budget) * cosine_factor(done, length))
+        f = cosine_factor(done, length)
+        if geometric:
+            return min(1.0, budget ** (1.0 - f))
+        return min(1.0, budget + (1.0 - budget) * f)
     return target
 
 

@@ -356,6 +356,30 @@ def test_descent_moves_the_target_from_full_to_the_budget() -> None:
     assert p.target_ratio == budget  # fit leaves the budget as the target
 
 
+def test_geometric_descent_cuts_the_cost_in_equal_ratios() -> None:
+    """descent_shape="geometric": the same half cosine as the linear descent, in
+    log(target): at every step log(target) / log(budget) is the share of the descent
+    done, so the target never lies above the linear one and both end at the budget."""
+    budget = 0.15
+
+    def targets(shape: str) -> list[float]:
+        got: list[float] = []
+        p = pruner(S2HConfig(descent_epochs=1.0, settle_epochs=0, descent_shape=shape),
+                   budget=budget)
+        p.fit(data(), 2, progress=False, finish=False,
+              on_step=lambda m: got.append(m["target"]))
+        return got
+
+    lin, geo = targets("linear"), targets("geometric")
+    assert len(lin) == len(geo) == 2 * BATCHES
+    for a, g in zip(lin, geo):
+        done = 1.0 - (a - budget) / (1.0 - budget)  # share of the descent done
+        assert math.log(g) / math.log(budget) == pytest.approx(done, abs=1e-9)
+        assert budget - 1e-12 <= g <= a + 1e-12
+    assert geo[0] == pytest.approx(1.0) and geo[BATCHES:] == [pytest.approx(budget)] * BATCHES
+    assert any(g < a - 0.05 for a, g in zip(lin, geo))  # the shapes differ mid-descent
+
+
 def test_an_interrupted_fit_leaves_the_budget_as_the_target() -> None:
     p = pruner(S2HConfig(descent_epochs=2.0, settle_epochs=0), budget=0.4)
 
@@ -422,6 +446,7 @@ def test_settling_run_resumes_exactly(tmp_path: Path) -> None:
     {"settle_epochs": -1}, {"settle_epochs": 1.5}, {"settle_epochs": True},
     {"settle_mode": "soft"}, {"settle_mode": None},
     {"descent_epochs": -1}, {"descent_epochs": float("nan")}, {"descent_epochs": "2"},
+    {"descent_shape": "cosine"}, {"descent_shape": None},
 ])
 def test_bad_option_values_are_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="S2HConfig"):
