@@ -15,13 +15,20 @@ constant) and with the head width and the attention width written as constants
 (``-1`` where a size follows the pruned channels), so the rules see the attention. The
 softmax keeps its original scale. Called on a feature map of another size it falls
 back to torchvision's function (the traced graph is specialised to the example size,
-as every traced graph's shapes are). ``ShiftedWindowAttentionV2`` (cosine attention
-with a log-spaced position MLP) is not inlined.
+as every traced graph's shapes are).
+
+``ShiftedWindowAttentionV2`` (``swin_v2_t``/``_s``/``_b``) is inlined the same way as
+:class:`InlinedShiftedWindowAttentionV2`: cosine attention (q and k L2-normalised over
+the head width, which a pruned head width leaves exact: a zeroed channel adds nothing
+to a norm), a learned per-head logit scale, the position bias from a small MLP over a
+constant table (its outputs are per head), and the key's bias held at zero as
+torchvision does (a constant 0/1 buffer over the qkv outputs, sliced with them).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -33,17 +40,20 @@ from s2h_fx.observe import DIFFERING, Recorder
 log = logging.getLogger(__name__)
 
 
-def _attention_type() -> type[nn.Module] | None:
+def _attention_types() -> tuple[type[nn.Module], ...]:
+    """torchvision's window attention classes (V1, V2), where torchvision has them."""
     try:
-        from torchvision.models.swin_transformer import ShiftedWindowAttention
+        from torchvision.models.swin_transformer import (
+            ShiftedWindowAttention,
+            ShiftedWindowAttentionV2,
+        )
     except ImportError:  # torchvision without Swin
-        return None
-    return ShiftedWindowAttention
+        return ()
+    return ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 
 def _select(m: nn.Module) -> bool:
-    cls = _attention_type()
-    return cls is not None and type(m) is cls
+    return type(m) in _attention_types()
 
 
 def _describe(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -83,6 +93,7 @@ class InlinedShiftedWindowAttention(nn.Module):
     dropouts as ``nn.Dropout`` modules."""
 
     s2h_windows: dict[str, Any]
+    s2h_version: int
     s2h_mask: torch.Tensor
     s2h_attn_drop: nn.Dropout
     s2h_proj_drop: nn.Dropout
@@ -99,12 +110,8 @@ class InlinedShiftedWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         win = self.s2h_windows
         if not isinstance(x, torch.fx.Proxy) and tuple(x.shape[1:3]) != win["size"]:
-            from torchvision.models.swin_transformer import shifted_window_attention
-            return shifted_window_attention(
-                x, self.qkv.weight, self.proj.weight, self._bias(), self.window_size,
-                self.num_heads, shift_size=self.shift_size, attention_dropout=self.attention_dropout,
-                dropout=self.dropout, qkv_bias=self.qkv.bias, proj_bias=self.proj.bias,
-                training=self.training)
+            # another size: torchvision's own forward (it calls get_relative_position_bias)
+            return _attention_types()[self.s2h_version].forward(self, x)  # type: ignore[operator]
         (h, w), (pad_b, pad_r), (ph, pw), shift = win["size"], win["pad"], win["padded"], win["shift"]
         wh, ww = self.window_size
         heads, head_dim = self.num_heads, self.qkv.out_features // 3 // self.num_heads
@@ -115,9 +122,7 @@ class InlinedShiftedWindowAttention(nn.Module):
         n_win, tokens = (ph // wh) * (pw // ww), wh * ww
         y = y.view(b, ph // wh, wh, pw // ww, ww, -1).permute(0, 1, 3, 2, 4, 5)
         y = y.reshape(b * n_win, tokens, -1)
-        qkv = self.qkv(y).reshape(b * n_win, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * head_dim ** -0.5).matmul(k.transpose(-2, -1)) + self._bias()
+        attn, v = self._attend(y, b * n_win, tokens, heads, head_dim)
         if win["mask"] is not None:
             attn = attn.view(b, n_win, heads, tokens, tokens) + self.s2h_mask.unsqueeze(1).unsqueeze(0)
             attn = attn.view(b * n_win, heads, tokens, tokens)
@@ -129,16 +134,60 @@ class InlinedShiftedWindowAttention(nn.Module):
             y = torch.roll(y, shifts=(shift[0], shift[1]), dims=(1, 2))
         return y[:, :h, :w, :].contiguous()
 
-    def _bias(self) -> torch.Tensor:
-        n = self.window_size[0] * self.window_size[1]
-        table = self.relative_position_bias_table[self.relative_position_index]
-        return table.view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+    def _attend(self, y: torch.Tensor, windows: Any, tokens: int, heads: int, head_dim: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention logits of the windows' tokens ``y`` (scaled dot products plus the
+        position bias) and the values."""
+        qkv = self.qkv(y).reshape(windows, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return (q * head_dim ** -0.5).matmul(k.transpose(-2, -1)) + self.get_relative_position_bias(), v
+
+    def get_relative_position_bias(self) -> torch.Tensor:
+        return _gather_bias(self.relative_position_bias_table, self.relative_position_index,
+                            self.window_size)
+
+
+def _gather_bias(table: torch.Tensor, index: torch.Tensor, window: list[int]) -> torch.Tensor:
+    """(1, heads, n, n) bias of each token pair from a table over relative positions."""
+    n = window[0] * window[1]
+    return table[index].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+class InlinedShiftedWindowAttentionV2(InlinedShiftedWindowAttention):
+    """torchvision's ``ShiftedWindowAttentionV2`` as plain ops: as
+    :class:`InlinedShiftedWindowAttention`, with cosine attention scaled by the learned
+    per-head ``logit_scale`` and the position bias from ``cpb_mlp``; the key's bias is
+    multiplied by ``s2h_qkv_keep`` (0 over the keys, 1 elsewhere), as torchvision zeroes
+    it at every call."""
+
+    s2h_qkv_keep: torch.Tensor
+    logit_scale: nn.Parameter
+    cpb_mlp: nn.Sequential
+    relative_coords_table: torch.Tensor
+
+    def _attend(self, y: torch.Tensor, windows: Any, tokens: int, heads: int, head_dim: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        bias = self.qkv.bias
+        if bias is not None:
+            bias = bias * self.s2h_qkv_keep
+        qkv = F.linear(y, self.qkv.weight, bias)
+        qkv = qkv.reshape(windows, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = F.normalize(q, dim=-1).matmul(F.normalize(k, dim=-1).transpose(-2, -1))
+        attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        return attn + self.get_relative_position_bias(), v
+
+    def get_relative_position_bias(self) -> torch.Tensor:
+        table = self.cpb_mlp(self.relative_coords_table)
+        table = table.view(-1, table.shape[-1])  # (relative positions, heads)
+        return 16 * torch.sigmoid(_gather_bias(table, self.relative_position_index,
+                                               self.window_size))
 
 
 def prepare(model: nn.Module, observed: dict[str, Any]) -> dict[str, str]:
-    """Swap each torchvision ``ShiftedWindowAttention`` of ``model`` (the tracer's
+    """Swap each torchvision ``ShiftedWindowAttention`` (V1 or V2) of ``model`` (the tracer's
     working copy) that ran on one feature-map size for
-    :class:`InlinedShiftedWindowAttention`. Returns the reason of each one kept whole."""
+    :class:`InlinedShiftedWindowAttention` (or its V2). Returns the reason of each one kept whole."""
     leaves: dict[str, str] = {}
     for name, m in model.named_modules():
         if not _select(m):
@@ -154,7 +203,13 @@ def prepare(model: nn.Module, observed: dict[str, Any]) -> dict[str, str]:
         # mode) as a constant and never drop in training
         m.add_module("s2h_attn_drop", nn.Dropout(m.attention_dropout))
         m.add_module("s2h_proj_drop", nn.Dropout(m.dropout))
-        m.__class__ = InlinedShiftedWindowAttention
+        version = _attention_types().index(type(m))
+        if version == 1 and m.qkv.bias is not None:
+            keep = torch.ones_like(m.qkv.bias, requires_grad=False)
+            keep[m.qkv.out_features // 3: 2 * m.qkv.out_features // 3] = 0
+            m.register_buffer("s2h_qkv_keep", keep.detach(), persistent=False)
+        m.__class__ = (InlinedShiftedWindowAttention, InlinedShiftedWindowAttentionV2)[version]
+        m.s2h_version = version
         m.s2h_windows = windows
         if windows["mask"] is not None:  # in the attention's dtype and on its device
             m.register_buffer("s2h_mask", windows["mask"].to(m.qkv.weight), persistent=False)

@@ -3,6 +3,8 @@ and the reason says why. Plus strict mode and a user-registered rule."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,6 +96,36 @@ def test_freeze_reason(reason: FreezeReason) -> None:
 def test_softmax_over_channels_is_a_reduction() -> None:
     group = _stem_group(lambda h, x: h.softmax(dim=1))
     assert any(FreezeReason.CHANNEL_REDUCTION.value in w for w in group.frozen)
+
+
+def test_normalize_over_channels_prunes_exactly() -> None:
+    """F.normalize over the channels (p > 0): a zeroed channel adds nothing to the norm,
+    so the exported network equals the model with the dropped channels zeroed at the
+    stem. p < 0 (a zero would dominate the norm) and ``out=`` freeze."""
+    group = _stem_group(lambda h, x: F.normalize(h, p=-1.0, dim=1))
+    assert any(FreezeReason.CHANNEL_REDUCTION.value in w for w in group.frozen)
+    group = _stem_group(lambda h, x: F.normalize(h, dim=1, out=torch.empty_like(h)))
+    assert any(FreezeReason.CHANNEL_REDUCTION.value in w for w in group.frozen)
+    for p in (2.0, 1.0, float("inf")):
+        torch.manual_seed(0)
+        model = Probe(lambda h, x, p=p: F.normalize(h, p=p, dim=1)).eval()
+        x = torch.randn(2, 3, 8, 8)
+        pruner = s2h_fx.prune_graph(model, 0.5, (x,))
+        stem = next(g for g in pruner.grouping.groups if "stem.0:out" in g.members)
+        assert stem.prunable
+        keep = torch.arange(0, 16, 2)  # the even channels of the stem
+        widths = {g.index: g.size for g in pruner.grouping.prunable}
+        keeps = {g.index: torch.arange(g.size).numpy() for g in pruner.grouping.prunable}
+        widths[stem.index], keeps[stem.index] = 8, keep.numpy()
+        pruner.set_widths(widths, keeps)
+        exported = pruner.export(enforce_budget=False)
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():
+            drop = torch.ones(16, dtype=torch.bool)
+            drop[keep] = False
+            zeroed.stem[1].weight[drop] = 0  # the stem's BatchNorm: its output channel is 0
+            zeroed.stem[1].bias[drop] = 0
+            assert rel_err(exported(x), zeroed(x)) < 1e-5
 
 
 def test_spatial_ops_do_not_freeze() -> None:

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 import s2h_fx
-from s2h_fx.swin import InlinedShiftedWindowAttention
+from s2h_fx.swin import InlinedShiftedWindowAttention, InlinedShiftedWindowAttentionV2
 
 from helpers import count_flops, random_keep, rel_err
 
@@ -50,10 +50,54 @@ def test_swin_t_prunes_attention_and_embedding_exactly(size: int, attention: str
         assert exported.get_submodule("features.2.reduction").in_features == 4 * c
 
 
-def test_inlined_attention_is_torchvisions_function() -> None:
+def swin_v2_t() -> nn.Module:
+    """swin_v2_t with a key bias and logit scales that are not torchvision's initial
+    values: torchvision zeroes the key's bias at every call, and the inlined forward
+    must too."""
+    torch.manual_seed(0)
+    model = torchvision.models.swin_v2_t(num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "logit_scale"):
+                m.qkv.bias.normal_()
+                m.logit_scale.normal_(2.0, 0.5)
+    return model
+
+
+def test_swin_v2_t_prunes_whole_heads_exactly() -> None:
+    """Swin V2: cosine attention (q, k normalised over the head width), a per-head
+    logit scale and a position-bias MLP with one output per head. Under the default
+    ``attention="auto"`` whole heads win (the width analysis leaves the MLP's per-head
+    outputs and the qkv split frozen): every group but the classifier's output prunes;
+    the exported network is the hard one and its FLOPs the model's."""
+    model, x = swin_v2_t(), torch.randn(2, 3, 64, 64)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    assert pruner.grouping.attention == "heads"
+    with torch.no_grad():
+        assert rel_err(pruner(x), model(x)) < TOL
+    frozen = pruner.grouping.frozen
+    assert len(frozen) == 1 and frozen[0].frozen[0].startswith("reaches a model output")
+    members = {m for g in pruner.grouping.prunable for m in g.members}
+    assert {"features.1.0.attn.qkv:out", "features.1.0.attn.cpb_mlp.2:out",
+            "features.1.0.attn.cpb_mlp.0:out", "features.2.reduction:in"} <= members
+    for seed in range(2):
+        pruner.set_widths(*random_keep(pruner, seed))
+        exported = pruner.export(enforce_budget=False)
+        with torch.no_grad():
+            assert rel_err(exported(x), pruner(x)) < TOL
+        assert count_flops(exported, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+        heads = exported.get_submodule("features.5.0.attn.cpb_mlp.2").out_features
+        assert exported.get_parameter("features.5.0.attn.logit_scale").shape[0] == heads
+        # the qkv linear (read by F.linear: a weight, not a module) keeps 3 x heads x D rows
+        assert exported.get_parameter("features.5.0.attn.qkv.weight").shape[0] == 3 * heads * 32
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_inlined_attention_is_torchvisions_function(version: str) -> None:
     """The traceable forward equals torchvision's on the size it was made for (shifted
     and unshifted blocks, padded windows) and falls back to it on another size."""
-    model, x = swin_t(), torch.randn(2, 3, 64, 64)
+    model, x = (swin_t() if version == "v1" else swin_v2_t()), torch.randn(2, 3, 64, 64)
+    cls = InlinedShiftedWindowAttention if version == "v1" else InlinedShiftedWindowAttentionV2
     from s2h_fx.observe import observe_calls
     from s2h_fx.swin import RECORDER, prepare
 
@@ -70,7 +114,7 @@ def test_inlined_attention_is_torchvisions_function() -> None:
         expected_other = feats["features.1.1.attn"](other)
         assert prepare(model, seen) == {}
         for name, m in feats.items():
-            assert isinstance(m, InlinedShiftedWindowAttention)
+            assert type(m) is cls
             assert rel_err(m(inputs[name]), expected[name]) < TOL
         assert rel_err(feats["features.1.1.attn"](other), expected_other) < TOL
 

@@ -247,6 +247,31 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
     return ChannelLayout(len(out_shape), tuple(out))
 
 
+@register_rule(F.normalize)
+def normalize(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """``F.normalize(x, p, dim)``: x over its p-norm along ``dim`` (Swin V2's cosine
+    attention over the head width). A zeroed channel adds nothing to a p-norm with
+    p > 0 (nor to the largest magnitude, p = inf), so the pruned network's norm over
+    the channels it keeps is the norm of x with the others zeroed: channels pass, on
+    every axis. Another p (or ``out=``) freezes the channels along ``dim``."""
+    src = node.args[0]
+    lay, shp = ctx.layout(src), ctx.shape(src)
+    if lay is None or shp is None:
+        return ctx.blank(node)  # type: ignore[return-value]
+    p = ctx.arg(node, 1, "p", 2.0)
+    if (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0
+            and set(node.kwargs) <= {"p", "dim", "eps", "out"} and node.kwargs.get("out") is None):
+        return lay
+    dims = _dims(ctx.arg(node, 2, "dim", 1), len(shp)) or ()
+    out = []
+    for f in lay.factors:
+        if set(f.axes) & set(dims):
+            ctx.freeze(f.ids, FreezeReason.CHANNEL_REDUCTION, node)
+        else:
+            out.append(f)
+    return ChannelLayout(lay.ndim, tuple(out))
+
+
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, "softmax",
                "log_softmax")
 def softmax(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
