@@ -6,7 +6,8 @@ Returns: a :class:`FlopsModel`; the graph is not changed.
 
 Each node's FLOPs, as ``torch.utils.flop_counter`` counts them on the example
 inputs, are scaled by the ratio of new to old size of the axes the node's rule
-declared (output axes and the contracted axis). An axis size is affine in the
+declared (output axes and the contracted axis); a rule may split a node's FLOPs
+into parts that scale with different axes (attention's two products). An axis size is affine in the
 widths, so the model is a sum of products of affine terms: exact for the
 emitted graph and differentiable in the widths (the budget loss uses it).
 """
@@ -88,15 +89,16 @@ def build_flops_model(gm: fx.GraphModule, grouping: GroupingResult) -> FlopsMode
         base = float(node.meta.get(S2H_FLOPS, 0.0))
         if base == 0.0:
             continue
-        refs = node.meta.get(S2H_FLOP_REFS)
-        if refs is None:
+        parts = node.meta.get(S2H_FLOP_REFS)
+        if parts is None:
             out = node.meta.get(S2H_LAYOUT)
-            refs = _all_axes(out) if isinstance(out, ChannelLayout) else ()
-        axes = tuple(a for a in (_axis_size(f, t, grouping, sizes) for f, t in refs) if a.coefs)
-        if axes:
-            terms.append(FlopTerm(node.name, base, axes))
-        else:
-            constant += base
+            parts = ((1.0, _all_axes(out) if isinstance(out, ChannelLayout) else ()),)
+        for share, refs in parts:
+            axes = tuple(a for a in (_axis_size(f, t, grouping, sizes) for f, t in refs) if a.coefs)
+            if axes:
+                terms.append(FlopTerm(node.name, base * share, axes))
+            else:
+                constant += base * share
     return FlopsModel(tuple(terms), constant, sizes)
 
 

@@ -15,21 +15,39 @@ from torch.utils.flop_counter import FlopCounterMode
 
 @contextlib.contextmanager
 def counted_paths() -> Iterator[None]:
-    """Run with the fused "fast path" of ``nn.MultiheadAttention`` and
-    ``nn.TransformerEncoderLayer`` off. In eval mode without gradients torch takes
-    it, and flop_counter does not count its kernel's attention (torchvision's
-    vit_b_16: 22.5 of its 33.7 GFLOPs counted), so a dense model would look cheaper
-    than the same network traced as its ops. The slow path computes the same function."""
+    """Run with the attention kernels that flop_counter cannot see turned off:
+
+    - the fused "fast path" of ``nn.MultiheadAttention`` and
+      ``nn.TransformerEncoderLayer`` (taken in eval mode without gradients; its
+      attention is not counted: torchvision's vit_b_16 had 22.5 of its 33.7 GFLOPs
+      counted), so a dense model would look cheaper than the same network traced as
+      its ops;
+    - ``F.scaled_dot_product_attention``'s fused kernels: on the CPU its flash kernel
+      has no FLOP formula in torch, and which kernel runs depends on the shapes
+      (query/key and value head widths that differ take the math path, which is
+      counted), so a pruned network's count would jump with its widths. The math
+      path is counted as the two matrix products the formula for the fused kernels
+      counts.
+
+    Both are the same function as the paths they replace."""
     backend = getattr(torch.backends, "mha", None)
-    if backend is None:
-        yield
-        return
-    was = backend.get_fastpath_enabled()
-    backend.set_fastpath_enabled(False)
+    was = backend.get_fastpath_enabled() if backend is not None else None
+    if backend is not None:
+        backend.set_fastpath_enabled(False)
     try:
-        yield
+        with _math_attention():
+            yield
     finally:
-        backend.set_fastpath_enabled(was)
+        if backend is not None:
+            backend.set_fastpath_enabled(was)
+
+
+def _math_attention() -> Any:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - a torch without the selector
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def count_flops(fn: Callable[..., Any], *inputs: Any) -> int:

@@ -3,14 +3,18 @@
 In eval mode without gradients ``nn.MultiheadAttention`` and
 ``nn.TransformerEncoderLayer`` take torch's fused fast path, whose attention
 flop_counter does not see. Every FLOPs count in the project turns it off, so a dense
-model, a leaf kept whole and the traced network all count the same work.
+model, a leaf kept whole and the traced network all count the same work. The same
+holds for ``F.scaled_dot_product_attention``'s fused CPU kernel (no FLOP formula in
+torch): counts run its math path.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import s2h_fx
@@ -32,10 +36,21 @@ class Encoder(nn.Module):
 
 
 def slow_path_flops(model: nn.Module, *inputs: torch.Tensor) -> float:
-    """With gradients on, torch never takes the fast path: the full count."""
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+    """With gradients on, torch never takes the fast path, and SDPA's math kernel is
+    counted as its two products: the full count."""
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         model(*inputs)
     return float(counter.get_total_flops())
+
+
+def test_scaled_dot_product_attention_is_counted() -> None:
+    """q·kᵀ and attn·v: 2·L·S·E + 2·L·S·Ev per batch and head, whichever kernel torch
+    would pick (equal head widths take the fused CPU kernel, which torch's counter
+    does not see; unequal ones the math path, which it does)."""
+    b, h, n, s = 2, 3, 5, 7
+    for e, ev in ((16, 16), (16, 8)):
+        q, k, v = torch.randn(b, h, n, e), torch.randn(b, h, s, e), torch.randn(b, h, s, ev)
+        assert count_flops(F.scaled_dot_product_attention, q, k, v) == 2 * b * h * n * s * (e + ev)
 
 
 def test_dense_count_includes_the_attention() -> None:

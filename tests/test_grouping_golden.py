@@ -105,7 +105,10 @@ GOLDEN: dict[str, list[tuple[int, list[str], str | None]]] = {
     ],
     "attention_separate": [
         (32, ["embed:out", "head:in", "k:in", "proj:out", "q:in", "v:in"], None),
-        (16, ["k:out", "proj:in", "q:out", "v:out"], None),
+        # SDPA: q and k share the contracted width; v's width is the output's, read by
+        # proj (separate projections: the two widths prune apart)
+        (16, ["k:out", "q:out"], None),
+        (16, ["proj:in", "v:out"], None),
         (5, ["head:out"], OUT),
     ],
 }

@@ -142,9 +142,11 @@ def test_layer_traces_as_its_ops_and_prunes(case: tuple[bool, bool, bool, str]) 
     gm = _traced(model, x)
     _same_as_module(model, gm, x)
     pruner, pruned = _prune_and_export(model, x)
-    # embedding E; the feed-forward width FF; each attention's head width E / HEADS; a
-    # decoder's memory embedding E (its own Linear and the cross-attention's k, v inputs)
-    assert _sizes(pruner) == ([16, 16, 32, 32, 48] if decoder else [16, 32, 48])
+    # embedding E; the feed-forward width FF; each attention's head width E / HEADS (a
+    # decoder's cross-attention: its query/key width and its value width apart, as q
+    # and v come from different projections); a decoder's memory embedding E (its own
+    # Linear and the cross-attention's k, v inputs)
+    assert _sizes(pruner) == ([16, 16, 16, 32, 32, 48] if decoder else [16, 32, 48])
     ff = _member_group(pruner, "layer.linear1:out")
     assert ff.size == FF
     assert pruned.get_submodule("layer.linear1").out_features == pruner.widths[ff.index]
@@ -177,7 +179,7 @@ def test_no_bias_and_layer_norm_eps(decoder: bool) -> None:
     gm = _traced(model, x)
     _same_as_module(model, gm, x)
     pruner, pruned = _prune_and_export(model, x)
-    assert _sizes(pruner) == ([16, 16, 32, 32, 48] if decoder else [16, 32, 48])
+    assert _sizes(pruner) == ([16, 16, 16, 32, 32, 48] if decoder else [16, 32, 48])
     norm = pruned.get_submodule("layer.norm1")
     assert norm.eps == 0.5 and norm.bias is None
     assert pruned.get_submodule("layer.linear1").bias is None
@@ -300,8 +302,9 @@ def test_classifier_end_to_end(whole: bool) -> None:
         g = _member_group(pruner, f"{layer}.linear1:out")
         assert g.size == FF
         assert pruned.get_submodule(f"{layer}.linear1").out_features == pruner.widths[g.index]
-    # two encoder layers (and a decoder's two attentions): one head width each
-    assert _sizes(pruner).count(16) == (4 if whole else 2)
+    # two encoder layers and a decoder's self-attention: one head width each; the
+    # decoder's cross-attention: a query/key width and a value width
+    assert _sizes(pruner).count(16) == (5 if whole else 2)
 
 
 def test_attention_and_transformer_modules_are_observed_in_one_eager_run() -> None:

@@ -127,7 +127,9 @@ class RuleContext:
         self.frozen: list[tuple[np.ndarray, str]] = []
         self.blocks: list[np.ndarray] = []  # each array: ids kept or dropped together
         self.unknown: list[str] = []
-        self.flop_refs: dict[str, tuple[tuple[Factor, int], ...]] = {}
+        # node -> its FLOPs' parts: (share of the node's FLOPs, the (factor, axis) pairs
+        # that part scales with)
+        self.flop_refs: dict[str, tuple[tuple[float, tuple[tuple[Factor, int], ...]], ...]] = {}
         # node -> (arg, axis) pairs (or arg indices) whose channels it sums over
         self.mixing: dict[str, tuple[int | tuple[int, int], ...]] = {}
         # (ids a size value depends on, ids of the axis it sizes or None, the using node)
@@ -249,11 +251,21 @@ class RuleContext:
 
     def flops(self, node: fx.Node, refs: Iterable[tuple[ChannelLayout | None, int]]) -> None:
         """Declare that the node's FLOPs scale with the sizes of these (layout, axis) pairs."""
+        self.flop_parts(node, [(1.0, refs)])
+
+    def flop_parts(self, node: fx.Node,
+                   parts: Iterable[tuple[float, Iterable[tuple[ChannelLayout | None, int]]]]) -> None:
+        """Declare the node's FLOPs as a sum of parts, each a share of what the FLOP
+        counter counts at full width that scales with its own (layout, axis) pairs
+        (attention: q.kᵀ with the query width, attn.v with the value width)."""
         out = []
-        for lay, axis in refs:
-            f = lay.factor_at(axis) if lay is not None else None
-            if f is not None:
-                out.append((f, f.axes.index(axis)))
+        for share, refs in parts:
+            pairs = []
+            for lay, axis in refs:
+                f = lay.factor_at(axis) if lay is not None else None
+                if f is not None:
+                    pairs.append((f, f.axes.index(axis)))
+            out.append((float(share), tuple(pairs)))
         self.flop_refs[node.name] = tuple(out)
 
 

@@ -408,17 +408,20 @@ def _batched(lay: ChannelLayout) -> ChannelLayout:
 @register_rule(F.scaled_dot_product_attention)
 def scaled_dot_product_attention(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     """softmax(q kᵀ · scale + mask) v over (..., L, E) queries, (..., S, E) keys and
-    (..., S, Ev) values: q's and k's E channels are contracted (coupled), and v's
-    pass to the output. v's are coupled to q's too (head width: one width for q, k
-    and v, as a fused qkv projection gives anyway), so the op's FLOPs, which grow
-    with E + Ev, scale with that one width. Channels on batch axes (heads) and on the
-    attention mask are frozen. The default scale is 1/sqrt(E) of the *unpruned* E:
-    the rule writes it into the call (``scale=``), so that pruning E leaves the
-    function as it was (the soft, hard and emitted networks all use it)."""
+    (..., S, Ev) values: q's and k's E channels are contracted (coupled); v's Ev
+    channels pass to the output (they are its channels), a width of their own: with
+    separate q, k and v projections the query/key width and the value width prune
+    apart (a fused qkv reshaped into (3, H, D) couples them anyway). The op's FLOPs
+    are two products, q·kᵀ growing with E and attn·v with Ev, split as the FLOP
+    counter counts them. Channels on batch axes (heads) and on the attention mask
+    are frozen. The default scale is 1/sqrt(E) of the *unpruned* E: the rule writes
+    it into the call (``scale=``), so that pruning E leaves the function as it was
+    (the soft, hard and emitted networks all use it)."""
     q, k, v = (ctx.arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     lq, lk, lv = (ctx.layout(t) for t in (q, k, v))
-    shape_q, out_shape = ctx.shape(q), ctx.shape(node)
-    if lq is None or lk is None or lv is None or shape_q is None or out_shape is None:
+    shape_q, shape_v, out_shape = ctx.shape(q), ctx.shape(v), ctx.shape(node)
+    if (lq is None or lk is None or lv is None or shape_q is None or shape_v is None
+            or out_shape is None):
         return unknown_weights(ctx, node)
     if ctx.arg(node, 6, "scale") is None:
         node.kwargs = {**node.kwargs, "scale": float(shape_q[-1]) ** -0.5}
@@ -428,21 +431,18 @@ def scaled_dot_product_attention(ctx: RuleContext, node: fx.Node) -> LayoutValue
     mask = ctx.arg(node, 3, "attn_mask")
     ctx.freeze_layout(ctx.layout(mask), FreezeReason.IRREGULAR_LAYOUT, node)
     lq, lk, lv = _batched(lq), _batched(lk), _batched(lv)
-    last = [_single(ctx, node, lay, lay.ndim - 1) for lay in (lq, lk, lv)]
+    fq, fk, fv = (_single(ctx, node, lay, lay.ndim - 1) for lay in (lq, lk, lv))
     for lay in (lq, lk, lv):
         for f in lay.factors:
             if any(x != lay.ndim - 1 for x in f.axes):
                 ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
-    tracked = [f for f in last if f is not None]
-    if tracked and (len(tracked) < 3 or len({f.ids.size for f in tracked}) > 1):
-        for f in tracked:  # an untracked operand, or value width unlike the query's
-            ctx.freeze(f.ids, FreezeReason.UNTRACKED_OPERAND, node)
-        tracked = []
-    if tracked:
-        ctx.couple(tracked[0].ids, tracked[1].ids)
-        ctx.couple(tracked[0].ids, tracked[2].ids)
+    if fq is not None and fk is not None:
+        ctx.couple(fq.ids, fk.ids)
+    elif fq is not None or fk is not None:  # the other operand's channels are not tracked
+        ctx.freeze((fq or fk).ids, FreezeReason.UNTRACKED_OPERAND, node)  # type: ignore[union-attr]
     nd = len(out_shape)
-    res = ChannelLayout(nd, (Factor((nd - 1,), tracked[2].ids),) if tracked else ())
-    ctx.flops(node, [(res, nd - 1)])
+    res = ChannelLayout(nd, (Factor((nd - 1,), fv.ids),) if fv is not None else ())
+    e, ev = shape_q[-1], shape_v[-1]
+    ctx.flop_parts(node, [(e / (e + ev), [(lq, lq.ndim - 1)]), (ev / (e + ev), [(res, nd - 1)])])
     ctx.mixes(node, (0, lq.ndim - 1))  # q·k sums over E once (values are summed later)
     return res
