@@ -40,6 +40,7 @@ from s2h_fx.fake import fake_mode, graph_is_fake_safe, holds_fake
 from s2h_fx.measure import counted_paths
 from s2h_fx.observe import observe_calls
 from s2h_fx.rules.timm_modules import std_conv_types
+from s2h_fx.valued import ValuedTracer
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,15 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (qualname in self.leaf_names or isinstance(m, self.leaf_types)
                 or super().is_leaf_module(m, qualname))
+
+
+class _ValuedFxTracer(ValuedTracer, _Tracer):
+    """Our tracer, with the example's values: control flow on sizes is decided by the
+    example inputs and guarded (:mod:`s2h_fx.valued`)."""
+
+    def __init__(self, plan: TracePlan, example_inputs: tuple[Any, ...]) -> None:
+        _Tracer.__init__(self, plan)
+        self.init_values(example_inputs)
 
 
 class _FakeRunFailed(Exception):
@@ -184,26 +194,37 @@ class TracePlan:
     leaves: dict[str, str] = field(default_factory=dict)  # submodule qualname -> reason
     leaf_types: dict[type, str] = field(default_factory=dict)  # every instance -> reason
     autowrap: dict[Callable[..., Any], str] = field(default_factory=dict)  # function -> reason
+    # traced with the example's values (control flow on sizes decided and guarded), and
+    # the user's lines where a guard was put
+    valued: bool = False
+    guards: list[str] = field(default_factory=list)
 
     @property
     def method(self) -> str:
-        """'fx', 'timm' (only timm's own not-traceable modules and functions) or
-        'leaf fallback' (a failing submodule of no such kind made a leaf)."""
+        """'fx', 'fx, sizes of the example' (control flow on sizes taken as on the
+        example inputs, guarded), 'timm' (only timm's own not-traceable modules and
+        functions) or 'leaf fallback' (a failing submodule of no such kind made a leaf)."""
         if not (self.leaves or self.leaf_types or self.autowrap):
-            return "fx"
+            return "fx, sizes of the example" if self.guards else "fx"
         timm_only = not self.leaves and all(
             _TIMM_MARK in r for r in [*self.leaf_types.values(), *self.autowrap.values()])
-        return "timm" if timm_only else "leaf fallback"
+        return ("timm" if timm_only else "leaf fallback") + (
+            ", sizes of the example" if self.guards else "")
 
 
 _TIMM_MARK = "timm registers it as not traceable"
 
 
 def _trace_with_fallback(
-    work: nn.Module, name: str, concrete_args: dict[str, Any] | None
+    work: nn.Module, name: str, concrete_args: dict[str, Any] | None,
+    example_inputs: tuple[Any, ...] | None = None,
 ) -> tuple[fx.Graph, TracePlan]:
     """Plain torch.fx first. When tracing fails, widen the plan and retrace:
 
+    0. with ``example_inputs``, once: trace again with the example's values
+       (:mod:`s2h_fx.valued`): control flow on sizes is taken as on the example
+       inputs and guarded in the graph; kept only if the traced graph computes what
+       the model does on them. Then, while tracing still fails:
     1. the innermost failing frame is one of timm's not-traceable functions
        (``timm.layers.register_notrace_function``): autowrap it (a call_function node);
     2. else the innermost submodule whose ``forward`` is on the traceback: if it or a
@@ -220,13 +241,58 @@ def _trace_with_fallback(
     retraces = 0
     while True:
         try:
-            return _Tracer(plan).trace(work, concrete_args=concrete_args), plan
+            if not plan.valued:
+                return _Tracer(plan).trace(work, concrete_args=concrete_args), plan
+            return _valued_trace(work, plan, concrete_args, example_inputs or ()), plan
+        except _ValuedMismatch as exc:  # traced, but not the model's function: no values
+            log.info("tracing %s with the example's values: %s", name, exc)
+            plan.valued, plan.guards = False, []
+            example_inputs = None
+            continue
         except Exception as exc:
+            if not plan.valued and example_inputs is not None:
+                plan.valued = True  # once: the same trace, with the example's values
+                continue
             if retraces == MAX_FALLBACK_LEAVES:
                 raise _trace_error(name, exc, plan, limit=True) from exc
             if not _widen(plan, exc, work, qualnames):
                 raise _trace_error(name, exc, plan) from exc
         retraces += 1
+
+
+class _ValuedMismatch(Exception):
+    """A graph traced with the example's values does not compute the model's outputs."""
+
+
+def _valued_trace(work: nn.Module, plan: TracePlan, concrete_args: dict[str, Any] | None,
+                  example_inputs: tuple[Any, ...]) -> fx.Graph:
+    """Trace with the example's values; the graph must give the model's outputs on the
+    example inputs (each traced op ran on them; this checks the graph as a whole)."""
+    tracer = _ValuedFxTracer(plan, example_inputs)
+    graph = tracer.trace(work, concrete_args=concrete_args)
+    plan.guards = list(tracer.guards)
+    if not tracer.guards:  # nothing was decided by a value: no check needed
+        return graph
+    gm = fx.GraphModule(work, graph)
+    with torch.no_grad(), counted_paths():
+        got, want = gm(*example_inputs), work(*example_inputs)
+    if not _same_outputs(got, want):
+        raise _ValuedMismatch("the graph's outputs differ from the model's on the example inputs")
+    return graph
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    fa, sa = torch.utils._pytree.tree_flatten(a)
+    fb, sb = torch.utils._pytree.tree_flatten(b)
+    if sa != sb or len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5):
+                return False
+        elif not isinstance(x, torch.Tensor) and x != y:
+            return False
+    return True
 
 
 def _defaults_not_given(
@@ -251,7 +317,7 @@ def _defaults_not_given(
 def _trace_error(name: str, exc: Exception, plan: TracePlan, limit: bool = False) -> TraceError:
     where = _source_of_failure(exc)
     tried = ""
-    if plan.method != "fx":
+    if _plan_names(plan):
         tried = (f"\n  Already traced as leaves: {', '.join(_plan_names(plan))}"
                  + (f" (gave up after {MAX_FALLBACK_LEAVES} retraces)" if limit else
                     "; the failure is in the model's own forward, with no submodule left to "
@@ -385,7 +451,12 @@ def _record(gm: fx.GraphModule, plan: TracePlan, kept: dict[str, str]) -> dict[s
         log.info("traced %s with %d leaf module(s) and %d autowrapped function(s): %s",
                  gm.__class__.__name__, len(leaves), len(autowrap),
                  "; ".join(f"{k}: {v}" for k, v in [*leaves.items(), *autowrap.items()]))
-    return {"method": plan.method, "leaves": leaves, "autowrap": autowrap}
+    if plan.guards:
+        log.info("traced %s for the sizes of its example inputs: %d branch(es) on sizes "
+                 "taken as on them and guarded in the graph", gm.__class__.__name__,
+                 len(plan.guards))
+    return {"method": plan.method, "leaves": leaves, "autowrap": autowrap,
+            "guards": list(plan.guards)}
 
 
 def trace_model(
@@ -429,7 +500,7 @@ def trace_model(
         kept.update(mha.prepare(work, attention))
         kept.update(swin.prepare(work, seen["swin"]))  # torchvision's window attention
         concrete = _defaults_not_given(work, len(example_inputs), concrete_args)
-        graph, plan = _trace_with_fallback(work, type(model).__name__, concrete)
+        graph, plan = _trace_with_fallback(work, type(model).__name__, concrete, example_inputs)
         # pickling a GraphModule stores its graph's tracer class by reference: keep ours
         # out so that a saved pruned model loads without s2h-fx installed
         graph._tracer_cls = None

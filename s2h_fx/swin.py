@@ -111,7 +111,7 @@ class InlinedShiftedWindowAttention(nn.Module):
         win = self.s2h_windows
         if not isinstance(x, torch.fx.Proxy) and tuple(x.shape[1:3]) != win["size"]:
             # another size: torchvision's own forward (it calls get_relative_position_bias)
-            return _attention_types()[self.s2h_version].forward(self, x)  # type: ignore[operator]
+            return _attention_types()[self.s2h_version].forward(self, x)
         (h, w), (pad_b, pad_r), (ph, pw), shift = win["size"], win["pad"], win["padded"], win["shift"]
         wh, ww = self.window_size
         heads, head_dim = self.num_heads, self.qkv.out_features // 3 // self.num_heads
@@ -167,7 +167,7 @@ class InlinedShiftedWindowAttentionV2(InlinedShiftedWindowAttention):
 
     def _attend(self, y: torch.Tensor, windows: Any, tokens: int, heads: int, head_dim: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        bias = self.qkv.bias
+        bias: torch.Tensor | None = self.qkv.bias
         if bias is not None:
             bias = bias * self.s2h_qkv_keep
         qkv = F.linear(y, self.qkv.weight, bias)

@@ -42,12 +42,12 @@ def test_benchmark_on_tiny_timm_models(tmp_path, capsys) -> None:
     assert resnet["attention_pruned"] is False  # a CNN has no attention
     assert resnet["tp_ok"] and 0 < resnet["tp_flops_ratio"] < 1
     # test_vit resizes its position embedding in forward (dynamic_img_size): plain fx
-    # stops at resample_abs_pos_embed's size checks, which timm registers as not
-    # traceable; the tracer autowraps it (whether the budget is then met depends on
-    # attention pruning, so not asserted here)
+    # stops at resample_abs_pos_embed's size checks (timm registers it as not
+    # traceable); traced with the example's values, those checks are decided by the
+    # example's sizes and guarded, and nothing is left whole
     vit = rows["test_vit"]
-    assert vit["trace"] == "timm" and vit["error_type"] != "TraceError"
-    assert list(vit["trace_autowrap"]) == ["timm.layers.pos_embed.resample_abs_pos_embed"]
+    assert vit["trace"] == "fx, sizes of the example" and not vit["trace_autowrap"]
+    assert vit["ok"] and vit["max_rel_err"] < 1e-5 and vit["attention_pruned"]
     summary = next(r for r in records if r.get("summary"))
     assert summary["models"] == 2 and summary["timm"] == timm.__version__
     assert summary["s2h_ok"] == sum(r["ok"] for r in rows.values())

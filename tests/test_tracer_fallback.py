@@ -114,7 +114,7 @@ def test_leaf_node_carries_its_reason() -> None:
 def test_plain_model_is_traced_by_plain_fx() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
     gm = trace_model(model, (X,))
-    assert gm.meta[S2H_TRACE] == {"method": "fx", "leaves": {}, "autowrap": {}}
+    assert gm.meta[S2H_TRACE] == {"method": "fx", "leaves": {}, "autowrap": {}, "guards": []}
 
 
 class TopLevelBranch(nn.Module):

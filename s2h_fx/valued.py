@@ -1,0 +1,199 @@
+"""Tracing through control flow on sizes: proxies that carry the example's values.
+
+torch.fx records a model's ops by running its ``forward`` on proxies; a proxy has no
+value, so Python control flow on one (``if H % window:``, ``range(n)``, ``len(x)``)
+stops the trace. Most such branches in vision models depend only on sizes (padding
+to a window, a shortcut taken when the feature map already fits), which the example
+inputs fix. :class:`ValuedTracer` runs each op on the example's values as it records
+it (the model runs once, op by op), so a branch on a size is taken as it is on the
+example inputs, and the decision is kept in the graph as a guard:
+``torch._assert(cond)`` (or ``int(size) == value`` where a size became a Python int).
+A graph run on inputs whose sizes would take another branch stops with that guard's
+message instead of computing something else. Sizes used as sizes stay graph values,
+so the batch size is free wherever the code computes with it.
+
+A branch on a tensor's *data* (``if x.max() > 0:``, ``.item()`` and what is computed
+from it) is not decided: tracing stops as torch.fx's does, and the tracer's fallback
+makes that submodule a leaf.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.proxy import Attribute
+
+# ops whose Python result comes from a tensor's data, not its sizes
+_DATA_METHODS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "any", "all"})
+GUARD_MESSAGE = "s2h-fx traced this model for the sizes of its example inputs"
+
+
+class ValuedProxy(fx.Proxy):
+    """A proxy whose tracer knows the value it stands for on the example inputs."""
+
+    tracer: ValuedTracer  # type: ignore[assignment]
+
+    def __getattr__(self, k: str) -> ValuedAttribute:
+        return ValuedAttribute(self, k)
+
+    def _size_value(self, what: str) -> Any:
+        """The value, where it is a Python number computed from sizes only; else the
+        TraceError torch.fx raises for ``what``."""
+        value = self.tracer.value_of(self)
+        if isinstance(value, (bool, int)) and not self.tracer.is_data(self):
+            return value
+        raise fx.proxy.TraceError(
+            f"symbolically traced variables cannot be used as inputs to control flow "
+            f"({what} of a value computed from a tensor's data)")
+
+    def __bool__(self) -> bool:
+        value = bool(self._size_value("bool"))
+        self.tracer.guard(self if value else self.tracer.create_proxy(
+            "call_function", operator.not_, (self,), {}))
+        return value
+
+    def __index__(self) -> int:
+        value = int(self._size_value("an integer"))
+        self.tracer.guard(self.tracer.create_proxy("call_function", operator.eq, (self, value), {}))
+        return value
+
+    __int__ = __index__
+
+    def __len__(self) -> int:
+        value = self.tracer.value_of(self)
+        if isinstance(value, (tuple, list, torch.Size)):
+            return len(value)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(self.size(0))  # type: ignore[call-overload]
+        return super().__len__()
+
+    def __iter__(self) -> Any:
+        value = self.tracer.value_of(self)
+        if isinstance(value, (tuple, list, torch.Size)) or (
+                isinstance(value, torch.Tensor) and value.dim() > 0):
+            return iter([self[i] for i in range(len(self))])  # type: ignore[index]
+        return super().__iter__()
+
+
+class ValuedAttribute(ValuedProxy, Attribute):
+    """``proxy.attr`` (a method to call, or a value such as ``shape``), valued."""
+
+
+class ValuedTracer:
+    """Mixin for a torch.fx tracer: every node's value on ``example_inputs`` is computed
+    as it is created (``values``), and Python control flow on a size is decided by it
+    and guarded. Must precede ``fx.Tracer`` in the bases."""
+
+    def init_values(self, example_inputs: tuple[Any, ...]) -> None:
+        self.example = list(example_inputs)
+        self.values: dict[fx.Node, Any] = {}
+        self.data: set[fx.Node] = set()  # Python values computed from a tensor's data
+        self.guards: list[str] = []
+        self._placeholders = 0
+        self._running = False
+
+    # ---- proxies -------------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ValuedProxy(node, self)  # type: ignore[arg-type]
+
+    def value_of(self, p: fx.Proxy) -> Any:
+        node = p.node
+        if node not in self.values:
+            raise fx.proxy.TraceError(f"no example value for {node.format_node()}")
+        return self.values[node]
+
+    def is_data(self, p: fx.Proxy) -> bool:
+        return p.node in self.data
+
+    def guard(self, cond: fx.Proxy) -> None:
+        """``torch._assert(cond)``, its message naming the user's line that branched."""
+        trace = cond.node.meta.get("stack_trace") or ""
+        lines = [ln.strip() for ln in trace.strip().splitlines()]
+        where = " ".join(lines[-2:]) if lines else cond.node.name
+        self.create_proxy(
+            "call_function", torch._assert,
+            (cond, f"{GUARD_MESSAGE}; these inputs' sizes take another branch at {where}"), {})
+        self.guards.append(where)
+
+    # ---- values ----------------------------------------------------------------------
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     name: str | None = None, type_expr: Any = None,
+                     proxy_factory_fn: Any = None) -> Any:
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr,  # type: ignore[misc]
+                                 proxy_factory_fn)
+        if isinstance(p, fx.Proxy):
+            self._evaluate(p.node, kind, target, args, kwargs)
+        return p
+
+    def _evaluate(self, node: fx.Node, kind: str, target: Any, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> None:
+        nodes: list[fx.Node] = []
+
+        def value(a: Any) -> Any:
+            if isinstance(a, fx.Proxy):
+                nodes.append(a.node)
+                return self.values[a.node]
+            if isinstance(a, fx.Node):
+                nodes.append(a)
+                return self.values[a]
+            return a
+
+        if kind == "placeholder":  # the example inputs, then the concrete arguments
+            k = self._placeholders
+            self._placeholders += 1
+            concrete = getattr(self, "concrete_args", None) or {}
+            self.values[node] = (self.example[k] if k < len(self.example)
+                                 else concrete.get(str(target).lstrip("*"),
+                                                   args[0] if args else None))
+            return
+        if kind == "get_attr":
+            obj: Any = self.root  # type: ignore[attr-defined]
+            self._running = True  # the attributes themselves, not proxies for them
+            try:
+                for atom in str(target).split("."):
+                    obj = getattr(obj, atom)
+            finally:
+                self._running = False
+            self.values[node] = obj
+            return
+        vargs = fx.node.map_aggregate(args, value)
+        vkwargs = fx.node.map_aggregate(kwargs, value)
+        self._running = True
+        try:
+            with torch.no_grad():
+                if kind == "call_function":
+                    out = target(*vargs, **vkwargs)
+                elif kind == "call_method":
+                    out = getattr(vargs[0], target)(*vargs[1:], **vkwargs)
+                elif kind == "call_module":
+                    out = self.root.get_submodule(target)(*vargs, **vkwargs)  # type: ignore[attr-defined]
+                else:  # output
+                    return
+        finally:
+            self._running = False
+        self.values[node] = out
+        if (any(n in self.data for n in nodes)
+                or (kind == "call_method" and target in _DATA_METHODS)
+                or (kind == "call_function" and target in (int, float, bool)
+                    and any(isinstance(v, torch.Tensor) for v in vargs))):
+            self.data.add(node)
+
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        # the concrete arguments' placeholders take their values
+        self.concrete_args = dict(concrete_args) if isinstance(concrete_args, dict) else {}
+        return super().create_args_for_root(root_fn, is_module, concrete_args)  # type: ignore[misc]
+
+    # while a value is computed, modules run as themselves
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if self._running:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)  # type: ignore[misc]
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._running:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)  # type: ignore[misc]

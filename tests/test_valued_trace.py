@@ -1,0 +1,173 @@
+"""Control flow on sizes: traced with the example's values, decided as on the example
+inputs and guarded in the graph (s2h_fx.valued). Control flow on data still stops the
+trace (its submodule becomes a leaf)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import s2h_fx
+from s2h_fx.channels import FreezeReason
+from s2h_fx.errors import TraceError
+from s2h_fx.passes import find_channel_groups, trace_model
+from s2h_fx.passes.trace_model import S2H_TRACE
+
+from helpers import count_flops, rel_err
+
+
+class PadToWindow(nn.Module):
+    """Pads the feature map to a multiple of the window only where it is not one."""
+
+    def __init__(self, window: int = 4) -> None:
+        super().__init__()
+        self.window = window
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        _, _, height, width = h.shape
+        if height % self.window or width % self.window:
+            h = F.pad(h, (0, -width % self.window, 0, -height % self.window))
+        return self.b(h).mean((2, 3))
+
+
+def test_branch_on_a_size_is_taken_as_on_the_example_and_guarded() -> None:
+    model, x = PadToWindow().eval(), torch.randn(2, 3, 10, 10)
+    pruner = s2h_fx.prune_graph(model, 0.5, (x,))
+    trace = pruner.graph_module.meta[S2H_TRACE]
+    assert trace["method"] == "fx, sizes of the example" and not trace["leaves"]
+    assert len(trace["guards"]) == 1 and "height % self.window" in trace["guards"][0]
+    assert pruner.grouping.prunable  # nothing was kept whole
+    exported = pruner.eval().export()
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < 1e-5
+        assert exported(torch.randn(5, 3, 10, 10)).shape == (5, 8)  # the batch is free
+        assert exported(torch.randn(1, 3, 6, 6)).shape == (1, 8)  # pads too: same branch
+        with pytest.raises(AssertionError, match="another branch at .*height % self.window"):
+            exported(torch.randn(1, 3, 8, 8))  # would not pad: not the traced branch
+    assert count_flops(exported, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+
+
+class Rows(nn.Module):
+    """Iterates over the rows of a feature map (a Python loop over a size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        rows = [h[:, :, i].mean(-1) for i in range(h.shape[2])]
+        return self.b(sum(rows) / len(rows))
+
+
+def test_a_size_used_as_a_python_int_is_guarded_to_its_value() -> None:
+    model, x = Rows().eval(), torch.randn(2, 3, 5, 7)
+    pruner = s2h_fx.prune_graph(model, 0.5, (x,))
+    assert pruner.graph_module.meta[S2H_TRACE]["guards"]
+    exported = pruner.eval().export()
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < 1e-5
+        wider = torch.randn(3, 3, 5, 9)  # the loop is over the rows: the width is free
+        assert rel_err(exported(wider), pruner(wider)) < 1e-5
+        with pytest.raises(AssertionError, match="another branch"):
+            exported(torch.randn(2, 3, 6, 7))  # 6 rows: the loop ran 5 times
+
+
+class ChannelBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.shape[1] > 8:  # a branch on the channel count: pruning could change it
+            h = h * 2
+        return self.b(h).mean((2, 3))
+
+
+def test_a_branch_on_a_channel_count_freezes_those_channels() -> None:
+    gm = trace_model(ChannelBranch().eval(), (torch.randn(2, 3, 8, 8),))
+    result = find_channel_groups(gm)
+    group = next(g for g in result.groups if "a:out" in g.members)
+    assert not group.prunable
+    assert any(FreezeReason.SIZE_AS_VALUE.value in why for why in group.frozen)
+
+
+class DataBranch(nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * 2 if h.sum() > 0 else h
+
+
+class Outer(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.a, self.inner, self.b = nn.Conv2d(3, 16, 3, padding=1), inner, nn.Conv2d(16, 16, 3)
+        self.c = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.inner(self.a(x)))).mean((2, 3))
+
+
+def test_a_branch_on_data_is_not_decided() -> None:
+    """In the model's own forward: a TraceError naming the line; in a submodule: that
+    submodule becomes a leaf and the rest prunes."""
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TraceError, match="computed from a tensor's data"):
+        trace_model(DataBranchModel().eval(), (x,))
+    pruner = s2h_fx.prune_graph(Outer(DataBranch()).eval(), 0.7, (x,))
+    trace = pruner.graph_module.meta[S2H_TRACE]
+    assert list(trace["leaves"]) == ["inner"] and trace["method"] == "leaf fallback"
+    assert any("b:out" in g.members for g in pruner.grouping.prunable)
+
+
+class DataBranchModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 0:
+            h = h * 2
+        return h.mean((2, 3))
+
+
+class NoisyPad(nn.Module):
+    """A size branch and noise: its traced graph cannot reproduce the model's output."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[-1] % 4:
+            h = F.pad(h, (0, 1))
+        return h + 0.1 * torch.rand_like(h)
+
+
+def test_a_valued_trace_that_misses_the_models_output_is_not_used() -> None:
+    x = torch.randn(2, 3, 7, 7)
+    gm = trace_model(Outer(NoisyPad()).eval(), (x,))
+    trace = gm.meta[S2H_TRACE]
+    assert list(trace["leaves"]) == ["inner"] and not trace["guards"]
+
+
+timm = pytest.importorskip("timm", reason="timm is in the [dev] extra")
+
+
+@pytest.mark.parametrize(("name", "size"), [("tiny_vit_5m_224", 224), ("mobilevit_xxs", 64)])
+def test_timm_blocks_with_size_control_flow_prune(name: str, size: int) -> None:
+    """TinyViT's and MobileViT's blocks pad and fold by the feature map's size (timm
+    registers them as not traceable): they were leaves, their channels frozen (0.71 and
+    0.75 of the FLOPs). Now every group but the classifier's prunes."""
+    torch.manual_seed(0)
+    model, x = timm.create_model(name, pretrained=False, num_classes=10).eval(), torch.randn(1, 3, size, size)
+    pruner = s2h_fx.prune_graph(model, 0.5, (x,))
+    assert pruner.graph_module.meta[S2H_TRACE]["method"] == "fx, sizes of the example"
+    assert len(pruner.grouping.frozen) == 1
+    exported = pruner.eval().export()
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < 1e-5
+        assert exported(torch.randn(2, 3, size, size)).shape == (2, 10)
+    assert count_flops(exported, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+    assert float(pruner.flops_ratio()) <= 0.5 + 0.005
