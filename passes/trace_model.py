@@ -22,7 +22,7 @@ import linecache
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,9 +201,9 @@ class TracePlan:
 
     @property
     def method(self) -> str:
-        """'fx', 'fx, sizes of the example' (control flow on sizes taken as on the
-        example inputs, guarded), 'timm' (only timm's own not-traceable modules and
-        functions) or 'leaf fallback' (a failing submodule of no such kind made a leaf)."""
+        """'fx', 'timm' (only timm's own not-traceable modules and functions) or 'leaf
+        fallback' (a failing submodule of no such kind made a leaf), with ', sizes of the
+        example' where a decision was taken on the example's sizes (each one guarded)."""
         if not (self.leaves or self.leaf_types or self.autowrap):
             return "fx, sizes of the example" if self.guards else "fx"
         timm_only = not self.leaves and all(
@@ -244,13 +244,15 @@ def _trace_with_fallback(
             if not plan.valued:
                 return _Tracer(plan).trace(work, concrete_args=concrete_args), plan
             return _valued_trace(work, plan, concrete_args, example_inputs or ()), plan
-        except _ValuedMismatch as exc:  # traced, but not the model's function: no values
-            log.info("tracing %s with the example's values: %s", name, exc)
-            plan.valued, plan.guards = False, []
-            example_inputs = None
-            continue
         except Exception as exc:
-            if not plan.valued and example_inputs is not None:
+            if plan.valued and (isinstance(exc, _ValuedMismatch) or not _control_flow(exc)):
+                # traced but not the model's function, or the values themselves failed
+                # (not control flow on data): back to plain tracing and leaves
+                log.info("tracing %s with the example's values: %s: %s", name,
+                         type(exc).__name__, _first_line(exc))
+                plan.valued, plan.guards, example_inputs = False, [], None
+                continue
+            if not plan.valued and example_inputs is not None and _valued_affordable(work):
                 plan.valued = True  # once: the same trace, with the example's values
                 continue
             if retraces == MAX_FALLBACK_LEAVES:
@@ -264,18 +266,45 @@ class _ValuedMismatch(Exception):
     """A graph traced with the example's values does not compute the model's outputs."""
 
 
+# A trace with the example's values runs the model for real, and again at every
+# retrace with a new leaf: from this many parameters it is not tried (a 167M-parameter
+# vision tower at 768x768 took minutes), and control flow on sizes makes leaves as before.
+VALUED_TRACE_PARAMS = 50_000_000
+
+
+def _valued_affordable(work: nn.Module) -> bool:
+    return sum(p.numel() for p in work.parameters()) <= VALUED_TRACE_PARAMS
+
+
+def _control_flow(exc: BaseException) -> bool:
+    """Whether tracing stopped at Python control flow on a traced value (torch.fx's
+    TraceError, here or as a cause)."""
+    while exc is not None:
+        if isinstance(exc, fx.proxy.TraceError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 def _valued_trace(work: nn.Module, plan: TracePlan, concrete_args: dict[str, Any] | None,
                   example_inputs: tuple[Any, ...]) -> fx.Graph:
     """Trace with the example's values; the graph must give the model's outputs on the
-    example inputs (each traced op ran on them; this checks the graph as a whole)."""
-    tracer = _ValuedFxTracer(plan, example_inputs)
-    graph = tracer.trace(work, concrete_args=concrete_args)
+    example inputs (each traced op ran on them; this checks the graph as a whole). The
+    example inputs are copied and the model's buffers put back after each run: a
+    forward that writes into its input or a buffer leaves no trace."""
+    def copies() -> tuple[Any, ...]:
+        return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+
+    with buffers_kept(work):
+        tracer = _ValuedFxTracer(plan, copies())
+        graph = tracer.trace(work, concrete_args=concrete_args)
     plan.guards = list(tracer.guards)
-    if not tracer.guards:  # nothing was decided by a value: no check needed
-        return graph
     gm = fx.GraphModule(work, graph)
     with torch.no_grad(), counted_paths():
-        got, want = gm(*example_inputs), work(*example_inputs)
+        with buffers_kept(work):
+            got = gm(*copies())
+        with buffers_kept(work):
+            want = work(*copies())
     if not _same_outputs(got, want):
         raise _ValuedMismatch("the graph's outputs differ from the model's on the example inputs")
     return graph
@@ -483,6 +512,9 @@ def trace_model(
             "example_inputs is required: a non-empty tuple of tensors the model is called "
             "with, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
         )
+    # the runs below work on copies: a forward that writes into its input leaves the
+    # caller's tensors alone
+    example_inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
     if isinstance(model, fx.GraphModule):
         gm = copy_module(model)
     else:
@@ -493,9 +525,10 @@ def trace_model(
         work.eval()
         # nn.Transformer's modules, then nn.MultiheadAttention, are traced as their ops
         # where they can say them exactly
-        seen = observe_calls(work, example_inputs, {"mha": mha.RECORDER,
-                                                    "layers": transformer_layer.RECORDER,
-                                                    "swin": swin.RECORDER})
+        with buffers_kept(work):  # a forward that updates a buffer runs here uncounted
+            seen = observe_calls(work, example_inputs, {"mha": mha.RECORDER,
+                                                        "layers": transformer_layer.RECORDER,
+                                                        "swin": swin.RECORDER})
         kept, attention = transformer_layer.prepare(work, seen["layers"], seen["mha"])
         kept.update(mha.prepare(work, attention))
         kept.update(swin.prepare(work, seen["swin"]))  # torchvision's window attention
@@ -510,15 +543,42 @@ def trace_model(
     drop_dead_code(gm.graph)  # results nobody uses are not part of the network
     gm.recompile()
     einsums_as_matmul(gm)  # attention written with einsum: the matmul rules apply
-    propagate(gm, example_inputs)
+    with buffers_kept(gm):
+        propagate(gm, example_inputs)
     return gm
 
 
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``module`` back as it was (a forward that updates a buffer,
+    run on the example inputs for shapes, leaves the model's state as the user's)."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 def drop_dead_code(graph: fx.Graph) -> None:
-    """torch.fx's dead-code elimination, keeping every call that writes into an ``out=``
-    tensor: its result may be read only through that tensor (``torch.matmul(a, b,
-    out=o)`` then ``f(o)``), which torch.fx does not see as a use."""
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or "out" in n.kwargs)
+    """torch.fx's dead-code elimination, keeping every call that writes into a tensor:
+    one with an ``out=`` tensor (``torch.matmul(a, b, out=o)`` then ``f(o)``) and an
+    in-place op (``buf.mul_(0.5)``, ``torch.relu_(x)``): its result may be read only
+    through the tensor it wrote, which torch.fx does not see as a use (a buffer updated
+    in ``forward`` was left out of the graph)."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or "out" in n.kwargs
+                              or _writes_in_place(n))
+
+
+def _writes_in_place(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.startswith("_")
 
 
 # Shape and FLOPs propagation runs on fake tensors from this many parameters up. A

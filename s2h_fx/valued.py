@@ -19,6 +19,7 @@ makes that submodule a leaf.
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any
 
@@ -26,9 +27,29 @@ import torch
 from torch import fx, nn
 from torch.fx.proxy import Attribute
 
-# ops whose Python result comes from a tensor's data, not its sizes
-_DATA_METHODS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "any", "all"})
+# where a Python value counts as a size: these read a tensor's shape, not its data
+_SIZE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+_SIZE_ATTRIBUTES = frozenset({"shape", "ndim"})
+# ops whose output's *shape* depends on the input's data
+_DATA_SHAPED = frozenset({
+    torch.nonzero, torch.masked_select, torch.unique, torch.unique_consecutive,
+    torch.argwhere, torch.repeat_interleave, "nonzero", "masked_select", "unique",
+    "unique_consecutive", "argwhere", "repeat_interleave"})
 GUARD_MESSAGE = "s2h-fx traced this model for the sizes of its example inputs"
+
+
+def _tensor_like(value: Any) -> bool:
+    """A tensor, or a tuple/list of tensors (unbind, split, chunk)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return (isinstance(value, (tuple, list)) and bool(value)
+            and all(isinstance(v, torch.Tensor) for v in value))
+
+
+def _has_tensor(values: Any) -> bool:
+    found: list[bool] = []
+    fx.node.map_aggregate(values, lambda v: found.append(isinstance(v, torch.Tensor)) or v)
+    return any(found)
 
 
 class ValuedProxy(fx.Proxy):
@@ -45,9 +66,7 @@ class ValuedProxy(fx.Proxy):
         value = self.tracer.value_of(self)
         if isinstance(value, (bool, int)) and not self.tracer.is_data(self):
             return value
-        raise fx.proxy.TraceError(
-            f"symbolically traced variables cannot be used as inputs to control flow "
-            f"({what} of a value computed from a tensor's data)")
+        raise _data_error(what)
 
     def __bool__(self) -> bool:
         value = bool(self._size_value("bool"))
@@ -63,9 +82,17 @@ class ValuedProxy(fx.Proxy):
     __int__ = __index__
 
     def __len__(self) -> int:
+        """A shape's length (the tensor's rank: fixed by the graph); the length of a
+        list or tuple of tensors (unbind, split: a size) or of a tensor's first axis,
+        guarded to its value; refused where it comes from data."""
         value = self.tracer.value_of(self)
-        if isinstance(value, (tuple, list, torch.Size)):
+        if self.tracer.is_data(self):
+            raise _data_error("the length")
+        if isinstance(value, torch.Size):
             return len(value)
+        if isinstance(value, (tuple, list)):
+            n = self.tracer.create_proxy("call_function", len, (self,), {})
+            return int(n)  # guarded
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(self.size(0))  # type: ignore[call-overload]
         return super().__len__()
@@ -76,6 +103,12 @@ class ValuedProxy(fx.Proxy):
                 isinstance(value, torch.Tensor) and value.dim() > 0):
             return iter([self[i] for i in range(len(self))])  # type: ignore[index]
         return super().__iter__()
+
+
+def _data_error(what: str) -> fx.proxy.TraceError:
+    return fx.proxy.TraceError(
+        f"symbolically traced variables cannot be used as inputs to control flow "
+        f"({what} of a value computed from a tensor's data)")
 
 
 class ValuedAttribute(ValuedProxy, Attribute):
@@ -91,8 +124,11 @@ class ValuedTracer:
         self.example = list(example_inputs)
         self.values: dict[fx.Node, Any] = {}
         self.data: set[fx.Node] = set()  # Python values computed from a tensor's data
+        self.data_shaped: set[fx.Node] = set()  # tensors whose shape depends on data
         self.guards: list[str] = []
         self._placeholders = 0
+        self._params: list[inspect.Parameter] = []
+        self.concrete_args: dict[str, Any] = {}
         self._running = False
 
     # ---- proxies -------------------------------------------------------------------
@@ -106,7 +142,8 @@ class ValuedTracer:
         return self.values[node]
 
     def is_data(self, p: fx.Proxy) -> bool:
-        return p.node in self.data
+        """Whether the value (or, for tensors, their shape) comes from a tensor's data."""
+        return p.node in self.data or p.node in self.data_shaped
 
     def guard(self, cond: fx.Proxy) -> None:
         """``torch._assert(cond)``, its message naming the user's line that branched."""
@@ -141,13 +178,9 @@ class ValuedTracer:
                 return self.values[a]
             return a
 
-        if kind == "placeholder":  # the example inputs, then the concrete arguments
-            k = self._placeholders
+        if kind == "placeholder":
+            self.values[node] = self._placeholder_value(self._placeholders)
             self._placeholders += 1
-            concrete = getattr(self, "concrete_args", None) or {}
-            self.values[node] = (self.example[k] if k < len(self.example)
-                                 else concrete.get(str(target).lstrip("*"),
-                                                   args[0] if args else None))
             return
         if kind == "get_attr":
             obj: Any = self.root  # type: ignore[attr-defined]
@@ -175,15 +208,60 @@ class ValuedTracer:
         finally:
             self._running = False
         self.values[node] = out
-        if (any(n in self.data for n in nodes)
-                or (kind == "call_method" and target in _DATA_METHODS)
-                or (kind == "call_function" and target in (int, float, bool)
-                    and any(isinstance(v, torch.Tensor) for v in vargs))):
+        self._taint(node, kind, target, vargs, vkwargs, nodes, out)
+
+    def _taint(self, node: fx.Node, kind: str, target: Any, vargs: Any, vkwargs: Any,
+               nodes: list[fx.Node], out: Any) -> None:
+        """Sizes are read from shapes only: a Python value is a size where it comes from
+        ``size()``/``shape``/``dim()``/``numel()`` of a tensor whose shape does not
+        depend on data, or from Python arithmetic on sizes and constants; any other
+        Python value computed from a tensor (``item()``, ``torch.equal``, ...) is data.
+        A tensor's shape depends on data after ``nonzero``, ``unique``, a boolean mask,
+        ..., and after any op on such a tensor."""
+        if _tensor_like(out):
+            index = vargs[1] if kind == "call_function" and target is operator.getitem else ()
+            index = index if isinstance(index, (tuple, list)) else (index,)
+            mask_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+            if (target in _DATA_SHAPED or mask_index
+                    or any(n in self.data_shaped or n in self.data for n in nodes)):
+                self.data_shaped.add(node)
+            return
+        size_read = ((kind == "call_method" and target in _SIZE_METHODS)
+                     or (kind == "call_function" and target is getattr
+                         and vargs[1] in _SIZE_ATTRIBUTES)
+                     or (kind == "call_function" and target is len and _tensor_like(vargs[0])))
+        if size_read:
+            if nodes and nodes[0] in self.data_shaped:
+                self.data.add(node)
+            return
+        if (any(n in self.data or n in self.data_shaped for n in nodes)
+                or _has_tensor((vargs, vkwargs))):
             self.data.add(node)
 
+    def _placeholder_value(self, k: int) -> Any:
+        """The k-th input of ``forward``: an example input, a concrete argument or the
+        parameter's default; ``*args`` the remaining examples, ``**kwargs`` none."""
+        if k >= len(self._params):
+            return self.example[k] if k < len(self.example) else None
+        param = self._params[k]
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            return tuple(self.example[k:])
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            return {}
+        if param.name in self.concrete_args:
+            return self.concrete_args[param.name]
+        if k < len(self.example):
+            return self.example[k]
+        return None if param.default is inspect.Parameter.empty else param.default
+
     def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
-        # the concrete arguments' placeholders take their values
+        # placeholders come in the order of forward's parameters (self left out)
         self.concrete_args = dict(concrete_args) if isinstance(concrete_args, dict) else {}
+        try:
+            params = list(inspect.signature(root_fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        self._params = params[1:] if is_module else params  # a module's forward: no self
         return super().create_args_for_root(root_fn, is_module, concrete_args)  # type: ignore[misc]
 
     # while a value is computed, modules run as themselves

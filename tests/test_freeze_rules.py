@@ -126,6 +126,7 @@ def test_normalize_over_channels_prunes_exactly() -> None:
             zeroed.stem[1].weight[drop] = 0  # the stem's BatchNorm: its output channel is 0
             zeroed.stem[1].bias[drop] = 0
             assert rel_err(exported(x), zeroed(x)) < 1e-5
+            assert rel_err(pruner.masked_forward(x), exported(x)) < 1e-5  # the masked model too
 
 
 def test_spatial_ops_do_not_freeze() -> None:

@@ -120,8 +120,134 @@ def test_a_branch_on_data_is_not_decided() -> None:
         trace_model(DataBranchModel().eval(), (x,))
     pruner = s2h_fx.prune_graph(Outer(DataBranch()).eval(), 0.7, (x,))
     trace = pruner.graph_module.meta[S2H_TRACE]
-    assert list(trace["leaves"]) == ["inner"] and trace["method"] == "leaf fallback"
+    assert list(trace["leaves"]) == ["inner"]
+    assert trace["method"] == "leaf fallback"  # no decision was taken on a size
     assert any("b:out" in g.members for g in pruner.grouping.prunable)
+
+
+class DataSized(nn.Module):
+    """Python values from data, in the forms the tracer must not take for sizes."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form, self.a = form, nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        _ = h.shape[-1] % 2 == 1 and h  # a branch on a size first: the valued trace runs
+        m = h.mean((2, 3))
+        if self.form == "tolist":
+            n = len((m[:, 0] > 0).nonzero().flatten().tolist())
+        elif self.form == "nonzero":
+            n = (m > 0).nonzero().shape[0]
+        elif self.form == "mask":
+            n = m[m > 0].numel()
+        else:  # equal
+            n = int(torch.equal(m, m.abs()))
+        return m * 2 if n > 3 else m
+
+
+@pytest.mark.parametrize("form", ["tolist", "nonzero", "mask", "equal"])
+def test_values_from_data_are_not_sizes(form: str) -> None:
+    with pytest.raises(TraceError, match="computed from a tensor's data"):
+        trace_model(DataSized(form).eval(), (torch.randn(4, 3, 7, 7),))
+
+
+class PerSample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = torch.stack([t * 2 for t in h.unbind(0)])  # a loop over the batch
+        if h.shape[-1] % 2:
+            h = F.pad(h, (0, 1))
+        return self.b(h).mean((2, 3))
+
+
+def test_a_loop_over_the_batch_is_guarded_to_its_length() -> None:
+    """unbind(0) gives as many tensors as the example's batch: the graph computes that
+    many, and stops at a guard on another batch instead of dropping samples."""
+    model, x = PerSample().eval(), torch.randn(2, 3, 7, 7)
+    gm = trace_model(model, (x,))
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) < 1e-6
+        with pytest.raises(AssertionError, match="another branch"):
+            gm(torch.randn(4, 3, 7, 7))
+
+
+class Stateful(nn.Module):
+    """Updates a buffer in forward (eval too) and pads by a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.register_buffer("ema", torch.zeros(16, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(1.0)  # writes into its input
+        h = self.a(x)
+        self.ema.add_(h.mean((0, 2, 3))[:, None, None], alpha=0.5)
+        if h.shape[-1] % 2:
+            h = F.pad(h, (0, 1))
+        return self.b(h - self.ema).mean((2, 3))
+
+
+def test_state_written_in_forward_is_traced_and_left_as_it_was() -> None:
+    """The in-place buffer update stays in the graph (its result is unused: dead-code
+    elimination dropped it, and the graph subtracted a buffer that never moved), the
+    tracer's runs leave the buffer and the caller's inputs as they were, and two calls
+    of the graph give what two calls of the model give."""
+    model, x = Stateful().eval(), torch.randn(2, 3, 7, 7)
+    before = x.clone()
+    gm = trace_model(model, (x,))
+    assert torch.equal(x, before)
+    assert torch.equal(gm.ema, torch.zeros(16, 1, 1)) and torch.equal(model.ema, gm.ema)
+    with torch.no_grad():
+        for _ in range(2):
+            assert rel_err(gm(x.clone()), model(x.clone())) < 1e-6
+
+
+class Defaults(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.inner, self.b = nn.Conv2d(3, 16, 3, padding=1), DataBranch(), nn.Conv2d(16, 8, 1)
+
+    def forward(s, x: torch.Tensor, flag: bool = True) -> torch.Tensor:  # noqa: N805
+        h = s.inner(s.a(x))
+        if h.shape[-1] % 2 and flag:
+            h = F.pad(h, (0, 1))
+        return s.b(h).mean((2, 3))
+
+
+def test_forward_with_a_default_argument() -> None:
+    """The inputs' values follow forward's parameters (a first parameter not named
+    self, a default made concrete); the data branch inside stays a leaf."""
+    model, x = Defaults().eval(), torch.randn(2, 3, 7, 7)
+    gm = trace_model(model, (x,))
+    trace = gm.meta[S2H_TRACE]
+    assert list(trace["leaves"]) == ["inner"] and trace["guards"]
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) < 1e-6
+
+
+class Kwargs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.inner = nn.Conv2d(3, 16, 3, padding=1), DataBranch()
+
+    def forward(self, x: torch.Tensor, **kwargs: float) -> torch.Tensor:
+        return self.inner(self.a(x)).mean((2, 3)) * kwargs.get("scale", 1.0)
+
+
+def test_forward_with_kwargs() -> None:
+    """``**kwargs`` holds no example value (an empty dict: ``kwargs.get`` works); the
+    data branch inside becomes a leaf."""
+    from s2h_fx.passes.trace_model import _trace_with_fallback
+
+    _, plan = _trace_with_fallback(Kwargs().eval(), "Kwargs", None, (torch.randn(2, 3, 7, 7),))
+    assert list(plan.leaves) == ["inner"]
 
 
 class DataBranchModel(nn.Module):
@@ -171,3 +297,21 @@ def test_timm_blocks_with_size_control_flow_prune(name: str, size: int) -> None:
         assert exported(torch.randn(2, 3, size, size)).shape == (2, 10)
     assert count_flops(exported, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
     assert float(pruner.flops_ratio()) <= 0.5 + 0.005
+
+
+class PadInner(nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.pad(h, (0, 1)) if h.shape[-1] % 2 else h
+
+
+def test_no_valued_trace_above_the_parameter_threshold(monkeypatch) -> None:
+    """Valued tracing runs the model for real: above VALUED_TRACE_PARAMS it is not
+    tried, and a submodule with control flow on sizes becomes a leaf as before."""
+    import importlib
+
+    tm = importlib.import_module("s2h_fx.passes.trace_model")
+    model, x = Outer(PadInner()).eval(), torch.randn(2, 3, 7, 7)
+    assert trace_model(model, (x,)).meta[S2H_TRACE]["method"] == "fx, sizes of the example"
+    monkeypatch.setattr(tm, "VALUED_TRACE_PARAMS", 100)
+    trace = trace_model(model, (x,)).meta[S2H_TRACE]
+    assert trace["method"] == "leaf fallback" and list(trace["leaves"]) == ["inner"]

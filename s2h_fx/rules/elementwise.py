@@ -259,10 +259,14 @@ def normalize(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     if lay is None or shp is None:
         return ctx.blank(node)  # type: ignore[return-value]
     p = ctx.arg(node, 1, "p", 2.0)
+    dims = _dims(ctx.arg(node, 2, "dim", 1), len(shp)) or ()
     if (isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0
             and set(node.kwargs) <= {"p", "dim", "eps", "out"} and node.kwargs.get("out") is None):
+        # its mask site: the soft network normalises m * x, so zeroed channels are out
+        # of the norm there too
+        ctx.mixes(node, *sorted({(0, a) for f in lay.factors if set(f.axes) & set(dims)
+                                 for a in f.axes}))
         return lay
-    dims = _dims(ctx.arg(node, 2, "dim", 1), len(shp)) or ()
     out = []
     for f in lay.factors:
         if set(f.axes) & set(dims):
