@@ -633,7 +633,57 @@ def table(rows: list[Row]) -> str:
                       enumerate(zip(line, widths))) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     return ("\n".join(text) + "\n(mean +- sample sd over seeds; '-': one seed)"
+            + "".join(f"\n{m}" for m in margins(rows))
             + "".join(f"\nwarning: {w}" for w in mixed_starts(rows)))
+
+
+BASELINES = ("tp-taylor", "tp-magnitude", "oneshot-l1")
+
+
+def aliased(rows: list[Row], aliases: dict[str, str]) -> list[Row]:
+    """Rows of method A counted as method B (``--alias A=B``: the two are the same
+    configuration under two names, e.g. ``s2h:descent3`` and the default that equals
+    it); their S2HConfig no longer splits cells. Two rows of one (budget, seed) under
+    the two names are an error: which one to count would be a guess."""
+    if not aliases:
+        return rows
+    names = set(aliases) | set(aliases.values())
+    out = [{**r, "method": aliases.get(r["method"], r["method"]), "s2h_config": None}
+           if r["method"] in names else r for r in rows]
+    seen: dict[tuple[Any, ...], str] = {}
+    for r, new in zip(rows, out):
+        if new["method"] in aliases.values():
+            k = key_of(new)
+            if k in seen and seen[k] != r["method"]:
+                raise SystemExit(f"--alias: budget {r['budget']} seed {r['seed']} has rows of both "
+                                 f"{seen[k]} and {r['method']}")
+            seen[k] = r["method"]
+    return out
+
+
+def margins(rows: list[Row]) -> list[str]:
+    """Per (model, budget, settings): S2H's mean test accuracy minus the best
+    baseline's mean, and the same paired by seed (S2H minus that seed's best baseline),
+    in points. Only where one S2H cell and every baseline are present."""
+    by: dict[tuple[Any, ...], dict[str, list[Row]]] = {}
+    for (model, budget, method, *rest), rs in cells_of(rows).items():
+        by.setdefault((model, budget, *rest[:-1]), {}).setdefault(method, []).extend(rs)
+    out = []
+    for (model, budget, *_), cells in by.items():
+        s2h = cells.get("s2h", [])
+        if not s2h or len({config_tag(r.get("s2h_config")) for r in s2h}) > 1 or not all(
+                cells.get(b) for b in BASELINES):
+            continue
+        acc = {m: {r["seed"]: r["test_acc"] for r in cells[m]} for m in ("s2h", *BASELINES)}
+        best = max(mean_sd(list(acc[b].values()))[0] for b in BASELINES)
+        seeds = sorted(set(acc["s2h"]).intersection(*(acc[b] for b in BASELINES)))
+        paired = [100 * (acc["s2h"][s] - max(acc[b][s] for b in BASELINES)) for s in seeds]
+        mean = 100 * (mean_sd(list(acc["s2h"].values()))[0] - best)
+        out.append(f"{model} {budget:.2f}: S2H - best baseline {mean:+.2f} "
+                   f"points on the means; paired by seed "
+                   + " / ".join(f"{p:+.2f}" for p in paired)
+                   + (f" (mean {sum(paired) / len(paired):+.2f})" if paired else ""))
+    return out
 
 
 def mixed_starts(rows: list[Row]) -> list[str]:
@@ -714,6 +764,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip the rows already in --out")
     p.add_argument("--table", type=Path, nargs="+", default=None, metavar="FILE",
                    help="only print the table of these JSON lines files (and --plot)")
+    p.add_argument("--alias", action="append", default=[], metavar="A=B",
+                   help="with --table: count rows of method A as method B (the same "
+                        "configuration under two names)")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                    help="accuracy against FLOPs ratio")
     p.add_argument("--progress", action="store_true", help="progress bars")
@@ -755,7 +808,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.table is not None:
-        rows = read_rows(args.table)
+        aliases = dict(a.split("=", 1) for a in args.alias if "=" in a)
+        if len(aliases) != len(args.alias):
+            raise SystemExit(f"--alias expects A=B, got {args.alias}")
+        rows = aliased(read_rows(args.table), aliases)
     else:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -325,3 +325,32 @@ def test_dense_start_digest_follows_the_weights():
         next(b.parameters()).view(-1)[0] += 1e-6
     assert quality.start_checksum(a) != quality.start_checksum(b)
 
+
+
+def test_quality_table_alias_and_margins(tmp_path, capsys):
+    """--alias counts one method's rows as another's (one cell, whatever their
+    S2HConfig says); the margin line is S2H's mean minus the best baseline's mean and,
+    paired by seed, S2H minus that seed's best baseline."""
+    quality = load_quality()
+    base = {"model": "resnet20", "budget": 0.15, "e0": 1, "e1": 2, "train_size": 100,
+            "test_size": None, "batch_size": 128, "lr": 0.05, "flops_ratio": 0.15,
+            "params": 1000, "seconds": 10.0}
+    acc = {("s2h:descent3", 0): 0.90, ("s2h", 1): 0.92,
+           ("tp-taylor", 0): 0.88, ("tp-taylor", 1): 0.89,
+           ("tp-magnitude", 0): 0.89, ("tp-magnitude", 1): 0.87,
+           ("oneshot-l1", 0): 0.85, ("oneshot-l1", 1): 0.86}
+    rows = [{**base, "method": m, "seed": s, "test_acc": a,
+             **({"s2h_config": {"descent_epochs": 3 if m.endswith("3") else None}}
+                if m.startswith("s2h") else {})} for (m, s), a in acc.items()]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert quality.main(["--table", str(path), "--alias", "s2h:descent3=s2h"]) == 0
+    out = capsys.readouterr().out
+    s2h = [ln for ln in out.splitlines() if ln.startswith("resnet20") and " s2h " in ln]
+    assert len(s2h) == 1 and "0.9100" in s2h[0] and " 2 " in s2h[0]
+    # means: S2H 0.91, best baseline tp-taylor 0.885 -> +2.50; by seed: 0.90 - 0.89, 0.92 - 0.89
+    assert "S2H - best baseline +2.50 points on the means; paired by seed +1.00 / +3.00" in out
+    rows.append({**rows[1], "method": "s2h:descent3"})  # seed 1 under both names
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="rows of both"):
+        quality.main(["--table", str(path), "--alias", "s2h:descent3=s2h"])
