@@ -48,7 +48,12 @@ def _tensor_like(value: Any) -> bool:
 
 def _has_tensor(values: Any) -> bool:
     found: list[bool] = []
-    fx.node.map_aggregate(values, lambda v: found.append(isinstance(v, torch.Tensor)) or v)
+
+    def note(v: Any) -> Any:
+        found.append(isinstance(v, torch.Tensor))
+        return v
+
+    fx.node.map_aggregate(values, note)
     return any(found)
 
 
