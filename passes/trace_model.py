@@ -33,7 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from s2h_fx import mha, swin, transformer_layer
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
-from s2h_fx.copying import copy_module
+from s2h_fx.copying import BufferSnapshot, copy_module
+from s2h_fx.deploy import max_rel_error
 from s2h_fx.einsum import einsums_as_matmul
 from s2h_fx.errors import InputError, InvariantError, TraceError
 from s2h_fx.fake import fake_mode, graph_is_fake_safe, holds_fake
@@ -292,36 +293,19 @@ def _valued_trace(work: nn.Module, plan: TracePlan, concrete_args: dict[str, Any
     example inputs (each traced op ran on them; this checks the graph as a whole). The
     example inputs are copied and the model's buffers put back after each run: a
     forward that writes into its input or a buffer leaves no trace."""
-    def copies() -> tuple[Any, ...]:
-        return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
-
     with buffers_kept(work):
-        tracer = _ValuedFxTracer(plan, copies())
+        tracer = _ValuedFxTracer(plan, _copies(example_inputs))
         graph = tracer.trace(work, concrete_args=concrete_args)
     plan.guards = list(tracer.guards)
     gm = fx.GraphModule(work, graph)
     with torch.no_grad(), counted_paths():
         with buffers_kept(work):
-            got = gm(*copies())
+            got = gm(*_copies(example_inputs))
         with buffers_kept(work):
-            want = work(*copies())
-    if not _same_outputs(got, want):
+            want = work(*_copies(example_inputs))
+    if not max_rel_error(want, got) <= 1e-5:  # inf where the outputs do not pair up
         raise _ValuedMismatch("the graph's outputs differ from the model's on the example inputs")
     return graph
-
-
-def _same_outputs(a: Any, b: Any) -> bool:
-    fa, sa = torch.utils._pytree.tree_flatten(a)
-    fb, sb = torch.utils._pytree.tree_flatten(b)
-    if sa != sb or len(fa) != len(fb):
-        return False
-    for x, y in zip(fa, fb):
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.shape != y.shape or not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5):
-                return False
-        elif not isinstance(x, torch.Tensor) and x != y:
-            return False
-    return True
 
 
 def _defaults_not_given(
@@ -514,7 +498,7 @@ def trace_model(
         )
     # the runs below work on copies: a forward that writes into its input leaves the
     # caller's tensors alone
-    example_inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    example_inputs = _copies(example_inputs)
     if isinstance(model, fx.GraphModule):
         gm = copy_module(model)
     else:
@@ -543,22 +527,24 @@ def trace_model(
     drop_dead_code(gm.graph)  # results nobody uses are not part of the network
     gm.recompile()
     einsums_as_matmul(gm)  # attention written with einsum: the matmul rules apply
-    with buffers_kept(gm):
-        propagate(gm, example_inputs)
+    propagate(gm, example_inputs)
     return gm
+
+
+def _copies(inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The inputs with each tensor cloned (a forward may write into its input)."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in inputs)
 
 
 @contextlib.contextmanager
 def buffers_kept(module: nn.Module) -> Iterator[None]:
     """Put every buffer of ``module`` back as it was (a forward that updates a buffer,
     run on the example inputs for shapes, leaves the model's state as the user's)."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    snapshot = BufferSnapshot(list(module.buffers()))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+        snapshot.restore()
 
 
 def drop_dead_code(graph: fx.Graph) -> None:
@@ -592,7 +578,8 @@ FAKE_PROPAGATION_PARAMS = 50_000_000
 
 @torch.no_grad()
 def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphModule:
-    """(Re)run shape and FLOPs propagation in eval mode, restoring the training flag."""
+    """(Re)run shape and FLOPs propagation in eval mode, restoring the training flag
+    and every buffer (a forward that updates one leaves the model as it was)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(example_inputs) > len(placeholders):
         raise InputError(
@@ -602,7 +589,8 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphMo
     was_training = gm.training
     gm.eval()
     try:
-        with counted_paths():  # a leaf nn.MultiheadAttention's FLOPs counted in full
+        # a leaf nn.MultiheadAttention's FLOPs counted in full
+        with counted_paths(), buffers_kept(gm):
             fake = (sum(p.numel() for p in gm.parameters()) >= FAKE_PROPAGATION_PARAMS
                     and graph_is_fake_safe(gm, example_inputs))
             try:

@@ -101,3 +101,18 @@ def _customises_nothing(cls: type) -> bool:
         if any(hook in vars(klass) for hook in _COPY_HOOKS):
             return False
     return False
+
+
+class BufferSnapshot:
+    """A copy of some buffers (BatchNorm running statistics, or every buffer of a
+    module) to put back: a skipped step, the masked oracle or a run on the example
+    inputs for shapes must leave no trace in them."""
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self.buffers = buffers
+        self.saved = [b.detach().clone() for b in buffers]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for b, s in zip(self.buffers, self.saved):
+                b.copy_(s)

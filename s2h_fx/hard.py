@@ -120,20 +120,6 @@ def recalibrate(gm: fx.GraphModule, plan: SurgeryPlan, stats: HardStats,
     return used
 
 
-class BufferSnapshot:
-    """A copy of some buffers (BatchNorm running statistics) to put back: a
-    skipped step or the masked oracle must leave no trace in them."""
-
-    def __init__(self, buffers: list[torch.Tensor]) -> None:
-        self.buffers = buffers
-        self.saved = [b.detach().clone() for b in buffers]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for b, s in zip(self.buffers, self.saved):
-                b.copy_(s)
-
-
 def running_stat_buffers(*modules: nn.Module) -> list[torch.Tensor]:
     """Every BatchNorm running statistic in ``modules`` (and HardStats' mirrors)."""
     out: list[torch.Tensor] = []

@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.config import PruneConfig, S2HConfig
+from s2h_fx.copying import BufferSnapshot
 from s2h_fx.cost import COST_NAMES, CostModel, build_cost_model
 from s2h_fx.distill import decoupled_backward, s2h_losses
 from s2h_fx.errors import (
@@ -33,7 +34,7 @@ from s2h_fx.errors import (
     NonFiniteError,
     NoPrunableChannelsError,
 )
-from s2h_fx.hard import BufferSnapshot, HardStats, recalibrate, run_hard, running_stat_buffers
+from s2h_fx.hard import HardStats, recalibrate, run_hard, running_stat_buffers
 from s2h_fx.importance import Importance, keep_from_ranks, rank_with_first
 from s2h_fx.mask_optim import MaskOptimizer
 from s2h_fx.masks import ChannelMask

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2h_fx.checkpoint import CheckpointStore
+from s2h_fx.copying import BufferSnapshot
 from s2h_fx.dist import broadcast_buffers, world_size
 from s2h_fx.errors import CheckpointError
-from s2h_fx.hard import BufferSnapshot, running_stat_buffers
+from s2h_fx.hard import running_stat_buffers
 from s2h_fx.loop import (
     Loop,
     LoopSettings,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.fx.proxy import Attribute
+from torch.utils._pytree import tree_leaves
 
 # where a Python value counts as a size: these read a tensor's shape, not its data
 _SIZE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
@@ -47,14 +48,7 @@ def _tensor_like(value: Any) -> bool:
 
 
 def _has_tensor(values: Any) -> bool:
-    found: list[bool] = []
-
-    def note(v: Any) -> Any:
-        found.append(isinstance(v, torch.Tensor))
-        return v
-
-    fx.node.map_aggregate(values, note)
-    return any(found)
+    return any(isinstance(v, torch.Tensor) for v in tree_leaves(values))
 
 
 class ValuedProxy(fx.Proxy):
