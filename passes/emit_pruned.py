@@ -10,6 +10,8 @@ plan changes nothing.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,59 +37,149 @@ def slice_tensor(t: torch.Tensor, cuts: tuple[tuple[int, torch.Tensor], ...]) ->
 
 
 def emit_pruned(
-    gm: fx.GraphModule, plan: SurgeryPlan, *, share: bool = False,
+    gm: fx.GraphModule, plan: SurgeryPlan, *,
     overrides: dict[str, torch.Tensor] | None = None,
 ) -> fx.GraphModule:
-    """Build the pruned graph. With ``share=True`` untouched tensors are shared with
-    ``gm`` instead of copied (for a skeleton run through ``functional_call``).
+    """Build the pruned graph, a module of its own (no tensor shared with ``gm``).
     ``overrides`` replaces named buffers of ``gm`` (full width) before slicing."""
     memo: dict[int, Any] = {}
-    if share:
-        for t in list(gm.parameters()) + list(gm.buffers()):
+    # tensors about to be sliced (or dropped with the masks) are not copied whole
+    for path in list(plan.params) + list(overrides or {}):
+        t = _lookup(gm, path)
+        if isinstance(t, torch.Tensor):
             memo[id(t)] = t
-    else:  # tensors about to be sliced (or dropped with the masks) are not copied whole
-        for path in list(plan.params) + list(overrides or {}):
-            t = _lookup(gm, path)
-            if isinstance(t, torch.Tensor):
+    for name, mod in gm.named_children():
+        if name.startswith("s2h_mask_g"):
+            for t in list(mod.parameters()) + list(mod.buffers()):
                 memo[id(t)] = t
-        for name, mod in gm.named_children():
-            if name.startswith("s2h_mask_g"):
-                for t in list(mod.parameters()) + list(mod.buffers()):
-                    memo[id(t)] = t
     new = copy_module(gm, memo, recompile=False)  # recompiled below, once edited
-    graph = new.graph
-    for node in graph.nodes:  # the analysis' meta stays behind (it is the unpruned net's)
-        for key in _ANALYSIS_META & node.meta.keys():
-            del node.meta[key]
-    for node in list(graph.nodes):
-        if S2H_MASK_SITE in node.meta:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
+    _edit_graph(new.graph, plan)
     for name in [n for n, _ in new.named_children() if n.startswith("s2h_mask_g")]:
         delattr(new, name)
     for path, value in (overrides or {}).items():
         owner_path, _, attr = path.rpartition(".")
         owner = new.get_submodule(owner_path) if owner_path else new
         owner._buffers[attr] = value.detach().clone()
+
+    def sliced(old: torch.Tensor, cuts: Cuts) -> torch.Tensor:
+        with torch.no_grad():  # index_select makes a new tensor; uncut ones are cloned
+            return slice_tensor(old, cuts) if cuts else old.clone()
+
+    touched = _place_tensors(new, plan, tensor_aliases(gm), sliced)
+    _unshare(new, gm)
+    _finish(new, gm, plan, touched)
+    return new
+
+
+def emit_skeleton(gm: fx.GraphModule, plan: SurgeryPlan) -> fx.GraphModule:
+    """The pruned graph with no tensors of its own (see :class:`SkeletonEmitter`)."""
+    return SkeletonEmitter(gm)(plan)
+
+
+class SkeletonEmitter:
+    """Emits skeletons of ``gm``: the pruned graph's code and modules without tensors of
+    their own, for ``functional_call`` (the training step's hard branch passes every
+    tensor, sliced). Built whenever the widths change, so built cheaply:
+
+    * the code depends only on the rewritten arguments (reshape sizes and the like):
+      one *template* per distinct set of rewrites holds the edited graph, compiled
+      once, with ``gm``'s own module objects (a CNN, with no rewrites, has one);
+    * a skeleton is a shallow copy of its template: modules whose width attributes
+      do not change stay shared, the others are shallow copies (surgery assigns
+      their new attributes; a surgery must assign new values, not mutate shared
+      ones), and every sliced tensor is an empty meta tensor of its pruned shape
+      (what surgery reads), never a copy of data.
+    """
+
+    def __init__(self, gm: fx.GraphModule, templates_kept: int = 16) -> None:
+        self.gm, self.templates_kept = gm, templates_kept
+        self.aliases = tensor_aliases(gm)
+        self._templates: dict[str, fx.GraphModule] = {}
+        self.templates_built = 0
+
+    def template(self, plan: SurgeryPlan) -> fx.GraphModule:
+        key = repr(sorted(plan.rewrites.items()))
+        found = self._templates.pop(key, None)
+        if found is None:
+            graph = copy.deepcopy(self.gm.graph)  # nodes' meta dicts copied, values shared
+            _edit_graph(graph, plan)
+            # gm's module tree (shared), masks left out, under a class of its own (a
+            # GraphModule's class holds its compiled code)
+            found = _shallow_copy(self.gm, type("GraphModuleImpl", (fx.GraphModule,), {}))
+            for name in [n for n in found._modules if n.startswith("s2h_mask_g")]:
+                del found._modules[name]
+            found.graph = graph  # owns it and compiles it
+            drop_dead_code(graph)
+            graph.lint()
+            found.recompile()
+            self.templates_built += 1
+            while len(self._templates) >= self.templates_kept:
+                self._templates.pop(next(iter(self._templates)))
+        self._templates[key] = found  # most recently used last
+        return found
+
+    def __call__(self, plan: SurgeryPlan) -> fx.GraphModule:
+        template = self.template(plan)
+        new = _shallow_copy(template)
+        owned = {id(new)}
+
+        def hollow(old: torch.Tensor, cuts: Cuts) -> torch.Tensor:
+            shape = list(old.shape)
+            for axis, index in cuts:
+                shape[axis] = len(index)
+            return torch.empty(shape, dtype=old.dtype, device="meta")
+
+        def private(path: str) -> nn.Module | None:
+            return _private(new, path, owned)
+
+        touched = _place_tensors(new, plan, self.aliases, hollow, private)
+        _surgery(new, self.gm, plan, touched, private)
+        return new
+
+
+Cuts = tuple[tuple[int, torch.Tensor], ...]
+
+
+def _edit_graph(graph: fx.Graph, plan: SurgeryPlan) -> None:
+    """Drop the analysis' metadata and the mask calls; rewrite the planned arguments."""
+    for node in graph.nodes:  # the analysis' meta stays behind (it is the unpruned net's)
+        if _ANALYSIS_META & node.meta.keys():
+            node.meta = {k: v for k, v in node.meta.items() if k not in _ANALYSIS_META}
+    for node in list(graph.nodes):
+        if S2H_MASK_SITE in node.meta:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
     by_name = {n.name: n for n in graph.nodes}
     for name, (target, args, kwargs) in plan.rewrites.items():
         node = by_name[name]
         remap = lambda n: by_name[n.name]  # noqa: E731  (plan nodes -> this graph's nodes)
         node.target = target
         node.args, node.kwargs = fx.map_arg(args, remap), fx.map_arg(kwargs, remap)
+
+
+def _place_tensors(new: fx.GraphModule, plan: SurgeryPlan, aliases_of: dict[str, str],
+                   make: Callable[[torch.Tensor, Cuts], torch.Tensor],
+                   private: Callable[[str], nn.Module | None] | None = None) -> set[str]:
+    """Put ``make(old, cuts)`` at every planned path and its tied aliases; returns the
+    owners' paths (``private(path)`` gives an owner that may be written to)."""
     touched: set[str] = set()
     aliases: dict[str, list[str]] = {}  # tied weights: the sliced tensor goes to every path
-    for alias, first in tensor_aliases(gm).items():
+    for alias, first in aliases_of.items():
         aliases.setdefault(first, []).append(alias)
     for path, cuts in plan.params.items():
         old = _lookup(new, path)
-        with torch.no_grad():  # index_select makes a new tensor; uncut ones are cloned
-            value = slice_tensor(old, cuts) if cuts else old.clone()
+        value = make(old, cuts)
         if isinstance(old, nn.Parameter):
             value = nn.Parameter(value, requires_grad=old.requires_grad)
         for p in [path, *aliases.get(path, [])]:
             owner_path, _, attr = p.rpartition(".")
-            owner = new.get_submodule(owner_path) if owner_path else new
+            if private is not None:
+                found = private(owner_path)
+                if found is None:  # an alias in a module the skeleton does not use
+                    continue
+                owner = found
+            else:
+                owner = new.get_submodule(owner_path) if owner_path else new
             if isinstance(value, nn.Parameter):
                 owner._parameters[attr] = value
             elif attr in owner._buffers:
@@ -95,8 +187,22 @@ def emit_pruned(
             else:
                 setattr(owner, attr, value)
             touched.add(owner_path)
-    if not share:
-        _unshare(new, gm)
+    return touched
+
+
+def _finish(new: fx.GraphModule, gm: fx.GraphModule, plan: SurgeryPlan,
+            touched: set[str]) -> None:
+    """Module surgery on every module that changed width, then dead code, lint, recompile."""
+    _surgery(new, gm, plan, touched)
+    drop_dead_code(new.graph)
+    new.graph.lint()
+    new.recompile()
+
+
+def _surgery(new: fx.GraphModule, gm: fx.GraphModule, plan: SurgeryPlan, touched: set[str],
+             private: Callable[[str], nn.Module | None] | None = None) -> None:
+    """Update the width attributes of every module that changed width."""
+    graph = new.graph
     first_input = _first_inputs(graph)
     # a module with no sliced tensor of its own whose input narrows (LayerNorm or
     # RMSNorm without affine parameters) still needs its sizes updated
@@ -107,10 +213,37 @@ def emit_pruned(
                    if arg in old_shapes and plan.shapes.get(arg, old_shapes[arg]) != old_shapes[arg])
     for owner_path in sorted(touched):
         if owner_path:
-            apply_surgery(new.get_submodule(owner_path), plan.shapes.get(first_input.get(owner_path, "")))
-    drop_dead_code(graph)
-    graph.lint()
-    new.recompile()
+            module = private(owner_path) if private is not None else new.get_submodule(owner_path)
+            if module is not None:
+                apply_surgery(module, plan.shapes.get(first_input.get(owner_path, "")))
+
+
+def _private(new: nn.Module, path: str, owned: set[int]) -> nn.Module | None:
+    """The module at ``path`` in ``new``, made ``new``'s own (``owned``: ids of the
+    modules that are) where it or a module above it is shared: a shallow copy with
+    dictionaries of its own. None where ``new`` has no module at ``path``."""
+    owner = new
+    for name in path.split(".") if path else ():
+        child = owner._modules.get(name)
+        if child is None:
+            return None
+        if id(child) not in owned:
+            child = _shallow_copy(child)
+            owned.add(id(child))
+            owner._modules[name] = child
+        owner = child
+    return owner
+
+
+def _shallow_copy(m: nn.Module, cls: type | None = None) -> Any:
+    """A new object of the same class (a GraphModule's class holds its compiled code),
+    or of ``cls``, with the same attributes and dictionaries of parameters, buffers and
+    submodules of its own."""
+    new = object.__new__(cls or type(m))
+    new.__dict__.update(m.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = type(m.__dict__[key])(m.__dict__[key])
+    new.__dict__["_non_persistent_buffers_set"] = set(m._non_persistent_buffers_set)
     return new
 
 

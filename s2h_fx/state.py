@@ -34,18 +34,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import fx
 
 from s2h_fx.channels import GroupingResult
 from s2h_fx.importance import keep_from_ranks
 from s2h_fx.masks import ChannelMask
-from s2h_fx.passes.emit_pruned import emit_pruned
+from s2h_fx.passes.emit_pruned import SkeletonEmitter
 from s2h_fx.passes.plan_surgery import SurgeryPlan, kept_ids, plan_surgery
 
 log = logging.getLogger(__name__)
 
 # widths tuples whose structure (and skeleton) stay cached: a skeleton holds no
-# tensor storage of its own (see _hollow), so many are cheap
+# tensor storage of its own (see emit_skeleton), so many are cheap
 _STRUCTURES_KEPT = 64
 Cuts = tuple[tuple[int, torch.Tensor], ...]
 
@@ -181,6 +181,7 @@ class WidthState:
         self._structures: OrderedDict[tuple[object, ...], Structure] = OrderedDict()
         self._widths: tuple[tuple[object, ...], dict[int, int]] | None = None
         self._cuts: tuple[tuple[object, ...], dict[str, Cuts]] | None = None
+        self._emitter: SkeletonEmitter | None = None  # made when first needed
         self.plan_builds = 0
         self.skeleton_builds = 0
         self.width_reads = 0
@@ -240,10 +241,12 @@ class WidthState:
         return structure
 
     def skeleton(self, structure: Structure) -> fx.GraphModule:
-        """The emitted graph of ``structure``, sharing the live tensors (emitted once)."""
+        """The emitted graph of ``structure`` with no tensors of its own (emitted once;
+        see :class:`s2h_fx.passes.emit_pruned.SkeletonEmitter`)."""
         if structure.skeleton is None:
-            structure.skeleton = _hollow(emit_pruned(self.gm, structure.plan, share=True),
-                                         structure.plan)
+            if self._emitter is None:
+                self._emitter = SkeletonEmitter(self.gm)
+            structure.skeleton = self._emitter(structure.plan)
             self.skeleton_builds += 1
         return structure.skeleton
 
@@ -263,19 +266,3 @@ class WidthState:
         sel = self.selection()
         return dataclasses.replace(structure.plan, keep=sel.keep,
                                    params=self.cuts(structure))
-
-
-def _hollow(skeleton: fx.GraphModule, plan: SurgeryPlan) -> fx.GraphModule:
-    """Drop the storage of the skeleton's sliced parameters and buffers: the hard
-    branch passes every parameter and buffer to ``functional_call``, so these
-    copies are never read (unsliced ones are shared with the masked graph)."""
-    for path in plan.params:
-        owner_path, _, attr = path.rpartition(".")
-        owner = skeleton.get_submodule(owner_path) if owner_path else skeleton
-        old = owner._parameters.get(attr)
-        if old is not None:
-            owner._parameters[attr] = nn.Parameter(old.new_empty(0),
-                                                   requires_grad=old.requires_grad)
-        elif attr in owner._buffers and owner._buffers[attr] is not None:
-            owner._buffers[attr] = owner._buffers[attr].new_empty(0)  # type: ignore[union-attr]
-    return skeleton

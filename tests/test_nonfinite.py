@@ -145,3 +145,22 @@ def test_nan_batch_under_amp_with_a_grad_scaler() -> None:
     assert [h.skipped for h in history] == [1, 1]
     assert finite(p)
     assert bool(torch.isfinite(p.export()(data()[0][0].cuda())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_checks_every_element(dtype: torch.dtype) -> None:
+    """The guard's check sums each tensor first: a NaN or infinity anywhere is found,
+    and finite values whose sum overflows are still finite."""
+    from s2h_fx.distill import all_finite
+
+    big = torch.finfo(dtype).max
+    finite = [torch.randn(50, 7).to(dtype), torch.zeros(0, dtype=dtype), torch.ones(3, dtype=dtype)]
+    assert all_finite(finite) and all_finite([])
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.randn(50, 7).to(dtype)
+        t[17, 3] = bad
+        assert not all_finite([*finite, t]), bad
+    both = torch.tensor([math.inf, -math.inf], dtype=dtype)  # sums to NaN
+    assert not all_finite([both])
+    overflow = torch.full((4,), big, dtype=dtype)  # every element finite, the sum not
+    assert all_finite([overflow, -overflow]) and all_finite([overflow])

@@ -242,3 +242,40 @@ def test_host_reads_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     planning = [c for c in search if c in ("cpu", "numpy")]
     assert bool(planning) == new_structure, (search, new_structure)
     assert sorted(c for c in search if c not in planning) == ["__bool__", "tolist"], search
+
+
+def test_skeletons_share_code_and_leave_the_full_network_alone() -> None:
+    """A new widths tuple costs no compile and no data copy: a CNN (no argument
+    rewrites) has one compiled template; each skeleton's sliced tensors are empty meta
+    tensors of the pruned shapes; the full-width graph's modules keep their widths."""
+    pruner, x, y = _pruner()
+    gm = pruner.graph_module
+    widths_before = {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d)
+                     else m.num_features for n, m in gm.named_modules()
+                     if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))}
+    tensors_before = {n: t for n, t in gm.state_dict(keep_vars=True).items()}
+    opt = torch.optim.SGD(pruner.weight_parameters(), lr=0.05, momentum=0.9)
+    for _ in range(20):
+        _s2h_step(pruner, opt, x, y)
+    state = pruner.state
+    assert state.skeleton_builds >= 3
+    assert state._emitter is not None and state._emitter.templates_built == 1
+    structures = list(state._structures.values())
+    for structure in structures:
+        skeleton = structure.skeleton
+        assert skeleton is not None
+        for path, cuts in structure.plan.params.items():
+            t = skeleton.get_parameter(path) if path in dict(skeleton.named_parameters()) \
+                else skeleton.get_buffer(path)
+            assert t.is_meta and [t.shape[a] for a, _ in cuts] == [len(i) for _, i in cuts]
+        convs = [m for m in skeleton.modules() if isinstance(m, nn.Conv2d)]
+        assert all(m.out_channels == m.weight.shape[0] for m in convs)
+    now = {n: (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else m.num_features
+           for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))}
+    assert now == widths_before
+    assert all(t is tensors_before[n] for n, t in gm.state_dict(keep_vars=True).items())
+    pruner.eval()
+    with torch.no_grad():  # every cached skeleton computes its exported network
+        for structure in structures[-3:]:
+            pruner.set_widths(dict(zip(state.order, structure.widths)))
+            assert rel_err(pruner(x), pruner.export(enforce_budget=False)(x)) < 1e-5
