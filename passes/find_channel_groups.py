@@ -364,19 +364,38 @@ def _divisor(size: int, atom: int, default: int) -> int:
     return d * atom
 
 
-def _use_arrays(ctx: RuleContext, gm: fx.GraphModule) -> list[tuple[np.ndarray, str]]:
-    """The ids of every space and of every tensor's channel factor, with where they are."""
-    arrays: list[tuple[np.ndarray, str]] = [
-        (np.arange(s.offset, s.offset + s.size), s.name) for s in ctx.spaces
-    ]
+Places = list[tuple[int, str]]  # (order of first listing, node or space name)
+
+
+def _use_arrays(ctx: RuleContext, gm: fx.GraphModule) -> list[tuple[np.ndarray, Places]]:
+    """The ids of every space and of every tensor's channel factor, with where they are.
+    Equal arrays are listed once with every place that holds them (a conv's output,
+    its norm's and its activation's carry the same ids: a ViT-Base's 782 arrays hold
+    262 distinct ones), so the counting below sorts each id once."""
+    out: list[tuple[np.ndarray, Places]] = []
+    seen: dict[bytes, int] = {}
+
+    def add(ids: np.ndarray, name: str, place: int) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        key = ids.tobytes()
+        i = seen.setdefault(key, len(out))
+        if i == len(out):
+            out.append((ids, []))
+        out[i][1].append((place, name))
+
+    for place, s in enumerate(ctx.spaces):
+        add(np.arange(s.offset, s.offset + s.size), s.name, place)
+    place = len(ctx.spaces)
     for node in gm.graph.nodes:
         for lay in iter_layouts(node.meta.get(S2H_LAYOUT)):
-            arrays.extend((f.ids.ravel(), node.name) for f in lay.factors)
-    return arrays
+            for f in lay.factors:
+                add(f.ids.ravel(), node.name, place)
+                place += 1
+    return out
 
 
 def _class_counts(
-    arrays: list[tuple[np.ndarray, str]], class_of: np.ndarray, num_classes: int
+    arrays: list[tuple[np.ndarray, Places]], class_of: np.ndarray, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every (array, class) pair that occurs: array index, class and how often."""
     sizes = [ids.size for ids, _ in arrays]
@@ -389,7 +408,7 @@ def _class_counts(
 
 def _split_by_use(
     root: np.ndarray, num_classes: int, comp_of: np.ndarray, atom_of: np.ndarray,
-    arrays: list[tuple[np.ndarray, str]],
+    arrays: list[tuple[np.ndarray, Places]],
 ) -> np.ndarray:
     """Split each linked component into parts that every space and tensor uses
     uniformly; returns the part of every class.
@@ -436,7 +455,7 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def _check_uniform(
-    arrays: list[tuple[np.ndarray, str]], group_of: np.ndarray, class_of: np.ndarray,
+    arrays: list[tuple[np.ndarray, Places]], group_of: np.ndarray, class_of: np.ndarray,
     sizes: list[int], reasons: dict[int, list[str]], atom_maps: list[np.ndarray] | None = None,
 ) -> None:
     """Every space and every tensor axis must use all channels of a group equally often
@@ -451,14 +470,25 @@ def _check_uniform(
     which, cls, counts = _class_counts(arrays, flat, int(offsets[-1]))
     group = np.searchsorted(offsets, cls, side="right") - 1
     # per (array, group): how many of the group's classes occur, and their counts' range
-    pair, start = np.unique(np.stack([which, group]), axis=1, return_index=True)
+    pair, start = _runs(which, group)
     present = np.diff(np.append(start, len(which)))
     lo, hi = np.minimum.reduceat(counts, start), np.maximum.reduceat(counts, start)
     bad = (present != np.asarray(sizes)[pair[1]]) | (lo != hi)
     if atom_maps is not None and bad.any():
         bad &= ~_uniform_by_atom(which, cls, counts, offsets, atom_maps, pair)
-    for a, g in pair[:, bad].T.tolist():
-        reasons[g].append(f"{FreezeReason.PARTIAL_USE.value} at {arrays[a][1]}")
+    found = sorted((place, g, name) for a, g in pair[:, bad].T.tolist()
+                   for place, name in arrays[a][1])
+    for _, g, name in found:  # in the order of the places
+        reasons[g].append(f"{FreezeReason.PARTIAL_USE.value} at {name}")
+
+
+def _runs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (a[i], b[i]) pairs of pairs already in sorted order (as rows of a
+    2 x n array) and where each run starts: np.unique(axis=1) without its sort."""
+    new = np.ones(len(a), dtype=bool)
+    new[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    start = np.flatnonzero(new)
+    return np.stack([a[start], b[start]]), start
 
 
 def _uniform_by_atom(
@@ -475,7 +505,7 @@ def _uniform_by_atom(
     sums = np.bincount(inverse.ravel(), weights=counts)
     w, atom = key // total, key % total
     group = np.searchsorted(aoff, atom, side="right") - 1
-    got, start = np.unique(np.stack([w, group]), axis=1, return_index=True)
+    got, start = _runs(w, group)
     if not np.array_equal(got, pair):
         raise InvariantError("atom counts do not cover the same (tensor, group) pairs")
     present = np.diff(np.append(start, len(w)))
