@@ -6,9 +6,10 @@ Writes: ``node.meta["tensor_meta"]`` (torch.fx ShapeProp),
 that node on the example inputs, and ``node.meta[S2H_VALUE]``, the value of a node
 that computes a Python number or tuple of numbers (a size, a count).
 Postcondition: dead code is eliminated (its FLOPs are not the network's); every
-node ran once on the example inputs (on fake tensors for a large model whose graph
-calls only torch's modules and functions, see :mod:`s2h_fx.fake`; for real
-otherwise, or where an op needs data); the graph is linted.
+node ran once on the example inputs (on meta tensors for a model of
+``META_PROPAGATION_PARAMS`` parameters or more whose graph calls only torch's modules
+and functions, see :func:`s2h_fx.fake.graph_is_fake_safe`; for real otherwise, or where
+an op needs data); the graph is linted.
 Running it twice on its own output changes nothing.
 """
 
@@ -37,7 +38,7 @@ from s2h_fx.copying import BufferSnapshot, copy_module
 from s2h_fx.deploy import max_rel_error
 from s2h_fx.einsum import einsums_as_matmul
 from s2h_fx.errors import InputError, InvariantError, TraceError
-from s2h_fx.fake import fake_mode, graph_is_fake_safe, holds_fake
+from s2h_fx.fake import graph_is_fake_safe
 from s2h_fx.measure import counted_paths
 from s2h_fx.observe import observe_calls
 from s2h_fx.rules.timm_modules import std_conv_types
@@ -96,30 +97,39 @@ class _ValuedFxTracer(ValuedTracer, _Tracer):
         self.init_values(example_inputs)
 
 
-class _FakeRunFailed(Exception):
-    """A node could not run on fake tensors (it needs data): run for real instead."""
+class _ShapeRunFailed(Exception):
+    """A node could not run on meta tensors (it needs data, or mixes a meta tensor with
+    one the graph made on a real device): run for real instead."""
 
 
 class _FlopShapeProp(ShapeProp):
-    """ShapeProp that also records each node's flop_counter FLOPs; with ``fake``, on
-    fake tensors (:mod:`s2h_fx.fake`: the same shapes and FLOPs, no arithmetic)."""
+    """ShapeProp that also records each node's flop_counter FLOPs (one counter for the
+    run: a node's FLOPs are what the count grew by while it ran). With ``meta``, on
+    meta tensors: the graph's parameters, buffers and tensor attributes and the inputs
+    are swapped for meta tensors of the same shapes and dtypes for the run (the same
+    shapes, values of sizes and FLOPs, no arithmetic); the real ones are put back."""
 
-    def __init__(self, gm: fx.GraphModule, fake: bool = False) -> None:
+    def __init__(self, gm: fx.GraphModule, meta: bool = False) -> None:
         super().__init__(gm)
         self.extra_traceback = False  # our error already names the node
-        self.fake = fake_mode() if fake else None  # one mode for the run: tensors convert once
+        self.meta = meta
+        self.counter = FlopCounterMode(display=False)
+
+    def propagate(self, *args: Any) -> Any:
+        if self.meta:
+            args = tuple(_as_meta(a) if isinstance(a, torch.Tensor) else a for a in args)
+        # ShapeProp prints a raw traceback before re-raising; we raise a clear error instead
+        with _on_meta(self.module) if self.meta else contextlib.nullcontext(), \
+                self.counter, contextlib.redirect_stderr(io.StringIO()):
+            return super().propagate(*args)
 
     def run_node(self, n: fx.Node) -> Any:
-        counter = FlopCounterMode(display=False)
+        before = self.counter.get_total_flops()
         try:
-            # ShapeProp prints a raw traceback before re-raising; we raise a clear error
-            # instead. The counter is entered inside the fake mode: it sees each op first.
-            with self.fake or contextlib.nullcontext(), counter, \
-                    contextlib.redirect_stderr(io.StringIO()):
-                result = super().run_node(n)
+            result = super().run_node(n)
         except Exception as exc:  # name the node and the user's line
-            if self.fake is not None:
-                raise _FakeRunFailed(n.format_node()) from exc
+            if self.meta:
+                raise _ShapeRunFailed(n.format_node()) from exc
             root: BaseException = exc
             while root.__cause__ is not None:
                 root = root.__cause__
@@ -129,10 +139,40 @@ class _FlopShapeProp(ShapeProp):
                 f"{n.format_node()}{user_line(n)}: {type(root).__name__}: {first}. "
                 "Check that example_inputs have the shapes and dtypes the model expects."
             ) from exc
-        n.meta[S2H_FLOPS] = float(counter.get_total_flops())
+        n.meta[S2H_FLOPS] = float(self.counter.get_total_flops() - before)
         if _is_python_value(result):  # sizes and counts, for rules that read them
             n.meta[S2H_VALUE] = tuple(result) if isinstance(result, torch.Size) else result
         return result
+
+
+def _as_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+@contextlib.contextmanager
+def _on_meta(module: nn.Module) -> Iterator[None]:
+    """Every parameter, buffer and tensor attribute of ``module`` a meta tensor of its
+    shape, dtype and strides while inside; the real ones are put back on leaving."""
+    saved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    try:
+        for m in module.modules():
+            stores = [m._parameters, m._buffers, vars(m)]
+            for store in stores:
+                for key, t in list(store.items()):
+                    if isinstance(t, torch.Tensor) and not t.is_meta:
+                        saved.append((store, key, t))
+                        store[key] = _as_meta(t)
+        yield
+    finally:
+        for store, key, t in reversed(saved):
+            store[key] = t
+
+
+def holds_meta(model: nn.Module) -> bool:
+    """Whether a parameter, buffer or tensor attribute of ``model`` is a meta tensor."""
+    return any(isinstance(t, torch.Tensor) and t.is_meta
+               for m in model.modules()
+               for store in (m._parameters, m._buffers, vars(m)) for t in store.values())
 
 
 def _is_python_value(value: Any) -> bool:
@@ -567,13 +607,13 @@ def _writes_in_place(node: fx.Node) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
-# Shape and FLOPs propagation runs on fake tensors from this many parameters up. A
-# fake op costs about a millisecond here whatever its size; a real one its arithmetic.
-# Measured on this project's 2-core machine (1 thread, 224x224, fake / real seconds):
-# mobilenet_v3_large 0.25 / 0.10, efficientnet_b0 0.47 / 0.18, convnext_tiny 0.42 /
-# 0.27, resnet50 0.21 / 0.24, vit_b_16 0.40 / 0.68, beitv2_base 0.59 / 0.66; a 412M
-# ViT at 546x546 (1.25 TFLOPs) spends tens of seconds in the real run.
-FAKE_PROPAGATION_PARAMS = 50_000_000
+# Shape and FLOPs propagation runs on meta tensors from this many parameters up. A meta
+# op costs a fixed ~0.4 ms here (more for ops torch decomposes in Python), a real one
+# its arithmetic. Measured on this project's 2-core machine (1 thread, 224x224, meta /
+# real seconds, one flop counter for the run): resnet18 0.028 / 0.065, resnet50 0.069 /
+# 0.144, convnext_tiny 0.094 / 0.161, vit_b_16 0.122 / 0.473; below it
+# mobilenet_v3_large (5.5M) 0.114 / 0.049, efficientnet_b0 (5.3M) 0.089 / 0.060.
+META_PROPAGATION_PARAMS = 10_000_000
 
 
 @torch.no_grad()
@@ -591,18 +631,18 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphMo
     try:
         # a leaf nn.MultiheadAttention's FLOPs counted in full
         with counted_paths(), buffers_kept(gm):
-            fake = (sum(p.numel() for p in gm.parameters()) >= FAKE_PROPAGATION_PARAMS
+            meta = (sum(p.numel() for p in gm.parameters()) >= META_PROPAGATION_PARAMS
                     and graph_is_fake_safe(gm, example_inputs))
             try:
-                _FlopShapeProp(gm, fake=fake).propagate(*example_inputs)
-                if fake and holds_fake(gm):  # something kept one: a real run writes over it
-                    raise _FakeRunFailed("a fake tensor was left in the model")
-            except _FakeRunFailed as exc:  # an op needs data: run for real
-                log.info("propagating shapes on fake tensors failed at %s (%s); running "
+                _FlopShapeProp(gm, meta=meta).propagate(*example_inputs)
+                if meta and holds_meta(gm):  # something kept one: a real run writes over it
+                    raise _ShapeRunFailed("a meta tensor was left in the model")
+            except _ShapeRunFailed as exc:  # an op needs data: run for real
+                log.info("propagating shapes on meta tensors failed at %s (%s); running "
                          "for real", exc, exc.__cause__)
                 _FlopShapeProp(gm).propagate(*example_inputs)
-            if fake and holds_fake(gm):
-                raise InvariantError("a fake tensor is left in the model after propagating "
+            if meta and holds_meta(gm):
+                raise InvariantError("a meta tensor is left in the model after propagating "
                                      "shapes for real")
     finally:
         gm.train(was_training)

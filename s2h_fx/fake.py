@@ -16,10 +16,12 @@ in eval mode, a hook that stores what it computes): :func:`modules_are_fake_safe
 accepts a model only when all its modules are torch's or torchvision's and none
 has forward hooks, and :func:`holds_fake` checks it after (a fake tensor found
 means a real run follows, which writes real ones over it).
-Shape and FLOPs propagation through the traced graph runs on fake tensors for
-large models only (``passes.trace_model.FAKE_PROPAGATION_PARAMS``): a fake op
-costs about a millisecond whatever its size, more than the arithmetic it saves on
-a small CNN. :func:`graph_is_fake_safe` accepts a traced graph only when it calls
+Shape and FLOPs propagation through the traced graph needs no numbers either; it runs
+on meta tensors (``passes.trace_model``: lighter than fake ones, since the graph's
+tensors are all known and swapped in one place) for models of
+``META_PROPAGATION_PARAMS`` parameters or more: a meta op costs a fixed fraction of a
+millisecond, more than the arithmetic it saves on a small CNN.
+:func:`graph_is_fake_safe` accepts a traced graph for such a run only when it calls
 torch's or torchvision's modules and torch's or Python's functions.
 """
 
