@@ -23,7 +23,12 @@ def default_divisor(runtime: str | None = None, device: str = "cpu") -> int:
         return DEFAULT_DIVISOR
     return RUNTIME_DIVISORS.get((runtime, str(device).split(":")[0]), DEFAULT_DIVISOR)
 # keys a latency budget dict may carry besides the kind itself
-LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir", "points")
+LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir", "points",
+                   "landing")
+LANDING_ROUNDS = 2  # re-choices of the widths after timing the chosen network
+# a timed latency ratio this close to the budget needs no re-choice (two timings of one
+# network on a 2-core machine differ by about 0.02-0.04)
+LANDING_TOLERANCE = 0.02
 GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full size included)
 # what an attention block prunes: each head's width (heads stay whole), or whole heads,
 # or (auto) the width unless whole heads leave more channels prunable
@@ -40,9 +45,11 @@ class PruneConfig:
     runtime, batch and thread count (``threads``, default the runtime's own;
     ``device``, default ``"cpu"``; ``cache_dir`` of the latency tables, default
     ``~/.cache/s2h-fx``; ``points``, grid points per axis of a layer's latency table,
-    default 4). After validation ``budget`` is the fraction (a float) and ``kind``,
-    ``runtime``, ``batch``, ``threads``, ``device``, ``cache_dir``, ``points`` hold
-    the rest.
+    default 4; ``landing``, how many times the widths may be chosen again after the
+    chosen network is timed against the dense one, default 2, 0 for none: see
+    :meth:`s2h_fx.Pruner.land_latency_budget`). After validation ``budget`` is the
+    fraction (a float) and ``kind``, ``runtime``, ``batch``, ``threads``, ``device``,
+    ``cache_dir``, ``points``, ``landing`` hold the rest.
 
     ``divisor``: widths are multiples of it where a group allows (default None: 8, or
     for a latency budget the runtime's own, :func:`default_divisor`: 32 for ONNX
@@ -67,6 +74,7 @@ class PruneConfig:
     device: str = "cpu"
     cache_dir: str | None = None
     points: int = GRID_POINTS
+    landing: int = LANDING_ROUNDS
     attention: str = "auto"
 
     def __post_init__(self) -> None:
@@ -134,6 +142,10 @@ class PruneConfig:
         if isinstance(p, bool) or not isinstance(p, int) or p < 2:
             raise BudgetError(f"points must be an integer >= 2 (grid points per axis of a "
                               f"latency table, the smallest and full sizes included), got {p!r}")
+        n = self.landing
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise BudgetError(f"landing must be an integer >= 0 (times the widths may be "
+                              f"chosen again after timing the chosen network), got {n!r}")
 
 
 SETTLE_MODES = ("distill", "hard")

@@ -96,6 +96,17 @@ def build_params_model(gm: fx.GraphModule, grouping: GroupingResult) -> FlopsMod
 COST_NAMES = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
 
 
+def runtime_measure(config: PruneConfig, measure: Any = None) -> Any:
+    """What a latency budget measures with: ``measure`` if given, else its runtime's
+    :class:`s2h_fx.latency.RuntimeMeasure`; None for other budgets."""
+    if config.kind != "latency" or measure is not None:
+        return measure
+    from s2h_fx import latency
+
+    return latency.RuntimeMeasure(config.runtime or "", config.device, config.batch,
+                                  config.threads)
+
+
 def build_cost_model(config: PruneConfig, gm: fx.GraphModule, grouping: GroupingResult,
                      flops: FlopsModel, example_inputs: tuple[Any, ...],
                      measure: Any = None) -> CostModel:
@@ -108,13 +119,17 @@ def build_cost_model(config: PruneConfig, gm: fx.GraphModule, grouping: Grouping
         return build_params_model(gm, grouping)
     from s2h_fx import latency
 
+    options = latency.LatencyOptions(points=config.points, cache_dir=config.cache_dir)
+    return latency.build_latency_model(gm, grouping, latency_input(config, example_inputs),
+                                       runtime_measure(config, measure), options)
+
+
+def latency_input(config: PruneConfig, example_inputs: tuple[Any, ...]) -> torch.Tensor:
+    """The input a latency budget is timed on: the example at the budget's batch."""
+    from s2h_fx import latency
+
     x = example_inputs[0] if example_inputs else None
     if len(example_inputs) != 1 or not isinstance(x, torch.Tensor):
         raise InputError("a latency budget needs exactly one example input tensor (the "
                          f"network is deployed and timed on it); got {len(example_inputs)}")
-    if measure is None:
-        measure = latency.RuntimeMeasure(config.runtime or "", config.device, config.batch,
-                                         config.threads)
-    options = latency.LatencyOptions(points=config.points, cache_dir=config.cache_dir)
-    return latency.build_latency_model(gm, grouping, latency.batch_input(x, config.batch),
-                                       measure, options)
+    return latency.batch_input(x, config.batch)

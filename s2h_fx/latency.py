@@ -33,6 +33,7 @@ measured each time the model is built (a few seconds).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -188,6 +189,8 @@ class LatencyModel:
     scale: float = 1.0
     # (uniform width fraction, measured seconds, model seconds) of the calibration networks
     calibration: tuple[tuple[float, float, float], ...] = ()
+    # (predicted ratio, measured ratio) of each chosen network timed by land_budget
+    landings: tuple[tuple[float, float], ...] = ()
 
     @property
     def total(self) -> float:
@@ -373,6 +376,33 @@ def build_latency_model(gm: fx.GraphModule, grouping: GroupingResult, x: torch.T
              uncalibrated.total, len(points), constant, scale, seconds["dense"])
     return LatencyModel(tuple(terms), constant, sizes, seconds["dense"], scale,
                         tuple(points))
+
+
+def refit(model: LatencyModel, widths: dict[int, int], measured_ratio: float) -> LatencyModel:
+    """``model`` calibrated again through two networks: the dense one (its measured
+    seconds unchanged) and the network at ``widths``, measured at ``measured_ratio`` of
+    the dense one. The calibration's three networks are uniform; a chosen network is
+    not, and sits where the budget is: the line through it and the dense one (a
+    secant) predicts best where the one-shot chooser and the resource loss look.
+    Far below that point the line may under-predict (even below zero for the
+    smallest networks where the true latency curves upward); no budget asks there.
+    Unchanged (with a log line) where the two points give no rising line."""
+    raw_full = sum(t.base for t in model.terms)
+    raw_at = (float(model(widths)) - model.constant) / model.scale
+    dense = model.measured_dense
+    if raw_full - raw_at > 0 and measured_ratio < 1:
+        scale = dense * (1 - measured_ratio) / (raw_full - raw_at)
+        return dataclasses.replace(model, constant=dense - scale * raw_full, scale=scale)
+    log.info("latency model: no rising line through the dense network and one measured "
+             "at %.3f of it; the calibration stays", measured_ratio)
+    return model
+
+
+def measured_ratio(measure: Measure, network: nn.Module, dense: nn.Module,
+                   x: torch.Tensor) -> float:
+    """The latency of ``network`` over that of ``dense``, timed together (interleaved)."""
+    seconds = measure.networks({"dense": dense, "network": network}, x)
+    return seconds["network"] / seconds["dense"]
 
 
 def uniform_widths(grouping: GroupingResult, fraction: float) -> dict[int, int]:

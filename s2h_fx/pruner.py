@@ -11,6 +11,7 @@ hard branch to :mod:`s2h_fx.hard`, the losses and the decoupled backward to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import Iterable, Iterator
@@ -23,9 +24,15 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from s2h_fx.channels import GroupingResult
-from s2h_fx.config import PruneConfig, S2HConfig
+from s2h_fx.config import LANDING_TOLERANCE, PruneConfig, S2HConfig
 from s2h_fx.copying import BufferSnapshot
-from s2h_fx.cost import COST_NAMES, CostModel, build_cost_model
+from s2h_fx.cost import (
+    COST_NAMES,
+    CostModel,
+    build_cost_model,
+    latency_input,
+    runtime_measure,
+)
 from s2h_fx.distill import decoupled_backward, s2h_losses
 from s2h_fx.errors import (
     BudgetError,
@@ -48,7 +55,7 @@ from s2h_fx.passes import (  # noqa: I001
 )
 from s2h_fx.passes.build_flops_model import FlopsModel
 from s2h_fx.passes.insert_masks import mask_name
-from s2h_fx.passes.plan_surgery import SurgeryPlan
+from s2h_fx.passes.plan_surgery import SurgeryPlan, plan_surgery
 from s2h_fx.state import WidthState
 
 log = logging.getLogger(__name__)
@@ -127,12 +134,15 @@ def prune_graph(
                 + grouping.table()
             )
         flops = build_flops_model(gm, grouping)
-    cost = build_cost_model(prune_config, gm, grouping, flops, tuple(example_inputs),
-                            latency_measure)
+    measure = runtime_measure(prune_config, latency_measure)
+    cost = build_cost_model(prune_config, gm, grouping, flops, tuple(example_inputs), measure)
     with _GcPaused():
         gm = insert_masks(gm, grouping)
         pruner = Pruner(gm, grouping, flops, prune_config, config or S2HConfig(), cost)
-        pruner.train(model.training)
+    if prune_config.kind == "latency" and prune_config.landing:
+        pruner.land_latency_budget(measure, latency_input(prune_config, tuple(example_inputs)),
+                                   prune_config.landing)
+    pruner.train(model.training)
     return pruner
 
 
@@ -185,6 +195,59 @@ class Pruner(nn.Module):
                                {g: s.cpu().numpy() for g, s in scores.items()}, config.budget,
                                what=COST_NAMES[config.kind])
         self.set_widths(widths)
+
+    def land_latency_budget(self, measure: Any, x: torch.Tensor,
+                            rounds: int = 2) -> list[tuple[float, float]]:
+        """Time the hard network against the dense one on the latency budget's runtime
+        (``measure``, on ``x``); where the measured latency ratio is more than
+        ``LANDING_TOLERANCE`` from the budget, calibrate the latency model again through
+        that network (:func:`s2h_fx.latency.refit`) and choose the one-shot widths
+        again, at most ``rounds`` times. The widths kept are those whose measured ratio
+        is nearest the budget without exceeding it by more than the tolerance (else the
+        lowest), with the model calibrated through them; it is what the resource loss
+        and ``export`` then count. Returns ``(predicted, measured)`` per timing (also
+        kept in ``cost_model.landings``)."""
+        from s2h_fx import latency
+
+        model = self.cost_model
+        if not isinstance(model, latency.LatencyModel):
+            raise InputError("land_latency_budget is for a latency budget's model")
+        budget = self.config.budget
+        full = {g.index: g.size for g in self.grouping.prunable}
+        if self.widths == full:  # the dense network itself: nothing to land
+            return []
+        dense = emit_pruned(self.graph_module, plan_surgery(
+            self.graph_module, self.grouping, latency.first_atoms(self.grouping, full))).eval()
+        tried: list[tuple[dict[int, int], float, float]] = []
+        for attempt in range(rounds + 1):
+            widths = self.widths
+            network = emit_pruned(self.graph_module, self.plan).eval()
+            predicted = float(model.ratio(widths))
+            measured = latency.measured_ratio(measure, network, dense, x)
+            tried.append((widths, predicted, measured))
+            log.info("latency budget %.3f: widths predicted at %.3f of the dense latency "
+                     "measured at %.3f", budget, predicted, measured)
+            model = latency.refit(model, widths, measured)
+            if abs(measured - budget) <= LANDING_TOLERANCE or attempt == rounds:
+                break
+            self.cost_model = model
+            try:
+                self.set_widths(choose_widths(model, self.grouping, self._scores(), budget,
+                                              what=COST_NAMES[self.config.kind]))
+            except BudgetError as exc:  # measured: no widths reach it; keep what was timed
+                log.warning("latency budget %.3f: after timing, %s", budget, exc)
+                break
+        fits = [t for t in tried if t[2] <= budget + LANDING_TOLERANCE]
+        widths, _, measured = (min(fits, key=lambda t: abs(t[2] - budget)) if fits
+                               else min(tried, key=lambda t: t[2]))
+        landings = tuple((p, m) for _, p, m in tried)
+        self.cost_model = dataclasses.replace(latency.refit(model, widths, measured),
+                                              landings=landings)
+        self.set_widths(widths)
+        return list(landings)
+
+    def _scores(self) -> dict[int, np.ndarray]:
+        return {g: s.cpu().numpy() for g, s in self.importance.scores(self.graph_module).items()}
 
     # ---- inspection ------------------------------------------------------
     @property
@@ -459,8 +522,7 @@ class Pruner(nn.Module):
         budget, tol = self.config.budget, self.s2h.tolerance
         if budget - floor_margin <= ratio <= budget + tol:
             return False
-        scores = {g: s.cpu().numpy()
-                  for g, s in self.importance.scores(self.graph_module).items()}
+        scores = self._scores()
         ranks = {g: m.rank.cpu().numpy() for g, m in self._masks.items()}
         widths = self.widths
         if ratio > budget + tol:

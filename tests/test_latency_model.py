@@ -327,3 +327,58 @@ def test_latency_budget_points_sets_the_table_grid(tmp_path: Path) -> None:
     for bad in (1, 0, 2.5, True):
         with pytest.raises(BudgetError, match="points must be an integer >= 2"):
             PruneConfig({"latency": 0.5, "runtime": "eager", "points": bad})
+
+
+class WideChain(Chain):
+    """Chain at 64 / 128 / 64 channels: enough widths for a budget to be met closely."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.a, self.bn = nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64)
+        self.b = nn.Conv2d(64, 128, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(128, 128, 3, padding=1, groups=128)
+        self.c = nn.Conv2d(128, 64, 1)
+        self.head = nn.Linear(64, 10)
+
+
+class CurvedMeasure(FakeMeasure):
+    """Whole networks cost their layers plus a remainder plus a term that grows with
+    the square of their layers' cost (what a calibration line through uniform
+    networks cannot follow): the latency model misses a chosen network's latency."""
+
+    def network(self, module: nn.Module, x: torch.Tensor) -> float:
+        layers = exported_cost(module)
+        return 2e-4 + layers + 5.0 * layers ** 2
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.6])
+def test_latency_budget_lands_on_the_measured_network(tmp_path: Path, budget: float) -> None:
+    """The chosen network is timed against the dense one; where its measured ratio
+    misses the budget, the model is calibrated again through it and the widths are
+    chosen again: the kept network measures within the tolerance of the budget where
+    the calibration alone missed by more, and the model then predicts it exactly."""
+    from s2h_fx.config import LANDING_TOLERANCE
+
+    def measured(pruner: s2h_fx.Pruner, measure: CurvedMeasure) -> float:
+        return measure.network(pruner.export(enforce_budget=False), X) / \
+            measure.network(WideChain(), X)
+
+    spec = {"latency": budget, "runtime": "eager", "cache_dir": str(tmp_path)}
+    plain = s2h_fx.prune_graph(WideChain().eval(), {**spec, "landing": 0},
+                               example_inputs=(X,), latency_measure=CurvedMeasure())
+    assert abs(measured(plain, CurvedMeasure()) - budget) > LANDING_TOLERANCE  # it misses
+    assert plain.cost_model.landings == ()
+    measure = CurvedMeasure()
+    landed = s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
+                                latency_measure=measure)
+    ratio = measured(landed, measure)
+    assert abs(ratio - budget) <= LANDING_TOLERANCE
+    assert float(landed.cost_ratio()) == pytest.approx(ratio, rel=1e-6)
+    tried = landed.cost_model.landings
+    assert 2 <= len(tried) <= 3 and abs(tried[0][1] - budget) > LANDING_TOLERANCE
+
+
+def test_landing_option_is_checked() -> None:
+    with pytest.raises(BudgetError, match="landing must be an integer >= 0"):
+        PruneConfig({"latency": 0.5, "runtime": "eager", "landing": -1})
+    assert PruneConfig({"latency": 0.5, "runtime": "eager"}).landing == 2
