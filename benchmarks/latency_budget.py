@@ -218,7 +218,9 @@ def _networks(args: argparse.Namespace, model: nn.Module, x: torch.Tensor,
     info: dict[str, Any] = {"predicted_ratio": float(lat.cost_ratio()),
                             "measured_ratio_one_shot": target,
                             "calibration": {"constant_s": lat.cost_model.constant,
-                                            "scale": lat.cost_model.scale}}
+                                            "scale": lat.cost_model.scale},
+                            # (predicted, measured) ratio of each network prune_graph timed
+                            "landings": [list(t) for t in lat.cost_model.landings]}
 
     def flops_trial(b: float) -> tuple[float, Any]:
         net = _prune_budget(model, b, x, args, None).export()
