@@ -205,8 +205,11 @@ class Pruner(nn.Module):
         again, at most ``rounds`` times. The widths kept are those whose measured ratio
         is nearest the budget without exceeding it by more than the tolerance (else the
         lowest), with the model calibrated through them; it is what the resource loss
-        and ``export`` then count. Returns ``(predicted, measured)`` per timing (also
-        kept in ``cost_model.landings``)."""
+        and ``export`` then count. Raises :class:`BudgetError` where no network timed
+        fits and the model calibrated through the measurement says no widths can (the
+        budget is out of reach on this runtime: per-call overheads, frozen layers).
+        Returns ``(predicted, measured)`` per timing (also kept in
+        ``cost_model.landings``)."""
         from s2h_fx import latency
 
         model = self.cost_model
@@ -234,9 +237,16 @@ class Pruner(nn.Module):
             try:
                 self.set_widths(choose_widths(model, self.grouping, self._scores(), budget,
                                               what=COST_NAMES[self.config.kind]))
-            except BudgetError as exc:  # measured: no widths reach it; keep what was timed
-                log.warning("latency budget %.3f: after timing, %s", budget, exc)
-                break
+            except BudgetError as exc:  # measured: no widths reach it
+                if any(t[2] <= budget + LANDING_TOLERANCE for t in tried):
+                    log.warning("latency budget %.3f: after timing, %s", budget, exc)
+                    break
+                raise BudgetError(
+                    f"latency budget {budget:g} is out of reach as measured: the widths "
+                    f"chosen for it (predicted at {predicted:.3f} of the dense latency) "
+                    f"measured {measured:.3f} of it on the runtime; with the latency model "
+                    f"calibrated through that measurement, {exc} (landing=0 in the budget "
+                    f"keeps the unmeasured choice)") from exc
         fits = [t for t in tried if t[2] <= budget + LANDING_TOLERANCE]
         widths, _, measured = (min(fits, key=lambda t: abs(t[2] - budget)) if fits
                                else min(tried, key=lambda t: t[2]))

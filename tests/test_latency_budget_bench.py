@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from s2h_fx.config import LANDING_TOLERANCE
 
 from helpers import load_benchmark
 
@@ -39,7 +43,9 @@ def test_accuracy_study(tmp_path: Path, capsys) -> None:
 
 def test_budget_study(tmp_path: Path) -> None:
     bench, out = load_script(), tmp_path / "budget.jsonl"
-    assert bench.main(["budget", *COMMON, "--budget", "0.5", "--match-trials", "1", "--no-tp",
+    # resnet18 at 32x32 on eager is mostly per-call overhead: 0.5 is out of reach as
+    # measured (landing says so), 0.85 is not
+    assert bench.main(["budget", *COMMON, "--budget", "0.85", "--match-trials", "1", "--no-tp",
                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
     got = {r["network"]: r for r in rows(out)}
     assert set(got) == {"dense", "s2h-latency", "s2h-flops"}
@@ -47,4 +53,30 @@ def test_budget_study(tmp_path: Path) -> None:
     for name in ("s2h-latency", "s2h-flops"):
         assert 0 < got[name]["flops_ratio"] < 1 and 0 < got[name]["params_ratio"] <= 1
         assert got[name]["latency_ratio"] > 0
-    assert 0 < got["s2h-latency"]["predicted_ratio"] <= 0.5 + 0.01
+    lat = got["s2h-latency"]
+    assert lat["matched_to"] == "one-shot" and lat["target_ratio"] > 0
+    # prune_graph timed the chosen network at least once (landing) and kept one whose
+    # prediction, calibrated through a timed network, is within the landing tolerance
+    assert len(lat["landings"]) >= 1
+    assert 0 < lat["predicted_ratio"] <= 0.85 + LANDING_TOLERANCE + 0.01
+
+
+def test_budget_study_trained(tmp_path: Path) -> None:
+    """With --train the latency-budget network is S2H trained first and the others
+    are matched to its trained latency; every network has a validation accuracy."""
+    bench, out = load_script(), tmp_path / "budget.jsonl"
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 32, 32, generator=g),
+                         torch.randint(0, 10, (64,), generator=g))
+    loader = DataLoader(data, batch_size=32)
+    bench._loaders = lambda args: (loader, loader)  # digits' shape, 64 images: seconds
+    assert bench.main(["budget", *COMMON, "--budget", "0.85", "--match-trials", "1",
+                       "--train", "digits", "--epochs", "1", "--cache-dir",
+                       str(tmp_path / "cache"), "--out", str(out)]) == 0
+    got = {r["network"]: r for r in rows(out)}
+    assert set(got) == {"dense", "s2h-latency", "s2h-flops", "torch-pruning"}
+    assert got["s2h-latency"]["matched_to"] == "trained"
+    for r in got.values():
+        assert 0 <= r["accuracy"] <= 1
+    for name in ("s2h-flops", "torch-pruning"):
+        assert got[name]["flops_ratio"] < 1

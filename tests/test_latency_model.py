@@ -378,6 +378,30 @@ def test_latency_budget_lands_on_the_measured_network(tmp_path: Path, budget: fl
     assert 2 <= len(tried) <= 3 and abs(tried[0][1] - budget) > LANDING_TOLERANCE
 
 
+class SlowChosenMeasure(CurvedMeasure):
+    """The calibration's networks cost what :class:`CurvedMeasure` says; a network timed
+    after them (the chosen one, as landing times it) costs 0.9 of the dense network."""
+
+    def networks(self, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
+        seconds = super().networks(modules, x)
+        if "network" in modules:
+            seconds["network"] = 0.9 * seconds["dense"]
+        return seconds
+
+
+def test_latency_budget_out_of_reach_as_measured_is_an_error(tmp_path: Path) -> None:
+    """Where the chosen network measures far above the budget and the model calibrated
+    through it allows no network that fits, prune_graph says so instead of handing
+    back a network the model calls within budget (the old, silent miss)."""
+    spec = {"latency": 0.5, "runtime": "eager", "cache_dir": str(tmp_path)}
+    with pytest.raises(BudgetError, match=r"out of reach as measured.*measured 0\.900"):
+        s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
+                           latency_measure=SlowChosenMeasure())
+    quiet = s2h_fx.prune_graph(WideChain().eval(), {**spec, "landing": 0},
+                               example_inputs=(X,), latency_measure=SlowChosenMeasure())
+    assert float(quiet.cost_ratio()) <= 0.5 + 1e-6  # unmeasured: the model's own choice
+
+
 def test_landing_option_is_checked() -> None:
     with pytest.raises(BudgetError, match="landing must be an integer >= 0"):
         PruneConfig({"latency": 0.5, "runtime": "eager", "landing": -1})
