@@ -146,6 +146,21 @@ def prune_graph(
     return pruner
 
 
+def _next_target(tried: list[tuple[float, Any, float, float]], budget: float) -> float:
+    """The chooser's next target, from (target, widths, predicted, measured) of the
+    networks timed, in the model's predicted ratio (the chooser stops at or just below
+    its target): between the nearest two on either side of the budget where both
+    sides have one (linear in the measured ratio), else the last prediction scaled
+    by budget / measured."""
+    below = [t for t in tried if t[3] < budget]
+    above = [t for t in tried if t[3] > budget]
+    if below and above:
+        lo, hi = max(below, key=lambda t: t[3]), min(above, key=lambda t: t[3])
+        return lo[2] + (budget - lo[3]) * (hi[2] - lo[2]) / (hi[3] - lo[3])
+    last = tried[-1]
+    return last[2] * budget / last[3]
+
+
 class Pruner(nn.Module):
     """The masked training graph, its masks, and the hard network they select.
 
@@ -199,60 +214,81 @@ class Pruner(nn.Module):
     def land_latency_budget(self, measure: Any, x: torch.Tensor,
                             rounds: int = 2) -> list[tuple[float, float]]:
         """Time the hard network against the dense one on the latency budget's runtime
-        (``measure``, on ``x``); where the measured latency ratio is more than
-        ``LANDING_TOLERANCE`` from the budget, calibrate the latency model again through
-        that network (:func:`s2h_fx.latency.refit`) and choose the one-shot widths
-        again, at most ``rounds`` times. The widths kept are those whose measured ratio
-        is nearest the budget without exceeding it by more than the tolerance (else the
-        lowest), with the model calibrated through them; it is what the resource loss
-        and ``export`` then count. Raises :class:`BudgetError` where no network timed
-        fits and the model calibrated through the measurement says no widths can (the
-        budget is out of reach on this runtime: per-call overheads, frozen layers).
-        Returns ``(predicted, measured)`` per timing (also kept in
-        ``cost_model.landings``)."""
+        (``measure``, on ``x``) and, where the measured latency ratio is more than
+        ``LANDING_TOLERANCE`` from the budget, choose the one-shot widths again for
+        another target, at most ``rounds`` times.
+
+        The chooser drops channels in one order whatever the target (the model's
+        calibration scales every saving alike), so this is a search along one path:
+        the next target is the last one scaled by budget / measured, or, once timed
+        networks lie on both sides of the budget, interpolated between the nearest two.
+        The widths kept are those whose measured ratio is nearest the budget without
+        exceeding it by more than the tolerance (else the fastest timed), and the
+        model is calibrated through them and the dense network
+        (:func:`s2h_fx.latency.refit`): the resource loss and ``export`` then count
+        what was measured. Raises :class:`BudgetError` where the smallest network the
+        groups allow, timed, still measures above the budget (out of reach on this
+        runtime: per-call overheads, frozen layers). Returns ``(predicted, measured)``
+        per timing (also kept in ``cost_model.landings``)."""
         from s2h_fx import latency
 
         model = self.cost_model
         if not isinstance(model, latency.LatencyModel):
             raise InputError("land_latency_budget is for a latency budget's model")
-        budget = self.config.budget
-        full = {g.index: g.size for g in self.grouping.prunable}
+        budget, tol = self.config.budget, LANDING_TOLERANCE
+        prunable = self.grouping.prunable
+        full = {g.index: g.size for g in prunable}
         if self.widths == full:  # the dense network itself: nothing to land
             return []
         dense = emit_pruned(self.graph_module, plan_surgery(
             self.graph_module, self.grouping, latency.first_atoms(self.grouping, full))).eval()
-        tried: list[tuple[dict[int, int], float, float]] = []
+        smallest = {g.index: g.divisor for g in prunable}
+        floor = float(model.ratio(smallest))
+        scores = self._scores()
+        tried: list[tuple[float, dict[int, int], float, float]] = []  # target, widths, ...
+        target, widths = budget, self.widths
         for attempt in range(rounds + 1):
-            widths = self.widths
+            self.set_widths(widths)
             network = emit_pruned(self.graph_module, self.plan).eval()
             predicted = float(model.ratio(widths))
             measured = latency.measured_ratio(measure, network, dense, x)
-            tried.append((widths, predicted, measured))
-            log.info("latency budget %.3f: widths predicted at %.3f of the dense latency "
-                     "measured at %.3f", budget, predicted, measured)
-            model = latency.refit(model, widths, measured)
-            if abs(measured - budget) <= LANDING_TOLERANCE or attempt == rounds:
-                break
-            self.cost_model = model
-            try:
-                self.set_widths(choose_widths(model, self.grouping, self._scores(), budget,
-                                              what=COST_NAMES[self.config.kind]))
-            except BudgetError as exc:  # measured: no widths reach it
-                if any(t[2] <= budget + LANDING_TOLERANCE for t in tried):
-                    log.warning("latency budget %.3f: after timing, %s", budget, exc)
-                    break
+            tried.append((target, widths, predicted, measured))
+            log.info("latency budget %.3f: widths chosen for %.3f, predicted at %.3f of the "
+                     "dense latency, measured at %.3f", budget, target, predicted, measured)
+            if widths == smallest and measured > budget + tol:
                 raise BudgetError(
-                    f"latency budget {budget:g} is out of reach as measured: the widths "
-                    f"chosen for it (predicted at {predicted:.3f} of the dense latency) "
-                    f"measured {measured:.3f} of it on the runtime; with the latency model "
-                    f"calibrated through that measurement, {exc} (landing=0 in the budget "
-                    f"keeps the unmeasured choice)") from exc
-        fits = [t for t in tried if t[2] <= budget + LANDING_TOLERANCE]
-        widths, _, measured = (min(fits, key=lambda t: abs(t[2] - budget)) if fits
-                               else min(tried, key=lambda t: t[2]))
-        landings = tuple((p, m) for _, p, m in tried)
-        self.cost_model = dataclasses.replace(latency.refit(model, widths, measured),
-                                              landings=landings)
+                    f"latency budget {budget:g} is out of reach as measured: the smallest "
+                    f"network the groups allow (predicted at {predicted:.3f} of the dense "
+                    f"latency) measured {measured:.3f} of it on the runtime. Raise the "
+                    f"budget or freeze fewer channels (landing=0 in the budget keeps the "
+                    f"unmeasured choice)")
+            if abs(measured - budget) <= tol or attempt == rounds:
+                break
+            target = min(max(_next_target(tried, budget), floor), 1.0)
+            widths = (smallest if target <= floor else
+                      choose_widths(model, self.grouping, scores, target,
+                                    what=COST_NAMES[self.config.kind]))
+            if any(widths == t[1] for t in tried):
+                break  # the path has no network between the ones timed
+        landings = tuple((p, m) for _, _, p, m in tried)
+        fits = [t for t in tried if t[3] <= budget + tol]
+        _, widths, _, measured = (min(fits, key=lambda t: abs(t[3] - budget)) if fits
+                                  else min(tried, key=lambda t: t[3]))
+        model = dataclasses.replace(latency.refit(model, widths, measured), landings=landings)
+        if not fits:  # calibrated through the fastest timed: its choice, not timed
+            try:
+                widths = choose_widths(model, self.grouping, scores, budget,
+                                       what=COST_NAMES[self.config.kind])
+            except BudgetError as exc:
+                raise BudgetError(
+                    f"latency budget {budget:g} is out of reach as measured: the fastest "
+                    f"network timed measured {measured:.3f} of the dense latency, and with "
+                    f"the latency model calibrated through it, {exc} (landing=0 in the "
+                    f"budget keeps the unmeasured choice)") from exc
+            log.warning("latency budget %.3f: no network timed fits it (the fastest "
+                        "measured %.3f of the dense latency); widths chosen again with the "
+                        "model calibrated through that one, not timed", budget, measured)
+        self.cost_model = model
         self.set_widths(widths)
         return list(landings)
 

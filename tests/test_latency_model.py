@@ -380,12 +380,16 @@ def test_latency_budget_lands_on_the_measured_network(tmp_path: Path, budget: fl
 
 class SlowChosenMeasure(CurvedMeasure):
     """The calibration's networks cost what :class:`CurvedMeasure` says; a network timed
-    after them (the chosen one, as landing times it) costs 0.9 of the dense network."""
+    after them (the chosen one, as landing times it) costs ``ratio`` of the dense one."""
+
+    def __init__(self, ratio: float = 0.9) -> None:
+        super().__init__()
+        self.ratio = ratio
 
     def networks(self, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
         seconds = super().networks(modules, x)
         if "network" in modules:
-            seconds["network"] = 0.9 * seconds["dense"]
+            seconds["network"] = self.ratio * seconds["dense"]
         return seconds
 
 
@@ -393,13 +397,26 @@ def test_latency_budget_out_of_reach_as_measured_is_an_error(tmp_path: Path) -> 
     """Where the chosen network measures far above the budget and the model calibrated
     through it allows no network that fits, prune_graph says so instead of handing
     back a network the model calls within budget (the old, silent miss)."""
-    spec = {"latency": 0.5, "runtime": "eager", "cache_dir": str(tmp_path)}
-    with pytest.raises(BudgetError, match=r"out of reach as measured.*measured 0\.900"):
+    spec = {"latency": 0.5, "runtime": "eager", "cache_dir": str(tmp_path), "landing": 6}
+    with pytest.raises(BudgetError, match=r"out of reach as measured: the smallest.*measured 0\.900"):
         s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
                            latency_measure=SlowChosenMeasure())
     quiet = s2h_fx.prune_graph(WideChain().eval(), {**spec, "landing": 0},
                                example_inputs=(X,), latency_measure=SlowChosenMeasure())
     assert float(quiet.cost_ratio()) <= 0.5 + 1e-6  # unmeasured: the model's own choice
+
+
+def test_latency_budget_missed_by_every_timing_is_chosen_again(tmp_path: Path,
+                                                                caplog) -> None:
+    """Where no network timed fits but the model calibrated through the fastest one
+    allows a network that does, the widths are chosen with that model (and it is the
+    model the resource loss and export count): never left at a network measured over."""
+    spec = {"latency": 0.5, "runtime": "eager", "cache_dir": str(tmp_path), "landing": 1}
+    pruner = s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
+                                latency_measure=SlowChosenMeasure(0.6))
+    assert [m for _, m in pruner.cost_model.landings] == pytest.approx([0.6, 0.6])
+    assert "no network timed fits it" in caplog.text
+    assert float(pruner.cost_ratio()) <= 0.5 + 1e-6
 
 
 def test_landing_option_is_checked() -> None:
