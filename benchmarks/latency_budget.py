@@ -315,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     study = accuracy_study if args.study == "accuracy" else budget_study
     for name in args.models:
-        rows = study(args, name)
+        try:
+            rows = study(args, name)
+        except s2h_fx.BudgetError as exc:  # out of reach as measured: say so, go on
+            _write(args.out, {"study": args.study, "model": name, "runtime": args.runtime,
+                              "batch": args.batch, "budget": args.budget,
+                              "error": f"{type(exc).__name__}: {exc}", "env": env})
+            print(f"{name}: {type(exc).__name__}: {exc}", flush=True)
+            continue
         for row in rows:
             _write(args.out, {**row, "env": env})
         print(_table(rows), flush=True)

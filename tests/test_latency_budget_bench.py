@@ -80,3 +80,15 @@ def test_budget_study_trained(tmp_path: Path) -> None:
         assert 0 <= r["accuracy"] <= 1
     for name in ("s2h-flops", "torch-pruning"):
         assert got[name]["flops_ratio"] < 1
+
+
+def test_budget_out_of_reach_is_a_row_not_a_crash(tmp_path: Path) -> None:
+    """A budget no network reaches (resnet18 at 32x32 costs more than 0.05 of its
+    dense latency in per-call overhead alone) is written as an error row and the
+    run goes on to the next model."""
+    bench, out = load_script(), tmp_path / "budget.jsonl"
+    assert bench.main(["budget", *COMMON, "--budget", "0.05", "--match-trials", "1", "--no-tp",
+                       "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    (row,) = rows(out)
+    assert row["model"] == "resnet18" and row["error"].startswith("BudgetError: ")
+    assert "latency" in row["error"]
