@@ -134,7 +134,25 @@ class SkeletonEmitter:
 
         touched = _place_tensors(new, plan, self.aliases, hollow, private)
         _surgery(new, self.gm, plan, touched, private)
+        # the skeleton's own modules beside the full network's (see mirror_modes)
+        full = dict(self.gm.named_modules())
+        new.s2h_copies = tuple((m, full[n]) for n, m in new.named_modules()
+                               if n in full and m is not full[n])
         return new
+
+
+def mirror_modes(skeleton: nn.Module, training: bool) -> None:
+    """Put a skeleton in the full network's train/eval modes, module by module: its
+    own (copied) modules take their originals' flags; the modules it shares with the
+    full network already have them (``skeleton.train()`` would set the full network's
+    too, undoing a module the user put in eval mode). A network without that record
+    (emitted whole) is set to ``training`` throughout."""
+    copies = getattr(skeleton, "s2h_copies", None)
+    if copies is None:
+        skeleton.train(training)
+        return
+    for mine, theirs in copies:
+        mine.training = theirs.training
 
 
 Cuts = tuple[tuple[int, torch.Tensor], ...]

@@ -19,7 +19,7 @@ from torch import fx, nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from s2h_fx.passes.emit_pruned import emit_pruned, slice_tensor
+from s2h_fx.passes.emit_pruned import emit_pruned, mirror_modes, slice_tensor
 from s2h_fx.passes.plan_surgery import SurgeryPlan
 
 Cuts = tuple[tuple[int, torch.Tensor], ...]  # (axis, kept positions) per sliced axis
@@ -82,7 +82,7 @@ def run_hard(gm: fx.GraphModule, skeleton: fx.GraphModule, params: dict[str, Cut
             tensors[name] = sliced_stats[name]
         else:
             tensors[name] = slice_tensor(t, cuts)
-    skeleton.train(training)
+    mirror_modes(skeleton, training)
     out = functional_call(skeleton, tensors, args)
     if training:
         with torch.no_grad():

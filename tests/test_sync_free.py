@@ -279,3 +279,41 @@ def test_skeletons_share_code_and_leave_the_full_network_alone() -> None:
         for structure in structures[-3:]:
             pruner.set_widths(dict(zip(state.order, structure.widths)))
             assert rel_err(pruner(x), pruner.export(enforce_budget=False)(x)) < 1e-5
+
+
+class _Frozen(nn.Module):
+    """A pruned BatchNorm (b1) and one the output's channels keep whole (b2), and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 10, 3, padding=1, bias=False), nn.BatchNorm2d(10)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        return self.drop(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_hard_branch_keeps_the_full_networks_module_modes() -> None:
+    """Modules the user put in eval mode (a frozen BatchNorm, dropout off) stay so
+    through the hard branch, which shares the full network's modules, and the hard
+    branch runs them in those modes: its own copy of a pruned BatchNorm too."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    pruner = s2h_fx.prune_graph(_Frozen(), 0.5, example_inputs=(x[:2],), divisor=4).train()
+    gm = pruner.graph_module
+    gm.b1.eval(), gm.b2.eval(), gm.drop.eval()
+    kept = gm.b2.running_mean.clone()
+    _, hard_a = pruner(x)
+    _, hard_b = pruner(x)
+    assert not (gm.b1.training or gm.b2.training or gm.drop.training)
+    assert torch.equal(hard_a, hard_b)  # no dropout and no batch statistics in the hard branch
+    skeleton = pruner.state.skeleton(pruner.state.structure())
+    assert skeleton.get_submodule("b1") is not gm.b1 and not skeleton.get_submodule("b1").training
+    with torch.no_grad():
+        full_a, full_b = gm(x), gm(x)
+    assert torch.equal(full_a, full_b) and torch.equal(kept, gm.b2.running_mean)
+    gm.train()  # and back: the hard branch follows
+    pruner(x)
+    assert skeleton.get_submodule("b1").training and skeleton.get_submodule("drop").training
