@@ -26,8 +26,9 @@ def default_divisor(runtime: str | None = None, device: str = "cpu") -> int:
 LATENCY_OPTIONS = ("runtime", "batch", "threads", "device", "cache_dir", "points",
                    "landing")
 LANDING_ROUNDS = 2  # re-choices of the widths after timing the chosen network
-# a timed latency ratio this close to the budget needs no re-choice (two timings of one
-# network on a 2-core machine differ by about 0.02-0.04)
+# a timed latency ratio this far below the budget (and not above it by more than the
+# export's tolerance, S2HConfig.tolerance) needs no re-choice: two timings of one
+# network on a 2-core machine differ by about 0.02-0.04
 LANDING_TOLERANCE = 0.02
 GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full size included)
 # what an attention block prunes: each head's width (heads stay whole), or whole heads,

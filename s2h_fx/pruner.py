@@ -215,7 +215,8 @@ class Pruner(nn.Module):
                             rounds: int = 2) -> list[tuple[float, float]]:
         """Time the hard network against the dense one on the latency budget's runtime
         (``measure``, on ``x``) and, where the measured latency ratio is more than
-        ``LANDING_TOLERANCE`` from the budget, choose the one-shot widths again for
+        ``LANDING_TOLERANCE`` below the budget or above it by more than ``export``'s
+        tolerance (``S2HConfig.tolerance``), choose the one-shot widths again for
         another target, at most ``rounds`` times.
 
         The chooser drops channels in one order whatever the target (the model's
@@ -223,7 +224,8 @@ class Pruner(nn.Module):
         the next target is the last one scaled by budget / measured, or, once timed
         networks lie on both sides of the budget, interpolated between the nearest two.
         The widths kept are those whose measured ratio is nearest the budget without
-        exceeding it by more than the tolerance (else the fastest timed), and the
+        exceeding it by more than ``export``'s tolerance (else the fastest timed: see
+        below; a network kept above it would be projected away by ``export``), and the
         model is calibrated through them and the dense network
         (:func:`s2h_fx.latency.refit`): the resource loss and ``export`` then count
         what was measured. Raises :class:`BudgetError` where the smallest network the
@@ -235,7 +237,7 @@ class Pruner(nn.Module):
         model = self.cost_model
         if not isinstance(model, latency.LatencyModel):
             raise InputError("land_latency_budget is for a latency budget's model")
-        budget, tol = self.config.budget, LANDING_TOLERANCE
+        budget, below, above = self.config.budget, LANDING_TOLERANCE, self.s2h.tolerance
         prunable = self.grouping.prunable
         full = {g.index: g.size for g in prunable}
         if self.widths == full:  # the dense network itself: nothing to land
@@ -255,14 +257,14 @@ class Pruner(nn.Module):
             tried.append((target, widths, predicted, measured))
             log.info("latency budget %.3f: widths chosen for %.3f, predicted at %.3f of the "
                      "dense latency, measured at %.3f", budget, target, predicted, measured)
-            if widths == smallest and measured > budget + tol:
+            if widths == smallest and measured > budget + above:
                 raise BudgetError(
                     f"latency budget {budget:g} is out of reach as measured: the smallest "
                     f"network the groups allow (predicted at {predicted:.3f} of the dense "
                     f"latency) measured {measured:.3f} of it on the runtime. Raise the "
                     f"budget or freeze fewer channels (landing=0 in the budget keeps the "
                     f"unmeasured choice)")
-            if abs(measured - budget) <= tol or attempt == rounds:
+            if budget - below <= measured <= budget + above or attempt == rounds:
                 break
             target = min(max(_next_target(tried, budget), floor), 1.0)
             widths = (smallest if target <= floor else
@@ -271,7 +273,7 @@ class Pruner(nn.Module):
             if any(widths == t[1] for t in tried):
                 break  # the path has no network between the ones timed
         landings = tuple((p, m) for _, _, p, m in tried)
-        fits = [t for t in tried if t[3] <= budget + tol]
+        fits = [t for t in tried if t[3] <= budget + above]
         _, widths, _, measured = (min(fits, key=lambda t: abs(t[3] - budget)) if fits
                                   else min(tried, key=lambda t: t[3]))
         model = dataclasses.replace(latency.refit(model, widths, measured), landings=landings)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from s2h_fx.config import LANDING_TOLERANCE
+from s2h_fx.config import S2HConfig
 
 from helpers import load_benchmark
 
@@ -58,7 +58,7 @@ def test_budget_study(tmp_path: Path) -> None:
     # prune_graph timed the chosen network at least once (landing) and kept one whose
     # prediction, calibrated through a timed network, is within the landing tolerance
     assert len(lat["landings"]) >= 1
-    assert 0 < lat["predicted_ratio"] <= 0.85 + LANDING_TOLERANCE + 0.01
+    assert 0 < lat["predicted_ratio"] <= 0.85 + S2HConfig().tolerance + 1e-6
 
 
 def test_budget_study_trained(tmp_path: Path) -> None:
