@@ -135,7 +135,8 @@ class _Vectorised:
         coef, base, sizes, index = self._on[key]
         w = torch.stack([torch.as_tensor(widths[g], dtype=dtype, device=first.device)
                          for g in self.order])
-        r = 1 + coef @ (w - sizes)
+        # a broadcast product and a sum, not a matmul: autocast would run that in bfloat16
+        r = 1 + (coef * (w - sizes)).sum(dim=1)
         r = torch.cat([r, r.new_ones(1)])
         return self.constant + (base * r[index].prod(dim=1)).sum()
 

@@ -566,9 +566,27 @@ def trace_model(
         gm.train(was_training)
     drop_dead_code(gm.graph)  # results nobody uses are not part of the network
     gm.recompile()
+    _tensor_attributes_as_buffers(gm)
     einsums_as_matmul(gm)  # attention written with einsum: the matmul rules apply
     propagate(gm, example_inputs)
     return gm
+
+
+def _tensor_attributes_as_buffers(gm: fx.GraphModule) -> None:
+    """A tensor the graph reads that is a plain attribute of a module (neither
+    parameter nor buffer, e.g. ``self.conv.scale = torch.rand(...)``) becomes a
+    non-persistent buffer of that module in the traced copy: slicing, the hard
+    branch's tensor substitution and ``.to()`` reach parameters and buffers only.
+    The state dict is unchanged (non-persistent buffers are not in it)."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, name = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        value = owner.__dict__.get(name)
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            delattr(owner, name)
+            owner.register_buffer(name, value, persistent=False)
 
 
 def _copies(inputs: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -46,11 +46,13 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     total settles it with one read pass per tensor. A total that is not finite may
     still come from finite values whose sum overflows: only then is every element
     checked (``isfinite``, four times the memory traffic: 16 ms against 1.2 ms on a
-    ResNet-18's gradients here)."""
+    ResNet-18's gradients here). A complex tensor is checked as its real and
+    imaginary parts."""
     if not tensors:
         return True
-    sums = torch.stack([t.detach().sum(dtype=torch.promote_types(t.dtype, torch.float32))
-                        .to(torch.float64) for t in tensors])
+    reals = [torch.view_as_real(t.detach()) if t.is_complex() else t.detach() for t in tensors]
+    sums = torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32))
+                        .to(torch.float64) for t in reals])
     if bool(torch.isfinite(sums.sum())):
         return True
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())

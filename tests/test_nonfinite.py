@@ -164,3 +164,5 @@ def test_all_finite_checks_every_element(dtype: torch.dtype) -> None:
     assert not all_finite([both])
     overflow = torch.full((4,), big, dtype=dtype)  # every element finite, the sum not
     assert all_finite([overflow, -overflow]) and all_finite([overflow])
+    z = torch.tensor([1 + 1j, complex(1, math.nan)])  # a complex tensor: both parts
+    assert not all_finite([z]) and all_finite([z[:1]])

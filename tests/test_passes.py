@@ -260,3 +260,25 @@ def test_flops_model_of_tensor_widths_is_the_term_by_term_sum() -> None:
     half = {g: torch.tensor(s / 2.0) for g, s in model.sizes.items()}  # float64 widths too
     assert abs(float(model({g: v.double() for g, v in half.items()}))
                - model({g: s / 2.0 for g, s in model.sizes.items()})) < 1e-6 * model.total
+
+
+def test_flops_model_under_autocast_keeps_float32() -> None:
+    """fit's amp computes the resource loss under autocast: the vectorised FLOPs model
+    runs no op in bfloat16 there (widths that are not powers of two would round)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    pruner = s2h_fx.prune_graph(torchvision.models.mobilenet_v3_small(num_classes=10), 0.5,
+                                example_inputs=(torch.randn(1, 3, 32, 32),))
+    model = pruner.flops_model
+    assert any(s & (s - 1) for s in model.sizes.values())  # a size not a power of two
+    rng = np.random.default_rng(0)
+    widths = {g: torch.tensor(float(rng.integers(1, s + 1)), requires_grad=True)
+              for g, s in model.sizes.items()}
+    plain = model(widths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = model(widths)
+    assert cast.dtype == torch.float32 and torch.isclose(cast, plain, rtol=1e-6)
+    for a, b in zip(torch.autograd.grad(cast, list(widths.values())),
+                    torch.autograd.grad(plain, list(widths.values()))):
+        assert torch.isclose(a, b, rtol=1e-5, atol=1e-9 * model.total)

@@ -317,3 +317,37 @@ def test_hard_branch_keeps_the_full_networks_module_modes() -> None:
     gm.train()  # and back: the hard branch follows
     pruner(x)
     assert skeleton.get_submodule("b1").training and skeleton.get_submodule("drop").training
+
+
+class _PlainScale(nn.Module):
+    """A pruned conv whose output is scaled by a plain tensor attribute of the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1.scale = torch.rand(1, 16, 1, 1) + 0.5  # neither parameter nor buffer
+        self.c2 = nn.Conv2d(16, 10, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c1(x) * self.c1.scale)
+        return F.adaptive_avg_pool2d(self.c2(x), 1).flatten(1)
+
+
+def test_plain_tensor_attribute_is_sliced_in_the_hard_branch() -> None:
+    """A tensor the graph reads from a plain attribute is sliced with its channels in
+    the hard branch as in the exported network (it is a non-persistent buffer of the
+    traced copy; the user's module and the state dict are left as they were)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    model = _PlainScale()
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x[:2],), divisor=4)
+    assert "c1.scale" in pruner.plan.params and "scale" in model.c1.__dict__
+    pruner.train()
+    for _ in range(2):
+        pruner(x)
+    pruner.eval()
+    exported = pruner.export(enforce_budget=False).eval()
+    with torch.no_grad():
+        assert rel_err(pruner(x), exported(x)) < 1e-6
+    assert exported.c1.scale.shape[1] == exported.c1.out_channels < 16
+    assert "c1.scale" not in exported.state_dict()
