@@ -257,7 +257,7 @@ def _shallow_copy(m: nn.Module, cls: type | None = None) -> Any:
     """A new object of the same class (a GraphModule's class holds its compiled code),
     or of ``cls``, with the same attributes and dictionaries of parameters, buffers and
     submodules of its own."""
-    new = object.__new__(cls or type(m))
+    new: Any = object.__new__(cls or type(m))
     new.__dict__.update(m.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):
         new.__dict__[key] = type(m.__dict__[key])(m.__dict__[key])

@@ -156,7 +156,7 @@ def _on_meta(module: nn.Module) -> Iterator[None]:
     saved: list[tuple[dict[str, Any], str, torch.Tensor]] = []
     try:
         for m in module.modules():
-            stores = [m._parameters, m._buffers, vars(m)]
+            stores: list[dict[str, Any]] = [m._parameters, m._buffers, vars(m)]
             for store in stores:
                 for key, t in list(store.items()):
                     if isinstance(t, torch.Tensor) and not t.is_meta:
