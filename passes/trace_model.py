@@ -95,6 +95,9 @@ class _ValuedFxTracer(ValuedTracer, _Tracer):
     def __init__(self, plan: TracePlan, example_inputs: tuple[Any, ...]) -> None:
         _Tracer.__init__(self, plan)
         self.init_values(example_inputs)
+        # a buffer read as an attribute is a proxy (its value known): a method of it
+        # called with a size (``self.table.expand(B, -1)``) is recorded, not run
+        self.proxy_buffer_attributes = True
 
 
 class _ShapeRunFailed(Exception):

@@ -14,11 +14,16 @@ so the batch size is free wherever the code computes with it.
 
 A branch on a tensor's *data* (``if x.max() > 0:``, ``.item()`` and what is computed
 from it) is not decided: tracing stops as torch.fx's does, and the tracer's fallback
-makes that submodule a leaf.
+makes that submodule a leaf. A tensor built from sizes and constants alone
+(``torch.ones(B, N, dtype=bool)``, ``arange``, ``zeros_like(x)`` and ops on such
+tensors only; no input, parameter, buffer or random op in its history) holds the
+same values for every input of these sizes: a branch on it (``if mask.any():``) is
+decided and guarded like one on a size.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from typing import Any
@@ -28,15 +33,26 @@ from torch import fx, nn
 from torch.fx.proxy import Attribute
 from torch.utils._pytree import tree_leaves
 
-# where a Python value counts as a size: these read a tensor's shape, not its data
-_SIZE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
-_SIZE_ATTRIBUTES = frozenset({"shape", "ndim"})
+# where a Python value counts as a size: these read a tensor's shape (or its device,
+# dtype), not its data
+_SIZE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "get_device",
+                           "is_floating_point", "is_complex", "element_size"})
+_SIZE_ATTRIBUTES = frozenset({"shape", "ndim", "device", "dtype", "layout", "is_cuda"})
 # ops whose output's *shape* depends on the input's data
 _DATA_SHAPED = frozenset({
     torch.nonzero, torch.masked_select, torch.unique, torch.unique_consecutive,
     torch.argwhere, torch.repeat_interleave, "nonzero", "masked_select", "unique",
     "unique_consecutive", "argwhere", "repeat_interleave"})
 GUARD_MESSAGE = "s2h-fx traced this model for the sizes of its example inputs"
+# tensors of values fixed by sizes and constants: where a size-derived tensor starts
+_FACTORIES = frozenset({
+    torch.ones, torch.zeros, torch.full, torch.arange, torch.eye, torch.linspace,
+    torch.logspace, torch.tensor, torch.as_tensor})
+_LIKE = frozenset({torch.ones_like, torch.zeros_like, torch.full_like,
+                   "new_ones", "new_zeros", "new_full"})
+# name parts of ops whose values are random or uninitialised: never size-derived
+_NOT_FIXED = ("rand", "bernoulli", "dropout", "normal", "multinomial", "empty", "poisson",
+              "exponential", "uniform", "cauchy", "geometric")
 
 
 def _tensor_like(value: Any) -> bool:
@@ -63,6 +79,9 @@ class ValuedProxy(fx.Proxy):
         """The value, where it is a Python number computed from sizes only; else the
         TraceError torch.fx raises for ``what``."""
         value = self.tracer.value_of(self)
+        if (isinstance(value, torch.Tensor) and value.numel() == 1
+                and self.node in self.tracer.fixed):
+            value = value.item()  # a tensor of values fixed by the sizes
         if isinstance(value, (bool, int)) and not self.tracer.is_data(self):
             return value
         raise _data_error(what)
@@ -104,6 +123,22 @@ class ValuedProxy(fx.Proxy):
         return super().__iter__()
 
 
+_FACTORY_NAMES = ("ones", "zeros", "full", "empty", "arange", "eye", "linspace", "logspace",
+                  "rand", "randn", "randint")
+
+
+def _recorded(fn: Any) -> Any:
+    """``fn`` that, called with a proxy among its arguments (a size in a tuple too),
+    records a call of ``fn`` on the proxy's tracer instead."""
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return fn(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+    return factory
+
+
 def _data_error(what: str) -> fx.proxy.TraceError:
     return fx.proxy.TraceError(
         f"symbolically traced variables cannot be used as inputs to control flow "
@@ -124,6 +159,8 @@ class ValuedTracer:
         self.values: dict[fx.Node, Any] = {}
         self.data: set[fx.Node] = set()  # Python values computed from a tensor's data
         self.data_shaped: set[fx.Node] = set()  # tensors whose shape depends on data
+        self.fixed: set[fx.Node] = set()  # tensors whose values the sizes fix
+        self._fixed_ok = True  # until an in-place op may write data into one
         self.guards: list[str] = []
         self._placeholders = 0
         self._params: list[inspect.Parameter] = []
@@ -207,9 +244,9 @@ class ValuedTracer:
         finally:
             self._running = False
         self.values[node] = out
-        self._taint(node, kind, target, vargs, vkwargs, nodes, out)
+        self._taint(node, kind, target, (args, kwargs), (vargs, vkwargs), nodes, out)
 
-    def _taint(self, node: fx.Node, kind: str, target: Any, vargs: Any, vkwargs: Any,
+    def _taint(self, node: fx.Node, kind: str, target: Any, given: Any, values: Any,
                nodes: list[fx.Node], out: Any) -> None:
         """Sizes are read from shapes only: a Python value is a size where it comes from
         ``size()``/``shape``/``dim()``/``numel()`` of a tensor whose shape does not
@@ -217,6 +254,11 @@ class ValuedTracer:
         Python value computed from a tensor (``item()``, ``torch.equal``, ...) is data.
         A tensor's shape depends on data after ``nonzero``, ``unique``, a boolean mask,
         ..., and after any op on such a tensor."""
+        vargs, _ = values
+        tensor_nodes = [n for n in nodes if _tensor_like(self.values[n])]
+        raw = _has_tensor([a for a in tree_leaves(given)  # tensors not from the graph
+                           if not isinstance(a, (fx.Proxy, fx.Node))])
+        self._track_fixed(node, kind, target, nodes, tensor_nodes, raw, out)
         if _tensor_like(out):
             index = vargs[1] if kind == "call_function" and target is operator.getitem else ()
             index = index if isinstance(index, (tuple, list)) else (index,)
@@ -233,9 +275,32 @@ class ValuedTracer:
             if nodes and nodes[0] in self.data_shaped:
                 self.data.add(node)
             return
-        if (any(n in self.data or n in self.data_shaped for n in nodes)
-                or _has_tensor((vargs, vkwargs))):
+        if (any(n in self.data or n in self.data_shaped for n in nodes) or raw
+                or any(n not in self.fixed for n in tensor_nodes)):
             self.data.add(node)
+
+    def _track_fixed(self, node: fx.Node, kind: str, target: Any, nodes: list[fx.Node],
+                     tensor_nodes: list[fx.Node], raw: bool, out: Any) -> None:
+        """Whether ``node``'s tensor holds values the sizes fix: made by a factory from
+        sizes and constants, or by an op (not random) on such tensors and sizes only.
+        An in-place op or item assignment that may write other values into a tensor
+        ends the tracking for the rest of the trace (the tensor may be a view of
+        another: one written is not told apart)."""
+        name = getattr(target, "__name__", str(target))
+        in_place = target is operator.setitem or (name.endswith("_") and not name.startswith("_"))
+        clean = (self._fixed_ok and kind in ("call_function", "call_method") and not raw
+                 and not any(n in self.data or n in self.data_shaped for n in nodes)
+                 and not any(part in name for part in _NOT_FIXED))
+        if target in _LIKE:  # values from constants, shape from its input's
+            fixed = clean and bool(tensor_nodes) and tensor_nodes[0] not in self.data_shaped
+        else:
+            fixed = clean and all(n in self.fixed for n in tensor_nodes) and (
+                bool(tensor_nodes) or target in _FACTORIES)
+        if in_place and not fixed:
+            self._fixed_ok = False
+            self.fixed.clear()
+        elif fixed and _tensor_like(out):
+            self.fixed.add(node)
 
     def _placeholder_value(self, k: int) -> Any:
         """The k-th input of ``forward``: an example input, a concrete argument or the
@@ -262,6 +327,19 @@ class ValuedTracer:
             params = []
         self._params = params[1:] if is_module else params  # a module's forward: no self
         return super().create_args_for_root(root_fn, is_module, concrete_args)  # type: ignore[misc]
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """torch.fx's trace, with torch's factories (``torch.ones(B, N)``, ``arange``,
+        ...) recorded where a size argument is a proxy: their argument parsers take
+        only Python numbers there, so torch.fx cannot record them itself."""
+        saved = {name: getattr(torch, name) for name in _FACTORY_NAMES}
+        try:
+            for name, fn in saved.items():
+                setattr(torch, name, _recorded(fn))
+            return super().trace(root, concrete_args)  # type: ignore[misc]
+        finally:
+            for name, fn in saved.items():
+                setattr(torch, name, fn)
 
     # while a value is computed, modules run as themselves
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...],

@@ -315,3 +315,48 @@ def test_no_valued_trace_above_the_parameter_threshold(monkeypatch) -> None:
     monkeypatch.setattr(tm, "VALUED_TRACE_PARAMS", 100)
     trace = trace_model(model, (x,)).meta[S2H_TRACE]
     assert trace["method"] == "leaf fallback" and list(trace["leaves"]) == ["inner"]
+
+
+class FixedMask(nn.Module):
+    """A padding mask built from sizes (NaFlex style: all tokens valid on a dense grid),
+    a branch on it, and a buffer expanded to the batch."""
+
+    def __init__(self, form: str = "ones") -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.register_buffer("scale", torch.rand(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        valid = torch.ones(B, H * W, dtype=torch.bool, device=x.device)
+        if self.form == "random":  # random values are not fixed by the sizes
+            valid = torch.rand(B, H * W, device=x.device) < 2
+        elif self.form == "written":  # nor a fixed tensor the data has written into
+            valid.logical_and_(x[:, 0].flatten(1) > 0)
+        pad = ~valid
+        h = self.a(x) * self.scale.expand(B, -1)[:, :, None, None]
+        if pad.any():
+            h = h.masked_fill(pad.view(B, 1, H, W), 0.0)
+        return self.b(h).mean((2, 3))
+
+
+def test_a_branch_on_a_tensor_the_sizes_fix_is_taken_and_guarded() -> None:
+    """torch.ones(B, H * W) with sizes from the input is recorded, a branch on what is
+    computed from it alone is decided as on the example (guarded), and a buffer's
+    method called with a size is recorded: the model traces whole and prunes."""
+    x = torch.randn(2, 3, 8, 8)
+    pruner = s2h_fx.prune_graph(FixedMask().eval(), 0.5, (x,), divisor=4)
+    trace = pruner.graph_module.meta[S2H_TRACE]
+    assert trace["method"] == "fx, sizes of the example" and not trace["leaves"]
+    assert len(trace["guards"]) == 1 and "pad.any()" in trace["guards"][0]
+    exported = pruner.eval().export()
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < 1e-5
+        assert exported(torch.randn(5, 3, 6, 6)).shape == (5, 8)  # batch and size free
+
+
+@pytest.mark.parametrize("form", ["random", "written"])
+def test_a_branch_on_a_tensor_the_sizes_do_not_fix_is_not_decided(form: str) -> None:
+    with pytest.raises(TraceError, match="computed from a tensor's data"):
+        trace_model(FixedMask(form).eval(), (torch.randn(2, 3, 8, 8),))
