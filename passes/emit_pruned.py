@@ -135,8 +135,8 @@ class SkeletonEmitter:
         touched = _place_tensors(new, plan, self.aliases, hollow, private)
         _surgery(new, self.gm, plan, touched, private)
         # the skeleton's own modules beside the full network's (see mirror_modes)
-        full = dict(self.gm.named_modules())
-        new.s2h_copies = tuple((m, full[n]) for n, m in new.named_modules()
+        full = dict(self.gm.named_modules(remove_duplicate=False))  # every path of each
+        new.s2h_copies = tuple((m, full[n]) for n, m in new.named_modules(remove_duplicate=False)
                                if n in full and m is not full[n])
         return new
 

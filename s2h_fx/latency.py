@@ -38,6 +38,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from torch import fx, nn
 
 from s2h_fx.channels import S2H_LAYOUT, ChannelLayout, GroupingResult
 from s2h_fx.config import GRID_POINTS
+from s2h_fx.errors import InputError
 from s2h_fx.passes.build_flops_model import AxisSize, ids_axis_size  # noqa: I001
 from s2h_fx.passes.emit_pruned import emit_pruned
 from s2h_fx.passes.plan_surgery import plan_surgery
@@ -402,6 +404,10 @@ def measured_ratio(measure: Measure, network: nn.Module, dense: nn.Module,
                    x: torch.Tensor) -> float:
     """The latency of ``network`` over that of ``dense``, timed together (interleaved)."""
     seconds = measure.networks({"dense": dense, "network": network}, x)
+    for name, t in seconds.items():
+        if not (math.isfinite(t) and t > 0):
+            raise InputError(f"the runtime measured {t!r} seconds for the {name!r} network "
+                             f"(a latency must be a positive number)")
     return seconds["network"] / seconds["dense"]
 
 

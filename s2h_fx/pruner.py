@@ -247,50 +247,74 @@ class Pruner(nn.Module):
         smallest = {g.index: g.divisor for g in prunable}
         floor = float(model.ratio(smallest))
         scores = self._scores()
+        what = COST_NAMES[self.config.kind]
+
+        def path(target: float) -> dict[int, int]:  # the chooser's network for a target
+            return (smallest if target <= floor else
+                    choose_widths(model, self.grouping, scores, min(target, 1.0), what=what))
+
+        start = self.widths
         tried: list[tuple[float, dict[int, int], float, float]] = []  # target, widths, ...
-        target, widths = budget, self.widths
-        for attempt in range(rounds + 1):
-            self.set_widths(widths)
-            network = emit_pruned(self.graph_module, self.plan).eval()
-            predicted = float(model.ratio(widths))
-            measured = latency.measured_ratio(measure, network, dense, x)
-            tried.append((target, widths, predicted, measured))
-            log.info("latency budget %.3f: widths chosen for %.3f, predicted at %.3f of the "
-                     "dense latency, measured at %.3f", budget, target, predicted, measured)
-            if widths == smallest and measured > budget + above:
-                raise BudgetError(
-                    f"latency budget {budget:g} is out of reach as measured: the smallest "
-                    f"network the groups allow (predicted at {predicted:.3f} of the dense "
-                    f"latency) measured {measured:.3f} of it on the runtime. Raise the "
-                    f"budget or freeze fewer channels (landing=0 in the budget keeps the "
-                    f"unmeasured choice)")
-            if budget - below <= measured <= budget + above or attempt == rounds:
-                break
-            target = min(max(_next_target(tried, budget), floor), 1.0)
-            widths = (smallest if target <= floor else
-                      choose_widths(model, self.grouping, scores, target,
-                                    what=COST_NAMES[self.config.kind]))
-            if any(widths == t[1] for t in tried):
-                break  # the path has no network between the ones timed
+        target, widths = budget, start
+        try:
+            for attempt in range(rounds + 1):
+                self.set_widths(widths)
+                network = emit_pruned(self.graph_module, self.plan).eval()
+                predicted = float(model.ratio(widths))
+                measured = latency.measured_ratio(measure, network, dense, x)
+                tried.append((target, widths, predicted, measured))
+                log.info("latency budget %.3f: widths chosen for %.3f, predicted at %.3f of "
+                         "the dense latency, measured at %.3f", budget, target, predicted,
+                         measured)
+                if widths == smallest and measured > budget + above:
+                    raise BudgetError(
+                        f"latency budget {budget:g} is out of reach as measured: the "
+                        f"smallest network the groups allow (predicted at {predicted:.3f} of "
+                        f"the dense latency) measured {measured:.3f} of it on the runtime. "
+                        f"Raise the budget or freeze fewer channels (landing=0 in the budget "
+                        f"keeps the unmeasured choice)")
+                if budget - below <= measured <= budget + above or attempt == rounds:
+                    break
+                target = max(_next_target(tried, budget), floor)
+                widths = path(target)
+                if any(widths == t[1] for t in tried):  # step along the path past it,
+                    up, gap = measured < budget, 1e-3  # not past a network timed beyond
+                    far = [t[2] for t in tried if (t[3] > budget if up else t[3] < budget)]
+                    bound = (min(far) if up else max(far)) if far else (1.0 if up else floor)
+                    while any(widths == t[1] for t in tried) and gap < 1:
+                        target = predicted + gap if up else predicted - gap
+                        if (target >= bound) if up else (target <= bound):
+                            break
+                        widths, gap = path(target), gap * 2
+                    if any(widths == t[1] for t in tried):
+                        break  # no untimed network between
+        except BaseException:
+            self.set_widths(start)  # as before landing: the model was not changed either
+            raise
         landings = tuple((p, m) for _, _, p, m in tried)
         fits = [t for t in tried if t[3] <= budget + above]
         _, widths, _, measured = (min(fits, key=lambda t: abs(t[3] - budget)) if fits
                                   else min(tried, key=lambda t: t[3]))
-        model = dataclasses.replace(latency.refit(model, widths, measured), landings=landings)
+        refitted = latency.refit(model, widths, measured)
         if not fits:  # calibrated through the fastest timed: its choice, not timed
+            out_of_reach = (f"latency budget {budget:g} is out of reach as measured: the "
+                            f"fastest network timed measured {measured:.3f} of the dense "
+                            f"latency")
+            if refitted is model:  # no rising line: nothing says a smaller one is faster
+                self.set_widths(start)
+                raise BudgetError(f"{out_of_reach} (landing=0 in the budget keeps the "
+                                  f"unmeasured choice)")
             try:
-                widths = choose_widths(model, self.grouping, scores, budget,
-                                       what=COST_NAMES[self.config.kind])
+                widths = choose_widths(refitted, self.grouping, scores, budget, what=what)
             except BudgetError as exc:
+                self.set_widths(start)
                 raise BudgetError(
-                    f"latency budget {budget:g} is out of reach as measured: the fastest "
-                    f"network timed measured {measured:.3f} of the dense latency, and with "
-                    f"the latency model calibrated through it, {exc} (landing=0 in the "
-                    f"budget keeps the unmeasured choice)") from exc
+                    f"{out_of_reach}, and with the latency model calibrated through it, {exc} "
+                    f"(landing=0 in the budget keeps the unmeasured choice)") from exc
             log.warning("latency budget %.3f: no network timed fits it (the fastest "
                         "measured %.3f of the dense latency); widths chosen again with the "
                         "model calibrated through that one, not timed", budget, measured)
-        self.cost_model = model
+        self.cost_model = dataclasses.replace(refitted, landings=landings)
         self.set_widths(widths)
         return list(landings)
 
@@ -648,14 +672,27 @@ class Pruner(nn.Module):
     # ---- state -------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
         sel = self.state.selection()
-        return {"mask_optimizer": self.mask_optimizer.state_dict(),
-                "skipped_steps": self.skipped_steps,
-                "widths": sel.widths,
-                "keep": {g: k.tolist() for g, k in sel.keep.items()}}
+        out = {"mask_optimizer": self.mask_optimizer.state_dict(),
+               "skipped_steps": self.skipped_steps,
+               "widths": sel.widths,
+               "keep": {g: k.tolist() for g, k in sel.keep.items()}}
+        if hasattr(self.cost_model, "landings"):  # a latency model's calibration
+            m = self.cost_model
+            out["latency_calibration"] = {"constant": m.constant, "scale": m.scale,
+                                          "landings": [list(t) for t in m.landings]}
+        return out
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        saved = state.get("latency_calibration")
+        if saved is not None and hasattr(self.cost_model, "landings"):
+            # the calibration training counted (timings of a new build differ): the
+            # resource loss and export go on with it
+            self.cost_model = dataclasses.replace(
+                self.cost_model, constant=float(saved["constant"]),
+                scale=float(saved["scale"]),
+                landings=tuple(tuple(t) for t in saved["landings"]))
         self._loaded = state  # checked against the loaded masks by load_state_dict
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:

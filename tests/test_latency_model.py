@@ -16,7 +16,7 @@ from torch import nn
 
 import s2h_fx
 from s2h_fx.config import PruneConfig
-from s2h_fx.errors import BudgetError
+from s2h_fx.errors import BudgetError, InputError
 from s2h_fx.latency import (
     CALIBRATION,
     LatencyModel,
@@ -437,6 +437,90 @@ def test_landing_keeps_no_network_that_export_would_project_away(tmp_path: Path)
     kept = dict(pruner.widths)
     pruner.export()
     assert pruner.widths == kept
+
+
+def test_every_network_timed_at_the_dense_latency_is_out_of_reach(tmp_path: Path) -> None:
+    """Timings at or above the dense network's give the model no line to recalibrate
+    through: an error, not the first network kept over budget."""
+    spec = {"latency": 0.5, "runtime": "eager", "cache_dir": str(tmp_path)}
+    with pytest.raises(BudgetError, match="out of reach as measured: the fastest .* 1.000"):
+        s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
+                           latency_measure=SlowChosenMeasure(1.0))
+
+
+class Along(CurvedMeasure):
+    """A chosen network measures 0.455 + 0.8 * (prediction - 0.445) of the dense one
+    under ``model``: rising with the prediction, 0.010 above it at 0.445."""
+
+    def __init__(self, model: LatencyModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def networks(self, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
+        seconds = super().networks(modules, x)
+        if "network" in modules:
+            net = modules["network"]
+            widths = {0: net.a.out_channels, 1: net.b.out_channels, 2: net.c.out_channels}
+            predicted = float(self.model.ratio(widths))
+            seconds["network"] = seconds["dense"] * (0.455 + 0.8 * (predicted - 0.445))
+        return seconds
+
+
+def test_landing_steps_to_the_next_network_on_the_path(tmp_path: Path) -> None:
+    """The first network measures below the band and the scaled target gives it back:
+    the next network up the chooser's path is timed (it lands) instead of stopping."""
+    spec = {"latency": 0.5, "runtime": "eager", "cache_dir": str(tmp_path)}
+    torch.manual_seed(0)
+    model = s2h_fx.prune_graph(WideChain().eval(), {**spec, "landing": 0},
+                               example_inputs=(X,), latency_measure=CurvedMeasure()).cost_model
+    torch.manual_seed(0)
+    pruner = s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
+                                latency_measure=Along(model))
+    measured = [m for _, m in pruner.cost_model.landings]
+    assert measured[0] < 0.48 and len(measured) >= 2
+    assert 0.48 <= float(pruner.cost_ratio()) <= 0.5 + pruner.s2h.tolerance
+
+
+def test_a_resumed_run_keeps_the_calibration_training_used(tmp_path: Path) -> None:
+    """The latency model's calibration (through the landed network) is saved with the
+    pruner's state and restored on load: a rebuild whose timings drift gives the
+    trained widths the same cost."""
+    def build(drift: float) -> s2h_fx.Pruner:
+        torch.manual_seed(0)
+        return s2h_fx.prune_graph(WideChain().eval(), {"latency": 0.5, "runtime": "eager",
+                                                       "cache_dir": str(tmp_path)},
+                                  example_inputs=(X,), latency_measure=SlowChosenMeasure(drift))
+    first, later = build(0.49), build(0.47)
+    assert later.cost_model.scale != first.cost_model.scale
+    later.load_state_dict(first.state_dict())
+    for key in ("constant", "scale", "landings"):
+        assert getattr(later.cost_model, key) == getattr(first.cost_model, key)
+    assert float(later.cost_ratio()) == pytest.approx(float(first.cost_ratio()))
+
+
+def test_landing_with_a_failing_runtime_leaves_the_widths(tmp_path: Path) -> None:
+    """A runtime that reports no time is an error naming it; one that raises part way
+    leaves the pruner at its widths and model from before landing."""
+    torch.manual_seed(0)
+    pruner = s2h_fx.prune_graph(WideChain().eval(), {"latency": 0.5, "runtime": "eager",
+                                                     "cache_dir": str(tmp_path), "landing": 0},
+                                example_inputs=(X,), latency_measure=CurvedMeasure())
+    with pytest.raises(InputError, match="measured 0.0 seconds"):
+        pruner.land_latency_budget(SlowChosenMeasure(0.0), X)
+
+    class Crashing(CurvedMeasure):
+        calls = 0
+
+        def networks(self, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
+            Crashing.calls += 1
+            if Crashing.calls > 1:
+                raise RuntimeError("runtime crashed")
+            return {"dense": 1.0, "network": 0.7}  # far off: a second choice follows
+
+    before, model = dict(pruner.widths), pruner.cost_model
+    with pytest.raises(RuntimeError, match="runtime crashed"):
+        pruner.land_latency_budget(Crashing(), X)
+    assert pruner.widths == before and pruner.cost_model is model
 
 
 def test_landing_option_is_checked() -> None:
