@@ -30,6 +30,9 @@ LANDING_ROUNDS = 2  # re-choices of the widths after timing the chosen network
 # export's tolerance, S2HConfig.tolerance) needs no re-choice: two timings of one
 # network on a 2-core machine differ by about 0.02-0.04
 LANDING_TOLERANCE = 0.02
+# fit recalibrates a latency model through the trained network where its predicted
+# ratio is this close to the budget (the descent is over)
+RECALIBRATE_NEAR = 0.05
 GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full size included)
 # what an attention block prunes: each head's width (heads stay whole), or whole heads,
 # or (auto) the width unless whole heads leave more channels prunable

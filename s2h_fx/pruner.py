@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from s2h_fx.channels import GroupingResult
-from s2h_fx.config import LANDING_TOLERANCE, PruneConfig, S2HConfig
+from s2h_fx.config import LANDING_TOLERANCE, RECALIBRATE_NEAR, PruneConfig, S2HConfig
 from s2h_fx.copying import BufferSnapshot
 from s2h_fx.cost import (
     COST_NAMES,
@@ -140,8 +140,9 @@ def prune_graph(
         gm = insert_masks(gm, grouping)
         pruner = Pruner(gm, grouping, flops, prune_config, config or S2HConfig(), cost)
     if prune_config.kind == "latency" and prune_config.landing:
-        pruner.land_latency_budget(measure, latency_input(prune_config, tuple(example_inputs)),
-                                   prune_config.landing)
+        x = latency_input(prune_config, tuple(example_inputs))
+        pruner.land_latency_budget(measure, x, prune_config.landing)
+        pruner.latency_probe = (measure, x)  # fit times the trained network too
     pruner.train(model.training)
     return pruner
 
@@ -205,6 +206,9 @@ class Pruner(nn.Module):
         self.skipped_steps = 0
         self._target: float | None = None
         self._loaded: dict[str, Any] | None = None
+        # (measure, input) of a latency budget's runtime where prune_graph landed it:
+        # recalibrate_latency times the hard network with them
+        self.latency_probe: tuple[Any, torch.Tensor] | None = None
         scores = self.update_importance()
         widths = choose_widths(self.cost_model, grouping,
                                {g: s.cpu().numpy() for g, s in scores.items()}, config.budget,
@@ -242,8 +246,7 @@ class Pruner(nn.Module):
         full = {g.index: g.size for g in prunable}
         if self.widths == full:  # the dense network itself: nothing to land
             return []
-        dense = emit_pruned(self.graph_module, plan_surgery(
-            self.graph_module, self.grouping, latency.first_atoms(self.grouping, full))).eval()
+        dense = self._dense_network()
         smallest = {g.index: g.divisor for g in prunable}
         floor = float(model.ratio(smallest))
         scores = self._scores()
@@ -317,6 +320,43 @@ class Pruner(nn.Module):
         self.cost_model = dataclasses.replace(refitted, landings=landings)
         self.set_widths(widths)
         return list(landings)
+
+    def _dense_network(self) -> fx.GraphModule:
+        from s2h_fx import latency
+
+        full = {g.index: g.size for g in self.grouping.prunable}
+        return emit_pruned(self.graph_module, plan_surgery(
+            self.graph_module, self.grouping, latency.first_atoms(self.grouping, full))).eval()
+
+    def recalibrate_latency(self, near: float = RECALIBRATE_NEAR) -> float | None:
+        """Time the hard network against the dense one on the latency budget's runtime
+        and calibrate the latency model again through it (:func:`s2h_fx.latency.refit`),
+        where its predicted ratio is within ``near`` of the budget (a line through a
+        network far from the budget predicts less well at it). S2H training moves the
+        widths away from the network landing timed; ``fit`` calls this after each
+        search epoch so that the resource loss, ``project()`` before the settling
+        epochs and ``export`` count what the trained network measures. Returns the
+        measured ratio, or None where nothing was timed (no latency budget landed by
+        ``prune_graph``, or the network far from the budget)."""
+        from s2h_fx import latency
+
+        model = self.cost_model
+        if self.latency_probe is None or not isinstance(model, latency.LatencyModel):
+            return None
+        widths = self.widths
+        predicted = float(model.ratio(widths))
+        if abs(predicted - self.config.budget) > near:
+            return None
+        measure, x = self.latency_probe
+        network = emit_pruned(self.graph_module, self.plan).eval()
+        measured = latency.measured_ratio(measure, network, self._dense_network(), x)
+        self.cost_model = dataclasses.replace(
+            latency.refit(model, widths, measured),
+            landings=model.landings + ((predicted, measured),))
+        log.info("latency budget %.3f: the hard network, predicted at %.3f of the dense "
+                 "latency, measured at %.3f; the model is calibrated through it",
+                 self.config.budget, predicted, measured)
+        return measured
 
     def _scores(self) -> dict[int, np.ndarray]:
         return {g: s.cpu().numpy() for g, s in self.importance.scores(self.graph_module).items()}

@@ -381,6 +381,9 @@ def _run_epochs(loop: Loop, pruner: Pruner, steps: tuple[Any, Any, Any], epochs:
             sums = loop.run_epoch(settling, f"S2H epoch {n}/{epochs} (settling)", _postfix)
         else:
             sums = loop.run_epoch(s2h, f"S2H epoch {n}/{epochs}", _postfix)
+            # a latency budget: the model calibrated through the network trained so
+            # far (before the epoch's checkpoint, which saves the calibration)
+            pruner.recalibrate_latency()
         record = _record(pruner, sums, n, val_loader, dev)
         record.settling = n > epochs - settle
         loop.end_epoch(record.to_dict())

@@ -523,6 +523,43 @@ def test_landing_with_a_failing_runtime_leaves_the_widths(tmp_path: Path) -> Non
     assert pruner.widths == before and pruner.cost_model is model
 
 
+def test_fit_recalibrates_the_latency_model_through_the_trained_network(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recalibrate_latency times the hard network and puts the model through it (near
+    the budget; nothing where prune_graph did not land); fit calls it after each
+    search epoch, so the resource loss, project() and export count what the trained
+    network measures."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    spec = {"latency": 0.5, "runtime": "eager", "cache_dir": str(tmp_path)}
+    torch.manual_seed(0)
+    pruner = s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
+                                latency_measure=CurvedMeasure())
+    moved = [{**pruner.widths, g: w + d} for g, w in pruner.widths.items() for d in (-8, 8)
+             if 8 <= w + d <= pruner.grouping.groups[g].size]
+    near = [w for w in moved if abs(float(pruner.cost_model.ratio(w)) - 0.5) <= 0.05]
+    pruner.set_widths(near[0])  # one group a step away, as training moves them
+    landed = pruner.cost_model.landings
+    measured = pruner.recalibrate_latency()
+    assert measured is not None and pruner.cost_model.landings[:len(landed)] == landed
+    assert pruner.cost_model.landings[-1][1] == measured
+    assert float(pruner.cost_ratio()) == pytest.approx(measured, rel=1e-9)
+    assert pruner.recalibrate_latency(near=0.0) is None  # far from the budget: not timed
+    torch.manual_seed(0)
+    quiet = s2h_fx.prune_graph(WideChain().eval(), {**spec, "landing": 0},
+                               example_inputs=(X,), latency_measure=CurvedMeasure())
+    assert quiet.recalibrate_latency() is None
+
+    calls: list[int] = []
+    monkeypatch.setattr(pruner, "recalibrate_latency", lambda: calls.append(1))
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 8, 8, generator=g),
+                         torch.randint(0, 10, (8,), generator=g))
+    pruner.fit(DataLoader(data, batch_size=4), epochs=5, progress=False)
+    search, settle = 5 - pruner.s2h.phases(5)[1], pruner.s2h.phases(5)[1]
+    assert len(calls) == search and settle > 0
+
+
 def test_landing_option_is_checked() -> None:
     with pytest.raises(BudgetError, match="landing must be an integer >= 0"):
         PruneConfig({"latency": 0.5, "runtime": "eager", "landing": -1})
