@@ -225,17 +225,22 @@ class Pruner(nn.Module):
 
         The chooser drops channels in one order whatever the target (the model's
         calibration scales every saving alike), so this is a search along one path:
-        the next target is the last one scaled by budget / measured, or, once timed
-        networks lie on both sides of the budget, interpolated between the nearest two.
-        The widths kept are those whose measured ratio is nearest the budget without
-        exceeding it by more than ``export``'s tolerance (else the fastest timed: see
-        below; a network kept above it would be projected away by ``export``), and the
-        model is calibrated through them and the dense network
-        (:func:`s2h_fx.latency.refit`): the resource loss and ``export`` then count
-        what was measured. Raises :class:`BudgetError` where the smallest network the
-        groups allow, timed, still measures above the budget (out of reach on this
-        runtime: per-call overheads, frozen layers). Returns ``(predicted, measured)``
-        per timing (also kept in ``cost_model.landings``)."""
+        the next target is the last prediction scaled by budget / measured, or, once
+        timed networks lie on both sides of the budget, interpolated between the
+        nearest two; a target that gives back a network already timed steps along the
+        path to the next untimed one (never past one timed on the far side). The widths
+        kept are those whose measured ratio is nearest the budget without exceeding it
+        by more than ``export``'s tolerance (a network kept above it would be projected
+        away by ``export``), and the model is calibrated through them and the dense
+        network (:func:`s2h_fx.latency.refit`): the resource loss and ``export`` then
+        count what was measured. Where no network timed fits, the widths are chosen
+        once more (not timed) with the model calibrated through the fastest one.
+        Raises :class:`BudgetError` where the budget is out of reach as measured: the
+        smallest network the groups allow measures above it, every timing is at or
+        above the dense latency, or the model calibrated through the fastest allows
+        no network within it (per-call overheads, frozen layers); the widths are then
+        those from before, as they are when ``measure`` raises. Returns ``(predicted,
+        measured)`` per timing (also kept in ``cost_model.landings``)."""
         from s2h_fx import latency
 
         model = self.cost_model
