@@ -255,7 +255,7 @@ class ValuedTracer:
         A tensor's shape depends on data after ``nonzero``, ``unique``, a boolean mask,
         ..., and after any op on such a tensor."""
         vargs, _ = values
-        tensor_nodes = [n for n in nodes if _tensor_like(self.values[n])]
+        tensor_nodes = [n for n in nodes if _has_tensor(self.values[n])]  # dicts too
         raw = _has_tensor([a for a in tree_leaves(given)  # tensors not from the graph
                            if not isinstance(a, (fx.Proxy, fx.Node))])
         self._track_fixed(node, kind, target, nodes, tensor_nodes, raw, out)
