@@ -50,8 +50,9 @@ class PruneConfig:
     ``device``, default ``"cpu"``; ``cache_dir`` of the latency tables, default
     ``~/.cache/s2h-fx``; ``points``, grid points per axis of a layer's latency table,
     default 4; ``landing``, how many times the widths may be chosen again after the
-    chosen network is timed against the dense one, default 2, 0 for none: see
-    :meth:`s2h_fx.Pruner.land_latency_budget`). After validation ``budget`` is the
+    chosen network is timed against the dense one, default 2, 0 for none, and then
+    ``fit`` does not time the trained network either: see
+    :meth:`s2h_fx.Pruner.land_latency_budget`, :meth:`s2h_fx.Pruner.recalibrate_latency`). After validation ``budget`` is the
     fraction (a float) and ``kind``, ``runtime``, ``batch``, ``threads``, ``device``,
     ``cache_dir``, ``points``, ``landing`` hold the rest.
 

@@ -191,7 +191,8 @@ class LatencyModel:
     scale: float = 1.0
     # (uniform width fraction, measured seconds, model seconds) of the calibration networks
     calibration: tuple[tuple[float, float, float], ...] = ()
-    # (predicted ratio, measured ratio) of each chosen network timed by land_budget
+    # (predicted ratio, measured ratio) of each network timed by Pruner.land_latency_budget
+    # and Pruner.recalibrate_latency, in order
     landings: tuple[tuple[float, float], ...] = ()
 
     @property
