@@ -721,8 +721,8 @@ class Pruner(nn.Module):
                "skipped_steps": self.skipped_steps,
                "widths": sel.widths,
                "keep": {g: k.tolist() for g, k in sel.keep.items()}}
-        if hasattr(self.cost_model, "landings"):  # a latency model's calibration
-            m = self.cost_model
+        m: Any = self.cost_model
+        if hasattr(m, "landings"):  # a latency model's calibration
             out["latency_calibration"] = {"constant": m.constant, "scale": m.scale,
                                           "landings": [list(t) for t in m.landings]}
         return out
@@ -730,12 +730,12 @@ class Pruner(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.mask_optimizer.load_state_dict(state["mask_optimizer"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        saved = state.get("latency_calibration")
-        if saved is not None and hasattr(self.cost_model, "landings"):
+        saved, model = state.get("latency_calibration"), self.cost_model
+        if saved is not None and hasattr(model, "landings"):
             # the calibration training counted (timings of a new build differ): the
             # resource loss and export go on with it
             self.cost_model = dataclasses.replace(
-                self.cost_model, constant=float(saved["constant"]),
+                cast(Any, model), constant=float(saved["constant"]),
                 scale=float(saved["scale"]),
                 landings=tuple(tuple(t) for t in saved["landings"]))
         self._loaded = state  # checked against the loaded masks by load_state_dict
