@@ -15,10 +15,11 @@ so the batch size is free wherever the code computes with it.
 A branch on a tensor's *data* (``if x.max() > 0:``, ``.item()`` and what is computed
 from it) is not decided: tracing stops as torch.fx's does, and the tracer's fallback
 makes that submodule a leaf. A tensor built from sizes and constants alone
-(``torch.ones(B, N, dtype=bool)``, ``arange``, ``zeros_like(x)`` and ops on such
-tensors only; no input, parameter, buffer or random op in its history) holds the
-same values for every input of these sizes: a branch on it (``if mask.any():``) is
-decided and guarded like one on a size.
+(``torch.ones(B, N, dtype=bool)``, ``arange``, ``zeros_like(x)``, the model's
+buffers, and ops on such tensors only; no input, parameter or random op in its
+history) holds the same values for every input of these sizes: a branch on it
+(``if mask.any():``) is decided and guarded like one on a size (a buffer changed
+later then stops the graph at the guard instead of taking another branch).
 """
 
 from __future__ import annotations
@@ -227,6 +228,10 @@ class ValuedTracer:
             finally:
                 self._running = False
             self.values[node] = obj
+            if isinstance(obj, torch.Tensor) and not isinstance(obj, nn.Parameter):
+                # a buffer: a constant of the model (a branch on it is guarded, so one
+                # changed later stops the graph instead of taking another branch)
+                self.fixed.add(node)
             return
         vargs = fx.node.map_aggregate(args, value)
         vkwargs = fx.node.map_aggregate(kwargs, value)

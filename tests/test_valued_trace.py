@@ -360,3 +360,37 @@ def test_a_branch_on_a_tensor_the_sizes_fix_is_taken_and_guarded() -> None:
 def test_a_branch_on_a_tensor_the_sizes_do_not_fix_is_not_decided(form: str) -> None:
     with pytest.raises(TraceError, match="computed from a tensor's data"):
         trace_model(FixedMask(form).eval(), (torch.randn(2, 3, 8, 8),))
+
+
+class BufferFlag(nn.Module):
+    """A branch on a size (the valued trace runs) and one on a buffer's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.register_buffer("scaled", torch.tensor(True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.shape[-1] % 2:
+            h = F.pad(h, (0, 1, 0, 1))
+        if self.scaled:
+            h = h * 2
+        return self.b(h).mean((2, 3))
+
+
+def test_a_branch_on_a_buffer_is_decided_and_guarded() -> None:
+    """A buffer is a constant of the model: the branch on it is taken as it is and
+    guarded, so the model traces whole; a buffer changed after tracing stops the
+    graph at that guard instead of computing the other branch."""
+    x = torch.randn(2, 3, 7, 7)
+    pruner = s2h_fx.prune_graph(BufferFlag().eval(), 0.5, (x,), divisor=4)
+    trace = pruner.graph_module.meta[S2H_TRACE]
+    assert trace["method"] == "fx, sizes of the example" and not trace["leaves"]
+    assert any("self.scaled" in g for g in trace["guards"])
+    exported = pruner.eval().export()
+    with torch.no_grad():
+        assert rel_err(exported(x), pruner(x)) < 1e-5
+        exported.scaled.fill_(False)
+        with pytest.raises(AssertionError, match="another branch at .*self.scaled"):
+            exported(x)
