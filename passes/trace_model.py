@@ -635,6 +635,9 @@ def _writes_in_place(node: fx.Node) -> bool:
 # 0.144, convnext_tiny 0.094 / 0.161, vit_b_16 0.122 / 0.473; below it
 # mobilenet_v3_large (5.5M) 0.114 / 0.049, efficientnet_b0 (5.3M) 0.089 / 0.060.
 META_PROPAGATION_PARAMS = 10_000_000
+# (A graph holding an RNN (nn.LSTM, nn.GRU, ...) runs for real: on the CPU their fused
+# kernels count no FLOPs, on meta tensors they decompose into counted matrix products,
+# and the two counts must agree with what flop_counter says of the exported network.)
 
 
 @torch.no_grad()
@@ -653,7 +656,8 @@ def propagate(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> fx.GraphMo
         # a leaf nn.MultiheadAttention's FLOPs counted in full
         with counted_paths(), buffers_kept(gm):
             meta = (sum(p.numel() for p in gm.parameters()) >= META_PROPAGATION_PARAMS
-                    and graph_is_fake_safe(gm, example_inputs))
+                    and graph_is_fake_safe(gm, example_inputs)
+                    and not any(isinstance(m, nn.RNNBase) for m in gm.modules()))
             try:
                 _FlopShapeProp(gm, meta=meta).propagate(*example_inputs)
                 if meta and holds_meta(gm):  # something kept one: a real run writes over it

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import s2h_fx.observe as observe
 from s2h_fx.channels import S2H_FLOPS, S2H_VALUE
@@ -225,3 +226,27 @@ def test_meta_propagation_leaves_no_meta_tensor_behind(monkeypatch: pytest.Monke
     assert not trace_pass.holds_meta(gm)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.rnn = nn.Linear(8, 16), nn.LSTM(16, 16, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(self.a(x))[0]
+
+
+def test_a_graph_with_an_rnn_propagates_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An LSTM counts no FLOPs on the CPU (its fused kernel has no formula) and counts
+    its matrix products on meta tensors: such a graph runs for real, so the FLOPs
+    model counts what flop_counter says of the exported network (timm's sequencer2d
+    had its frozen LSTMs counted at 0.51 of its FLOPs: a BudgetError at 0.5)."""
+    monkeypatch.setattr(trace_pass, "META_PROPAGATION_PARAMS", 0)
+    x = torch.randn(2, 5, 8)
+    gm = trace_model(_Recurrent().eval(), (x,))
+    counted = {n.name: n.meta.get(S2H_FLOPS) for n in gm.graph.nodes if n.op == "call_module"}
+    assert counted["rnn"] == 0 and counted["a"] > 0
+    with FlopCounterMode(display=False) as real:
+        _Recurrent()(x)
+    assert sum(counted.values()) == real.get_total_flops()
