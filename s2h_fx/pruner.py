@@ -147,6 +147,10 @@ def prune_graph(
     return pruner
 
 
+# the end of each out-of-reach message of landing
+_UNMEASURED = " (landing=0 in the budget keeps the unmeasured choice)"
+
+
 def _next_target(tried: list[tuple[float, Any, float, float]], budget: float) -> float:
     """The chooser's next target, from (target, widths, predicted, measured) of the
     networks timed, in the model's predicted ratio (the chooser stops at or just below
@@ -264,12 +268,10 @@ class Pruner(nn.Module):
         start = self.widths
         tried: list[tuple[float, dict[int, int], float, float]] = []  # target, widths, ...
         target, widths = budget, start
-        try:
+        try:  # any way out but the end: the widths as before (the model is not changed)
             for attempt in range(rounds + 1):
                 self.set_widths(widths)
-                network = emit_pruned(self.graph_module, self.plan).eval()
-                predicted = float(model.ratio(widths))
-                measured = latency.measured_ratio(measure, network, dense, x)
+                predicted, measured = self._time_hard(measure, x, dense)
                 tried.append((target, widths, predicted, measured))
                 log.info("latency budget %.3f: widths chosen for %.3f, predicted at %.3f of "
                          "the dense latency, measured at %.3f", budget, target, predicted,
@@ -279,8 +281,7 @@ class Pruner(nn.Module):
                         f"latency budget {budget:g} is out of reach as measured: the "
                         f"smallest network the groups allow (predicted at {predicted:.3f} of "
                         f"the dense latency) measured {measured:.3f} of it on the runtime. "
-                        f"Raise the budget or freeze fewer channels (landing=0 in the budget "
-                        f"keeps the unmeasured choice)")
+                        f"Raise the budget or freeze fewer channels{_UNMEASURED}")
                 if budget - below <= measured <= budget + above or attempt == rounds:
                     break
                 target = max(_next_target(tried, budget), floor)
@@ -296,35 +297,40 @@ class Pruner(nn.Module):
                         widths, gap = path(target), gap * 2
                     if any(widths == t[1] for t in tried):
                         break  # no untimed network between
+            fits = [t for t in tried if t[3] <= budget + above]
+            _, widths, _, measured = (min(fits, key=lambda t: abs(t[3] - budget)) if fits
+                                      else min(tried, key=lambda t: t[3]))
+            refitted = latency.refit(model, widths, measured)
+            if not fits:  # calibrated through the fastest timed: its choice, not timed
+                out_of_reach = (f"latency budget {budget:g} is out of reach as measured: the "
+                                f"fastest network timed measured {measured:.3f} of the dense "
+                                f"latency")
+                if refitted is model:  # no rising line: nothing says a smaller one is faster
+                    raise BudgetError(out_of_reach + _UNMEASURED)
+                try:
+                    widths = choose_widths(refitted, self.grouping, scores, budget, what=what)
+                except BudgetError as exc:
+                    raise BudgetError(f"{out_of_reach}, and with the latency model calibrated "
+                                      f"through it, {exc}{_UNMEASURED}") from exc
+                log.warning("latency budget %.3f: no network timed fits it (the fastest "
+                            "measured %.3f of the dense latency); widths chosen again with "
+                            "the model calibrated through that one, not timed", budget,
+                            measured)
         except BaseException:
-            self.set_widths(start)  # as before landing: the model was not changed either
+            self.set_widths(start)
             raise
         landings = tuple((p, m) for _, _, p, m in tried)
-        fits = [t for t in tried if t[3] <= budget + above]
-        _, widths, _, measured = (min(fits, key=lambda t: abs(t[3] - budget)) if fits
-                                  else min(tried, key=lambda t: t[3]))
-        refitted = latency.refit(model, widths, measured)
-        if not fits:  # calibrated through the fastest timed: its choice, not timed
-            out_of_reach = (f"latency budget {budget:g} is out of reach as measured: the "
-                            f"fastest network timed measured {measured:.3f} of the dense "
-                            f"latency")
-            if refitted is model:  # no rising line: nothing says a smaller one is faster
-                self.set_widths(start)
-                raise BudgetError(f"{out_of_reach} (landing=0 in the budget keeps the "
-                                  f"unmeasured choice)")
-            try:
-                widths = choose_widths(refitted, self.grouping, scores, budget, what=what)
-            except BudgetError as exc:
-                self.set_widths(start)
-                raise BudgetError(
-                    f"{out_of_reach}, and with the latency model calibrated through it, {exc} "
-                    f"(landing=0 in the budget keeps the unmeasured choice)") from exc
-            log.warning("latency budget %.3f: no network timed fits it (the fastest "
-                        "measured %.3f of the dense latency); widths chosen again with the "
-                        "model calibrated through that one, not timed", budget, measured)
         self.cost_model = dataclasses.replace(refitted, landings=landings)
         self.set_widths(widths)
         return list(landings)
+
+    def _time_hard(self, measure: Any, x: torch.Tensor, dense: nn.Module) -> tuple[float, float]:
+        """(predicted, measured) latency ratio of the hard network to ``dense``."""
+        from s2h_fx import latency
+
+        network = emit_pruned(self.graph_module, self.plan).eval()
+        return (float(self.cost_model.ratio(self.widths)),
+                latency.measured_ratio(measure, network, dense, x))
 
     def _dense_network(self) -> fx.GraphModule:
         from s2h_fx import latency
@@ -353,8 +359,7 @@ class Pruner(nn.Module):
         if abs(predicted - self.config.budget) > near:
             return None
         measure, x = self.latency_probe
-        network = emit_pruned(self.graph_module, self.plan).eval()
-        measured = latency.measured_ratio(measure, network, self._dense_network(), x)
+        _, measured = self._time_hard(measure, x, self._dense_network())
         self.cost_model = dataclasses.replace(
             latency.refit(model, widths, measured),
             landings=model.landings + ((predicted, measured),))
