@@ -122,6 +122,8 @@ def sample_models() -> list[str]:
 
 ATTN_LINEARS = {"q", "k", "v", "qkv", "kv", "qk", "proj", "q_proj", "k_proj", "v_proj",
                 "o_proj", "out_proj", "in_proj"}
+# a projection wrapped by the role it plays (timm's MultiQueryAttention2d: attn.query.proj)
+ATTN_ROLES = {"query", "key", "value", "output"}
 _ATTN_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
 # a producer's output channels: "blocks.0.attn.qkv:out" (a module), or a parameter's
 # axis 0 where the graph reads the weight itself ("...weight[0]", "...in_proj_weight[0]")
@@ -130,7 +132,8 @@ _MEMBER = re.compile(r"^(?P<path>.+?)(?::out|\.(?P<param>weight|in_proj_weight)\
 
 def is_attention_output(member: str, gm: nn.Module) -> bool:
     """``member`` ("blocks.0.attn.qkv:out", "...qkv.weight[0]") is the output channels of a q/k/v/qkv/proj
-    linear whose parent is an attention module (by class or attribute name), or of an
+    linear whose parent is an attention module (by class or attribute name; a ``proj``
+    inside ``query``/``key``/``value``/``output`` looks one level higher), or of an
     ``nn.MultiheadAttention``'s packed input projection."""
     m = _MEMBER.match(member)
     if m is None:
@@ -139,7 +142,9 @@ def is_attention_output(member: str, gm: nn.Module) -> bool:
     if m["param"] == "in_proj_weight":
         return True
     parent, _, leaf = path.rpartition(".")
-    if leaf not in ATTN_LINEARS:
+    if leaf == "proj" and parent.rpartition(".")[2] in ATTN_ROLES:
+        parent = parent.rpartition(".")[0]
+    elif leaf not in ATTN_LINEARS:
         return False
     try:
         parent_cls = type(gm.get_submodule(parent)).__name__ if parent else ""

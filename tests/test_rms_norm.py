@@ -123,3 +123,67 @@ def test_norm_without_affine_parameters_is_resized(norm: type[nn.Module]) -> Non
         assert rel_err(exported(x), ref) < 1e-5
         assert rel_err(exported(x), pruner(x)) < 1e-5
 
+
+
+@pytest.mark.parametrize("square", ["method", "operator", "torch.pow", "timm"])
+def test_rms_norm_over_conv_channels_written_with_pow(square: str) -> None:
+    """An RMS norm over a feature map's channels written out with ``pow`` (timm's
+    ``RmsNorm2d``, MobileNetV5's norm: ``x.pow(2)``, then a mean over dim 1): ``pow`` has
+    a rule (it had none, and froze every channel it touched), and the mean is taken over
+    the kept channels, as a hand-sliced network computes it."""
+
+    class Conv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, C, 3, padding=1), nn.Conv2d(C, 4, 1)
+            if square == "timm":
+                timm = pytest.importorskip("timm", reason="timm is in the [dev] extra")
+                self.norm = timm.layers.RmsNorm2d(C, eps=1e-6)
+            else:
+                self.weight = nn.Parameter(torch.empty(C).uniform_(0.5, 1.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            if square == "timm":
+                return self.b(self.norm(h))
+            v = {"method": lambda t: t.pow(2), "operator": lambda t: t ** 2,
+                 "torch.pow": lambda t: torch.pow(t, 2)}[square](h)
+            h = h * torch.rsqrt(v.mean(dim=1, keepdim=True) + 1e-6)
+            return self.b(h * self.weight.reshape(1, -1, 1, 1))
+
+    torch.manual_seed(0)
+    model, x = Conv().eval(), torch.randn(2, 3, 6, 6)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    [g] = [h for h in pruner.grouping.groups if "a:out" in h.members]
+    assert g.prunable and g.size == C, pruner.grouping.table()
+    keep = np.sort(np.random.default_rng(1).permutation(C)[:KEPT])
+    pruner.set_widths({g.index: KEPT}, {g.index: keep})
+    exported = pruner.export(enforce_budget=False).eval()
+    idx = torch.as_tensor(keep)
+    weight = model.norm.weight if square == "timm" else model.weight
+    eps = model.norm.eps if square == "timm" else 1e-6
+    with torch.no_grad():
+        h = F.conv2d(x, model.a.weight[idx], model.a.bias[idx], padding=1)
+        h = h * torch.rsqrt((h * h).mean(1, keepdim=True) + eps) * weight[idx].reshape(1, -1, 1, 1)
+        ref = F.conv2d(h, model.b.weight[:, idx], model.b.bias)
+        out = exported(x)
+        assert rel_err(out, ref) < 1e-5
+        assert rel_err(out, pruner(x)) < 1e-5
+        assert rel_err(out, model(x)) > 1e-3
+    assert count_flops(exported, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+
+
+def test_pow_of_two_tensors_couples_them() -> None:
+    """``a ** b`` with both tensors carrying channels pairs them as any element-wise op."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(6, C), nn.Linear(6, C), nn.Linear(C, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.sigmoid(self.a(x)) ** torch.sigmoid(self.b(x)))
+
+    pruner = s2h_fx.prune_graph(Two(), 1.0, (torch.randn(4, 6),))
+    [g] = pruner.grouping.prunable
+    assert {"a:out", "b:out"} <= set(g.members)

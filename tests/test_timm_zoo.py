@@ -109,6 +109,10 @@ class Block(nn.Module):
         super().__init__()
         self.attn, self.mlp = Attention(), nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
         self.proj = nn.Linear(8, 8)  # a 'proj' outside attention
+        # timm's MultiQueryAttention2d wraps each projection in its role: attn.query.proj
+        self.mqa = nn.Module()
+        self.mqa.query, self.mqa.norm = nn.Module(), nn.Module()
+        self.mqa.query.proj, self.mqa.norm.proj = nn.Linear(8, 8), nn.Linear(8, 8)
 
 
 def test_attention_outputs_are_recognised_by_parent() -> None:
@@ -122,6 +126,10 @@ def test_attention_outputs_are_recognised_by_parent() -> None:
     assert not timm_zoo.is_attention_output("proj.weight[0]", block)
     assert not timm_zoo.is_attention_output("mlp.0.weight[0]", block)
     assert timm_zoo.is_attention_output("mha.in_proj_weight[0]", block)
+    block.mqa.__class__ = type("MultiQueryAttention2d", (nn.Module,), {})
+    assert timm_zoo.is_attention_output("mqa.query.proj:out", block)
+    assert not timm_zoo.is_attention_output("mqa.norm.proj:out", block)  # not a role
+    assert not timm_zoo.is_attention_output("mlp.query.proj:out", Block())  # no attention
 
 
 @pytest.mark.parametrize("row, kind", [

@@ -168,12 +168,15 @@ def _tensor_operands(ctx: RuleContext, node: fx.Node) -> list[tuple[ChannelLayou
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
     operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
     torch.maximum, torch.minimum, torch.where, torch.addcmul, torch.addcdiv,
+    operator.pow, operator.ipow, torch.pow,
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "maximum", "minimum",
-    "addcmul", "addcdiv", "addcmul_", "addcdiv_",
+    "addcmul", "addcdiv", "addcmul_", "addcdiv_", "pow", "pow_",
 )
 def elementwise(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     """Tensors combined position by position (broadcast): channels that meet on the same
-    axes are coupled. ``addcmul(a, b, c)`` (a + v * b * c) is one such op of three."""
+    axes are coupled. ``addcmul(a, b, c)`` (a + v * b * c) is one such op of three;
+    ``x ** 2`` or ``x.pow(2)`` (an RMS norm's square) is one of a single tensor, whose
+    channels pass."""
     out_shape = ctx.shape(node)
     if out_shape is None:
         return None
