@@ -204,6 +204,18 @@ def statistic(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     return reduce_over(ctx, node, 1, 2, over_kept=True)
 
 
+@register_rule(torch.var, torch.std, "var", "std")
+def spread(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
+    """``var`` / ``std`` over channels (timm's ``simple_norm``: x / sqrt(var(x) + eps)) is
+    a statistic of the kept channels, as a mean is: the pruned network takes it over the
+    channels it keeps (with the same correction). Arguments ``(dim, unbiased, keepdim)``
+    or ``(dim, *, correction, keepdim)``; ``x.var(False)`` reduces every axis."""
+    if len(node.args) > 1 and isinstance(node.args[1], bool):  # (unbiased,): all axes
+        return reduce_over(ctx, node, len(node.args) + 1, len(node.args) + 1, over_kept=True,
+                           options=("unbiased", "correction"))
+    return reduce_over(ctx, node, 1, 3, over_kept=True, options=("unbiased", "correction"))
+
+
 @register_rule(torch.norm, "norm")
 def norm(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     """``x.norm(p, dim, keepdim)``: a reduction over ``dim`` (GRN's spatial L2 norm)."""
@@ -217,12 +229,13 @@ def vector_norm(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
 
 
 def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
-                over_kept: bool = False) -> ChannelLayout | None:
+                over_kept: bool = False, options: tuple[str, ...] = ()) -> ChannelLayout | None:
     """Reduction over the axes in argument ``dim_at`` (all axes when None), keeping them
     as size 1 when argument ``keep_at`` (``keepdim``) is true. Channels on reduced axes
     are frozen, or with ``over_kept`` reduced over the kept ones (the one factor wholly
     on reduced axes; its mask site is here: two such factors would need two mask sites
-    on one argument, so both freeze); the others pass, their axes renumbered."""
+    on one argument, so both freeze; keyword arguments other than the dims, keepdim,
+    dtype and ``options`` freeze it too); the others pass, their axes renumbered."""
     src = node.args[0]
     lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
     if lay is None or shp is None or out_shape is None:
@@ -235,7 +248,7 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
     # with arguments this rule reads
     reduced = [f for f in lay.factors if set(f.axes) <= set(dims)]
     summed = (reduced[0] if over_kept and len(reduced) == 1
-            and set(node.kwargs) <= {"dim", "axis", "keepdim", "dtype"} else None)
+            and set(node.kwargs) <= {"dim", "axis", "keepdim", "dtype", *options} else None)
     out = []
     for f in lay.factors:
         if f is summed:

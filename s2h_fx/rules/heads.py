@@ -9,7 +9,9 @@ stands for the head: ``RuleContext.head_rows`` maps it back to the head's row), 
 relative position bias added to them follows the heads; v's (H, D) channels pass to
 the output, and v's heads are q's (v[h, d] is q[h, d]: a head is D classes, kept or
 dropped whole). Channels on other batch axes pair up as in an element-wise op.
-Anything else on a batch axis is frozen.
+Anything else on a batch axis is frozen. Grouped-query attention (k and v with fewer
+heads, repeated by ``repeat_interleave`` or SDPA's ``enable_gqa``) repeats their rows,
+so a kv head and the query heads reading it are one head here.
 
 A head's width D is whole, so FLOPs are declared on the head axis (its kept count is
 affine in the group's width), never on D (D while the head is kept, not affine).
@@ -211,12 +213,38 @@ def _attention_mask(ctx: RuleContext, node: fx.Node,
     return Operand(batch=op.batch), shape
 
 
+def _repeat_kv(q: Operand, kvs: tuple[Operand, Operand], shapes: list[tuple[int, ...]],
+               nd: int) -> list[tuple[int, ...]]:
+    """SDPA's ``enable_gqa``: kv head g serves query heads g·r .. g·r + r - 1, so k's and
+    v's rows are repeated r times, as ``repeat_interleave(r, dim=head axis)`` would
+    (their heads are then q's: a kv head is kept or dropped with its r query heads).
+    Returns the shapes as seen after that repetition. Operands whose heads do not divide
+    q's are left as they are (the head axes then fail to pair, and freeze)."""
+    heads = q.rows.shape[0] if q.rows is not None else 0
+    shapes = list(shapes)
+    for i, op in enumerate(kvs, 1):
+        rows = op.rows
+        if rows is None or op.head_axis != q.head_axis or heads % rows.shape[0]:
+            continue
+        r = heads // rows.shape[0]
+        op.contract = None if op.contract is None else np.repeat(op.contract, r, axis=0)
+        op.free = None if op.free is None else np.repeat(op.free, r, axis=0)
+        op.batch = [Factor(f.axes, np.repeat(f.ids, r)) if f.axes == (op.head_axis,) else f
+                    for f in op.batch]
+        shape = list(shapes[i])
+        shape[op.head_axis - (nd - len(shape))] = heads  # type: ignore[operator]
+        shapes[i] = tuple(shape)
+    return shapes
+
+
 def heads_attention(ctx: RuleContext, node: fx.Node,
                     lays: tuple[ChannelLayout, ChannelLayout, ChannelLayout],
                     out_shape: tuple[int, ...]) -> LayoutValue:
     """SDPA over q, k, v split in heads: as ``q @ kᵀ`` then ``attn @ v`` with the mask
     added to the logits. q, k and v must each be split in heads of a whole width: the
-    op's FLOPs, 2·L·S·(E + Ev) per head, are a product of axis sizes only then."""
+    op's FLOPs, 2·L·S·(E + Ev) per head, are a product of axis sizes only then. With
+    ``enable_gqa`` k and v have fewer heads, each serving a run of q's (see
+    :func:`_repeat_kv`)."""
     nd = len(out_shape)
     names = ("query", "key", "value")
     shapes = [ctx.shape(ctx.arg(node, i, n)) for i, n in enumerate(names)]
@@ -230,6 +258,8 @@ def heads_attention(ctx: RuleContext, node: fx.Node,
         for lay in lays:
             ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
         return ChannelLayout(nd)
+    if ctx.arg(node, 7, "enable_gqa", False):
+        shapes = _repeat_kv(q, (k, v), shapes, nd)  # type: ignore[arg-type]
     couple_contracted(ctx, node, q, k)
     ops = [(q, shapes[0]), (k, shapes[1]), (v, shapes[2])]
     mask = _attention_mask(ctx, node, nd)

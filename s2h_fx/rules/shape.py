@@ -591,3 +591,32 @@ def roll(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         else:
             out.append(f)
     return ChannelLayout(lay.ndim, tuple(out))
+
+
+@register_rule(torch.repeat_interleave, "repeat_interleave")
+def repeat_interleave(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """``x.repeat_interleave(r, dim)`` along an axis without channels (GCViT repeats its
+    global query over the windows on the batch axis) leaves the channels where they
+    are. Along the head axis of channels split in (heads, head width) it repeats the
+    heads (grouped-query attention's ``repeat_kv``): each repeated head is the same
+    channels, so the rows are repeated. Along any other channel axis, or without
+    ``dim`` (the tensor flattened), the channels are frozen."""
+    lay = ctx.layout(ctx.arg(node, 0, "input"))
+    out_shape = ctx.shape(node)
+    if lay is None or out_shape is None:
+        return ctx.blank(node)
+    dim, repeats = ctx.arg(node, 2, "dim"), ctx.arg(node, 1, "repeats")
+    if not isinstance(dim, int) or len(out_shape) != lay.ndim:
+        ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
+        return ctx.blank(node)
+    dim %= lay.ndim
+    out = []
+    for f in lay.factors:
+        if dim not in f.axes:
+            out.append(f)
+        elif (isinstance(repeats, int) and not isinstance(repeats, bool) and len(f.axes) > 1
+              and f.axes.index(dim) < len(f.axes) - 1):
+            out.append(Factor(f.axes, np.repeat(f.ids, repeats, axis=f.axes.index(dim)), f.tiled))
+        else:
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+    return ChannelLayout(lay.ndim, tuple(out))
