@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from s2h_fx.cli import (
+    MODEL_HELP,
     CliError,
     _device,
+    _example_size,
     _flops,
     _input_size,
     _leaves,
@@ -65,14 +67,14 @@ def add_parser(sub: Any) -> None:
     bench = sub.add_parser(
         "bench", help="time dense, s2h-fx and Torch-Pruning networks at the same FLOPs on "
                       "eager, torch.compile, ONNX Runtime or TensorRT",
-        description="Builds the torchvision model (random weights), its s2h-fx network at "
+        description="Builds the torchvision or timm model (random weights), its s2h-fx network at "
                     "--budget (one-shot widths, or --pruned FILE.pt2 from `s2h-fx prune`) and "
                     "Torch-Pruning's at the same FLOPs (pruning ratio bisected, round_to = "
                     "--divisor); deploys each on every runtime, checks it against the eager "
                     "network, times them in interleaved rounds and prints latency, "
                     "throughput, FLOPs ratio, speed-up and efficiency (speed-up x FLOPs "
                     "ratio; 1.0 = the speed-up the FLOPs promise) per runtime and batch.")
-    bench.add_argument("model", help="torchvision classification model name, e.g. resnet18")
+    bench.add_argument("model", help=MODEL_HELP)
     bench.add_argument("--budget", type=float, default=None,
                        help="fraction of the FLOPs to keep, in (0, 1] (needed without --pruned)")
     bench.add_argument("--pruned", type=Path, default=None, metavar="FILE.pt2",
@@ -85,8 +87,9 @@ def add_parser(sub: Any) -> None:
     bench.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                        help="fp16/bf16: half weights and inputs, CUDA only (default fp32)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    bench.add_argument("--input-size", type=_input_size, default=(3, 224, 224), metavar="C,H,W",
-                       help="input size without batch (default 3,224,224)")
+    bench.add_argument("--input-size", type=_input_size, default=None, metavar="C,H,W",
+                       help="input size without batch (default: the model's own; 3,224,224 "
+                            "for torchvision)")
     bench.add_argument("--divisor", type=_positive_int, default=None,
                        help="widths are multiples of this, for both pruners (default: a multiple "
                             "of every runtime's own: 32 for onnxruntime on CPU, else 8)")
@@ -148,18 +151,23 @@ def _networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str,
     from s2h_fx.tp_match import match_flops
 
     torch.manual_seed(args.seed)
-    x = torch.randn(1, *args.input_size)
+    size = tuple(args.input_size) if args.input_size else None
+    image_size = size[-2:] if size and len(size) == 3 else None
     if args.pruned is not None:
         pruned = load_program(args.pruned)
+        if size is None:  # the model's own, from a copy built for it
+            size = _example_size(args, _load_model(args.model))
+        x = torch.randn(1, *size)
         try:
             with torch.no_grad():
                 classes = _leaves(pruned(x))[0].shape[-1]
         except Exception as exc:  # wrong input size for this network, mostly
             raise CliError(f"{args.pruned} does not run on an input of shape {tuple(x.shape)} "
                            f"(pass the --input-size it was pruned at): {exc}") from exc
-        dense = _load_model(args.model, num_classes=classes)
+        dense = _load_model(args.model, num_classes=classes, image_size=image_size)
     else:
-        dense = _load_model(args.model)
+        dense = _load_model(args.model, image_size=image_size)
+        x = torch.randn(1, *_example_size(args, dense))
         pruned = prune_graph(dense, args.budget, (x,), divisor=args.divisor).export()
     dense_flops = _flops(dense, x)
     networks = {"dense": dense.eval(), "s2h-fx": pruned.eval()}
@@ -175,6 +183,7 @@ def _networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str,
             networks["torch-pruning"] = tp.model
             flops["torch-pruning"] = _flops(tp.model, x)
             meta["tp_pruning_ratio"] = tp.pruning_ratio
+    args.input_size = tuple(x.shape[1:])  # what every row is timed at
     meta["flops"] = flops
     meta["params"] = {name: _params(m) for name, m in networks.items()}
     return networks, meta

@@ -1,7 +1,8 @@
-"""The ``s2h-fx`` command line: inspect a torchvision model's channel groups, or prune and export it.
+"""The ``s2h-fx`` command line: inspect a torchvision or timm model's channel groups, or prune and export it.
 
     s2h-fx demo                                   # S2H on resnet18 + sklearn digits, CPU, no download
     s2h-fx inspect resnet18 --input-size 3,224,224
+    s2h-fx inspect timm:vit_small_patch16_224     # timm's models as timm:NAME ([timm] extra)
     s2h-fx export resnet18 --budget 0.5 -o resnet18_half.pt2      # one-shot widths, no training
     s2h-fx prune resnet18 --budget 0.3 --cifar10 ~/data -o r18.pt2  # S2H training on a dataset
     s2h-fx prune resnet18 --budget 0.3 --fashion-mnist -o r18.pt2   # Debian's Fashion-MNIST
@@ -45,6 +46,10 @@ PROG = "s2h-fx"
 SAVE_FORMATS = {".pt2": "torch.export program", ".pt": "pickled GraphModule",
                 ".pth": "pickled GraphModule"}
 MAX_REL_ERROR = 1e-4  # pruned(x) vs pruner(x); both compute the same float32 sums
+
+
+MODEL_HELP = ("torchvision classification model name (resnet18), or a timm model as "
+              "timm:NAME (timm:vit_small_patch16_224; needs the [timm] extra)")
 
 
 class CliError(Exception):
@@ -94,9 +99,10 @@ def _input_size(text: str) -> tuple[int, ...]:
 
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("model", help="torchvision classification model name, e.g. resnet18")
-    common.add_argument("--input-size", type=_input_size, default=(3, 224, 224),
-                        metavar="C,H,W", help="example input size without batch (default 3,224,224)")
+    common.add_argument("model", help=MODEL_HELP)
+    common.add_argument("--input-size", type=_input_size, default=None, metavar="C,H,W",
+                        help="example input size without batch (default: the model's own; "
+                             "3,224,224 for torchvision)")
     common.add_argument("--batch", type=_positive_int, default=1, help="example batch size (default 1)")
     common.add_argument("--divisor", type=_positive_int, default=None,
                         help="widths are multiples of this where a group allows (default 8; "
@@ -199,14 +205,14 @@ def _add_demo_parser(sub: Any) -> None:
 
 def _add_prune_parser(sub: Any) -> None:
     prune = sub.add_parser(
-        "prune", help="S2H-train a torchvision model on a dataset under a FLOPs budget and "
-                      "save the pruned model",
-        description="Builds a torchvision model (random weights, or --checkpoint) with as many "
-                    "classes as the dataset, trains it with S2H (soft and hard networks, "
+        "prune", help="S2H-train a torchvision or timm model on a dataset under a FLOPs "
+                      "budget and save the pruned model",
+        description="Builds a torchvision or timm model (random weights, or --checkpoint) with "
+                    "as many classes as the dataset, at its images' size, trains it with S2H (soft and hard networks, "
                     "learned masks) under the budget, prints a table (dense / soft / hard / "
                     "exported: accuracy, FLOPs, params, CPU latency) and saves the exported "
                     "network.")
-    prune.add_argument("model", help="torchvision classification model name, e.g. resnet18")
+    prune.add_argument("model", help=MODEL_HELP)
     prune.add_argument("--budget", type=float, required=True,
                        help="fraction of the FLOPs (or --budget-kind) to keep, in (0, 1]")
     _budget_options(prune, batch=True)
@@ -259,18 +265,23 @@ def _add_prune_parser(sub: Any) -> None:
 
 
 # ---- building the pruner ---------------------------------------------------
-def _load_model(name: str, **kwargs: Any) -> nn.Module:
-    import torchvision
+def _load_model(name: str, *, num_classes: int | None = None,
+                image_size: tuple[int, int] | None = None) -> nn.Module:
+    """A torchvision model, or timm's as ``timm:NAME`` (s2h_fx.models); bad names and a
+    missing timm are usage errors."""
+    from s2h_fx.models import load_model
 
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise CliError(
-            f"unknown model {name!r}: not a torchvision classification model{hint} "
-            f"(all {len(names)} names: torchvision.models.list_models(module=torchvision.models))"
-        )
-    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    try:
+        return load_model(name, num_classes=num_classes, image_size=image_size)
+    except InputError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _example_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
+    """``--input-size``, or the model's own (a timm model's configuration; 3x224x224)."""
+    from s2h_fx.models import default_input_size
+
+    return tuple(args.input_size) if args.input_size else default_input_size(args.model, model)
 
 
 def _build(args: argparse.Namespace,
@@ -282,8 +293,9 @@ def _build(args: argparse.Namespace,
     except ValueError as exc:  # BudgetError is a ValueError too
         raise CliError(str(exc)) from exc
     torch.manual_seed(args.seed)
-    model = _load_model(args.model)
-    x = torch.randn(args.batch, *args.input_size)
+    size = tuple(args.input_size) if args.input_size else None
+    model = _load_model(args.model, image_size=size[-2:] if size and len(size) == 3 else None)
+    x = torch.randn(args.batch, *_example_size(args, model))
     log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
     pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict,
                          attention=args.attention)
@@ -509,8 +521,9 @@ def _prune(args: argparse.Namespace) -> int:
         raise CliError(f"--checkpoint-dir {str(args.checkpoint_dir)!r} is not a directory")
     train_loader, val_loader, classes, what = _prune_loaders(args)
 
+    x = next(iter(val_loader))[0][:1]
     torch.manual_seed(args.seed)
-    model = _load_model(args.model, num_classes=classes)
+    model = _load_model(args.model, num_classes=classes, image_size=tuple(x.shape[-2:]))
     if args.checkpoint is not None:
         try:
             state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -520,7 +533,6 @@ def _prune(args: argparse.Namespace) -> int:
                 pickle.UnpicklingError) as exc:
             raise CliError(f"cannot load --checkpoint {str(args.checkpoint)!r} into "
                            f"{args.model} with {classes} classes: {exc}") from exc
-    x = next(iter(val_loader))[0][:1]
     print(f"{args.model} ({classes} classes, "
           f"{'weights from ' + str(args.checkpoint) if args.checkpoint else 'random weights'}) "
           f"on {what}: {len(train_loader.dataset)} train / {len(val_loader.dataset)} val "
