@@ -21,7 +21,6 @@ hard network (a bug in s2h-fx: please report it), 2 on a usage error or an
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import pickle
