@@ -9,6 +9,7 @@ the same ``c`` used as a value elsewhere still freezes.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,3 +111,63 @@ def test_a_size_of_channels_merged_with_the_batch_is_not_baked_in() -> None:
     with torch.no_grad():
         assert rel_err(pruned(big)[:2], pruned(big[:2])) < 1e-6
         assert rel_err(pruned(big), pruner(big)) < 1e-5
+
+
+class SpatialReduction(nn.Module):
+    """PVTv2's spatial reduction: ``sr(h).reshape(B, C, -1)`` with ``C`` read from the
+    block input ``h``, while ``sr`` is a conv with channels of its own."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.embed = nn.Conv2d(3, 16, 1)
+        self.sr = nn.Conv2d(16, 16, 2, stride=2)
+        self.head = nn.Linear(24 if form == "scaled" else 32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.embed(x))
+        if self.form == "unpacked":
+            B, C, H, W = h.shape
+        else:
+            B, C = h.size(0), h.size(1)
+        if self.form == "scaled":  # a count used as another value: not a tie
+            r = self.sr(h).reshape(B, C // 2, -1)
+        else:
+            r = self.sr(h).reshape(B, C, -1)
+        return self.head(torch.cat([r.mean(2), h.mean((2, 3))], 1))
+
+
+@pytest.mark.parametrize("form", ["unpacked", "size-method"])
+def test_a_count_of_other_channels_sizing_a_reshape_with_its_minus_one_ties_them(
+        form: str) -> None:
+    torch.manual_seed(0)
+    model, x = SpatialReduction(form).eval(), torch.randn(2, 3, 8, 8)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    [g] = [g for g in pruner.grouping.prunable if "sr:out" in g.members]
+    assert "embed:out" in g.members and g.size == 16, pruner.grouping.table()
+    # which classes are sr's out channels 0..15 and embed's: tied position by position
+    gr = pruner.grouping
+    sr_cls = gr.class_of_id[gr.slots[("sr.weight", 0)]]
+    embed_cls = gr.class_of_id[gr.slots[("embed.weight", 0)]]
+    assert (sr_cls == embed_cls).all()
+    keep = np.array([1, 2, 5, 8, 11, 12, 14, 15])
+    pruner.set_widths({g.index: 8}, {g.index: np.sort(sr_cls[keep])})
+    pruned = pruner.export(enforce_budget=False).eval()
+    idx = torch.as_tensor(keep)
+    with torch.no_grad():
+        h = F.relu(F.conv2d(x, model.embed.weight[idx], model.embed.bias[idx]))
+        r = F.conv2d(h, model.sr.weight[idx][:, idx], model.sr.bias[idx], stride=2)
+        cols = torch.cat([idx, 16 + idx])
+        ref = F.linear(torch.cat([r.flatten(2).mean(2), h.mean((2, 3))], 1),
+                       model.head.weight[:, cols], model.head.bias)
+        assert rel_err(pruned(x), ref) < 1e-5
+        assert rel_err(pruned(x), pruner(x)) < 1e-5
+        assert rel_err(ref, model(x)) > 1e-3
+    assert count_flops(pruned, (x,)) == pytest.approx(float(pruner.flops()), rel=1e-9)
+
+
+def test_a_count_used_through_arithmetic_is_not_tied() -> None:
+    """``C // 2`` is not a count of channels one per position: both stay frozen."""
+    model, x = SpatialReduction("scaled").eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(s2h_fx.NoPrunableChannelsError, match="used as a value"):
+        s2h_fx.prune_graph(model, 1.0, (x,))

@@ -226,6 +226,46 @@ def _narrows(ctx: RuleContext, out: ChannelLayout, axis: int) -> bool:
     return not (f.tiled and axis != f.axes[-1])
 
 
+def _plain_count(ctx: RuleContext, size: Any) -> np.ndarray | None:
+    """The ids of a channel axis whose size ``size`` reads directly (``x.shape[k]``,
+    ``x.size(k)``, or a name unpacked from ``x.shape``), where that axis holds one plain
+    factor: the count is then exactly those channels, one per position."""
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        src, axis = size.args
+    elif size.target is operator.getitem and isinstance(size.args[1], int):
+        shape = size.args[0]
+        if not isinstance(shape, fx.Node) or not (
+                (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)
+                or (shape.target is builtins.getattr and shape.args[1] == "shape")):
+            return None
+        src, axis = shape.args[0], size.args[1]
+    else:
+        return None
+    lay, shp = ctx.layout(src), ctx.shape(src)
+    if not isinstance(lay, ChannelLayout) or shp is None or not isinstance(axis, int):
+        return None
+    f = lay.factor_at(axis % len(shp))
+    return f.ids if f is not None and f.axes == (axis % len(shp),) and not f.tiled else None
+
+
+def _tie_count(ctx: RuleContext, node: fx.Node, out: ChannelLayout, j: int, size: Any) -> None:
+    """A reshape that already has its -1 elsewhere sizes axis ``j`` by the channel count
+    of another tensor (PVTv2's and Twins' spatial reduction: ``sr(x).reshape(B, C, -1)``
+    with ``C`` the block input's width, ``sr`` a conv of its own). Where that count is
+    one plain channel axis and axis ``j`` holds one plain factor of as many channels,
+    the two are tied position by position: kept or dropped together, so their widths
+    stay equal and the size stays right on any pruned graph (an extra constraint, never
+    a wrong result). Otherwise the size check freezes both."""
+    src, f = _plain_count(ctx, size), out.factor_at(j)
+    if src is None or f is None or f.axes != (j,) or f.tiled or src.shape != f.ids.shape:
+        return
+    ctx.couple(src, f.ids)
+    log.info("%s: size %d is the channel count of another tensor; its channels and "
+             "those of axis %d are tied", node.name, j, j)
+
+
 def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> None:
     """``qkv.reshape(B, N, 3, H, C // H)`` with ``C`` the channel count of the block's
     *input*: the size of one group of channels (the embedding's) gives the size of
@@ -254,6 +294,8 @@ def infer_foreign_size(ctx: RuleContext, node: fx.Node, out: ChannelLayout) -> N
             continue  # the axis's own channels, or frozen ones: the size stays right
         foreign.append(j)
     if any(isinstance(s, int) and s == -1 for s in sizes) or len(foreign) + len(blind) != 1:
+        for j in foreign:
+            _tie_count(ctx, node, out, j, sizes[j])
         for j in blind:  # nothing would follow the pruned axis: keep its channels
             f = out.factor_at(j)
             ctx.freeze(f.ids if f is not None else np.zeros(0, np.int64),
