@@ -466,6 +466,14 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _dataset_side(args: argparse.Namespace) -> int:
+    """The default image side of ``prune``'s dataset: 32 for CIFAR, 28 for Fashion-MNIST,
+    224 for an image folder."""
+    if args.cifar10 is not None or args.cifar100 is not None:
+        return 32
+    return 28 if args.fashion_mnist is not None else 224
+
+
 def _prune_loaders(args: argparse.Namespace) -> tuple[Any, Any, int, str]:
     """(train loader, val loader, number of classes, description) of the chosen dataset."""
     from s2h_fx import data
@@ -473,8 +481,7 @@ def _prune_loaders(args: argparse.Namespace) -> tuple[Any, Any, int, str]:
     cifar = ("cifar10" if args.cifar10 is not None
              else "cifar100" if args.cifar100 is not None else None)
     fashion = args.fashion_mnist is not None
-    size = args.input_size or ((3, 32, 32) if cifar else (3, 28, 28) if fashion
-                               else (3, 224, 224))
+    size = args.input_size or (3, _dataset_side(args), _dataset_side(args))
     if len(size) != 3 or size[0] != 3 or size[1] != size[2]:
         raise CliError(f"--input-size must be 3,S,S (RGB, square) for prune, got "
                        f"{','.join(map(str, size))}")
@@ -520,9 +527,9 @@ def _prune(args: argparse.Namespace) -> int:
         raise CliError(f"--checkpoint-dir {str(args.checkpoint_dir)!r} is not a directory")
     train_loader, val_loader, classes, what = _prune_loaders(args)
 
-    x = next(iter(val_loader))[0][:1]
     torch.manual_seed(args.seed)
-    model = _load_model(args.model, num_classes=classes, image_size=tuple(x.shape[-2:]))
+    side = args.input_size[1] if args.input_size else _dataset_side(args)
+    model = _load_model(args.model, num_classes=classes, image_size=(side, side))
     if args.checkpoint is not None:
         try:
             state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -532,6 +539,7 @@ def _prune(args: argparse.Namespace) -> int:
                 pickle.UnpicklingError) as exc:
             raise CliError(f"cannot load --checkpoint {str(args.checkpoint)!r} into "
                            f"{args.model} with {classes} classes: {exc}") from exc
+    x = next(iter(val_loader))[0][:1]
     print(f"{args.model} ({classes} classes, "
           f"{'weights from ' + str(args.checkpoint) if args.checkpoint else 'random weights'}) "
           f"on {what}: {len(train_loader.dataset)} train / {len(val_loader.dataset)} val "

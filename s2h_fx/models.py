@@ -60,9 +60,8 @@ def _load_timm(name: str, image_size: tuple[int, int] | None,
     except ImportError as exc:
         raise InputError(f"timm:{name} needs timm, an optional extra: "
                          f"pip install 's2h-fx[timm]'") from exc
-    names = timm.list_models()
-    if name not in names:
-        raise _unknown(name, names, "timm model", "timm.list_models()")
+    if not timm.is_model(name):  # takes a pretrained tag too: resnet18.a1_in1k
+        raise _unknown(name, timm.list_models(), "timm model", "timm.list_models()")
     try:
         if image_size is not None:
             try:

@@ -93,6 +93,8 @@ def test_image_size_only_where_the_model_takes_one() -> None:
     cnn = models.load_model("timm:test_resnet", image_size=(48, 48))  # no img_size option
     assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 1000)
     assert models.default_input_size("resnet18", cnn) == (3, 224, 224)
+    tagged = models.load_model("timm:test_resnet.r160_in1k")  # a pretrained tag: its config
+    assert models.default_input_size("timm:test_resnet.r160_in1k", tagged) == (3, 160, 160)
 
 
 def test_prune_builds_a_timm_vit_for_the_datasets_images(

@@ -19,7 +19,7 @@ from helpers import count_flops, prunable_group, random_keep, rel_err
 
 E, H, KV, D, N = 24, 4, 2, 16, 5
 R = H // KV
-FORMS = ["repeat_interleave", "enable_gqa"]
+FORMS = ["repeat_interleave", "output_size", "enable_gqa"]
 
 
 class GQA(nn.Module):
@@ -41,6 +41,11 @@ class GQA(nn.Module):
             r = self.heads // self.kv
             y = F.scaled_dot_product_attention(q, k.repeat_interleave(r, dim=1),
                                                v.repeat_interleave(r, dim=1), scale=D ** -0.5)
+        elif self.form == "output_size":  # the heads' count given: dropped, it would not follow
+            r = self.heads // self.kv
+            k = k.repeat_interleave(r, dim=1, output_size=self.heads)
+            v = v.repeat_interleave(r, dim=1, output_size=self.heads)
+            y = F.scaled_dot_product_attention(q, k, v, scale=D ** -0.5)
         else:
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=D ** -0.5)
         h = h + self.o(y.transpose(1, 2).reshape(B, L, -1))

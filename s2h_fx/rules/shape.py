@@ -599,8 +599,9 @@ def repeat_interleave(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     global query over the windows on the batch axis) leaves the channels where they
     are. Along the head axis of channels split in (heads, head width) it repeats the
     heads (grouped-query attention's ``repeat_kv``): each repeated head is the same
-    channels, so the rows are repeated. Along any other channel axis, or without
-    ``dim`` (the tensor flattened), the channels are frozen."""
+    channels, so the rows are repeated (an ``output_size``, which would count the
+    unpruned heads, is dropped: it only states the output's size). Along any other
+    channel axis, or without ``dim`` (the tensor flattened), the channels are frozen."""
     lay = ctx.layout(ctx.arg(node, 0, "input"))
     out_shape = ctx.shape(node)
     if lay is None or out_shape is None:
@@ -617,6 +618,10 @@ def repeat_interleave(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         elif (isinstance(repeats, int) and not isinstance(repeats, bool) and len(f.axes) > 1
               and f.axes.index(dim) < len(f.axes) - 1):
             out.append(Factor(f.axes, np.repeat(f.ids, repeats, axis=f.axes.index(dim)), f.tiled))
+            if node.kwargs.get("output_size") is not None:  # a count of the heads: it would
+                # not follow their pruning; a hint only (the output's size), so it goes
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "output_size"}
+                ctx.graph_changed = True
         else:
             ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
     return ChannelLayout(lay.ndim, tuple(out))
