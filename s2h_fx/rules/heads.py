@@ -213,8 +213,8 @@ def _attention_mask(ctx: RuleContext, node: fx.Node,
     return Operand(batch=op.batch), shape
 
 
-def _repeat_kv(q: Operand, kvs: tuple[Operand, Operand], shapes: list[tuple[int, ...]],
-               nd: int) -> list[tuple[int, ...]]:
+def _repeat_kv(q: Operand, kvs: tuple[Operand, Operand],
+               shapes: list[tuple[int, ...] | None], nd: int) -> list[tuple[int, ...] | None]:
     """SDPA's ``enable_gqa``: kv head g serves query heads g·r .. g·r + r - 1, so k's and
     v's rows are repeated r times, as ``repeat_interleave(r, dim=head axis)`` would
     (their heads are then q's: a kv head is kept or dropped with its r query heads).
@@ -223,15 +223,15 @@ def _repeat_kv(q: Operand, kvs: tuple[Operand, Operand], shapes: list[tuple[int,
     heads = q.rows.shape[0] if q.rows is not None else 0
     shapes = list(shapes)
     for i, op in enumerate(kvs, 1):
-        rows = op.rows
-        if rows is None or op.head_axis != q.head_axis or heads % rows.shape[0]:
+        rows, own = op.rows, shapes[i]
+        if rows is None or own is None or op.head_axis != q.head_axis or heads % rows.shape[0]:
             continue
         r = heads // rows.shape[0]
         op.contract = None if op.contract is None else np.repeat(op.contract, r, axis=0)
         op.free = None if op.free is None else np.repeat(op.free, r, axis=0)
         op.batch = [Factor(f.axes, np.repeat(f.ids, r)) if f.axes == (op.head_axis,) else f
                     for f in op.batch]
-        shape = list(shapes[i])
+        shape = list(own)
         shape[op.head_axis - (nd - len(shape))] = heads  # type: ignore[operator]
         shapes[i] = tuple(shape)
     return shapes
@@ -259,7 +259,7 @@ def heads_attention(ctx: RuleContext, node: fx.Node,
             ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
         return ChannelLayout(nd)
     if ctx.arg(node, 7, "enable_gqa", False):
-        shapes = _repeat_kv(q, (k, v), shapes, nd)  # type: ignore[arg-type]
+        shapes = _repeat_kv(q, (k, v), shapes, nd)
     couple_contracted(ctx, node, q, k)
     ops = [(q, shapes[0]), (k, shapes[1]), (v, shapes[2])]
     mask = _attention_mask(ctx, node, nd)
