@@ -30,6 +30,7 @@ heads).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import operator
@@ -205,12 +206,31 @@ def _visit(ctx: RuleContext, node: fx.Node) -> Any:
         lay.factors for a in node.all_input_nodes for lay in iter_layouts(a.meta.get(S2H_LAYOUT))
     )
     if rule is not None:
+        if node.target not in _TUPLE_AWARE:
+            _freeze_tuples(ctx, node)
         return _apply_rule(ctx, node, rule)
     if labeled:
         ctx.unknown.append(describe(node))
         for a in node.all_input_nodes:
             ctx.freeze_layout(a.meta.get(S2H_LAYOUT), FreezeReason.UNKNOWN_OP, node)
     return ctx.blank(node)
+
+
+# rules that read an argument holding a tuple of tensors part by part, or only its
+# metadata (``len(parts)``: no tensor flows on)
+_TUPLE_AWARE = (operator.getitem, builtins.getattr, torch.cat, torch.concat, torch.concatenate,
+                torch.stack, builtins.len, torch.numel, "size", "dim", "numel", "nelement")
+
+
+def _freeze_tuples(ctx: RuleContext, node: fx.Node) -> None:
+    """A tuple of tensors (a split's parts, a max's values and indices) passed whole to
+    an op whose rule reads tensors one layout each: that rule would not see the parts'
+    channels, and they would vanish from the analysis (their consumers uncoupled). They
+    are frozen instead."""
+    for a in node.all_input_nodes:
+        val = a.meta.get(S2H_LAYOUT)
+        if isinstance(val, (tuple, list)):
+            ctx.freeze_layout(tuple(val), FreezeReason.IRREGULAR_LAYOUT, node)
 
 
 def _apply_rule(ctx: RuleContext, node: fx.Node, rule: Rule) -> Any:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from s2h_fx.channels import ChannelLayout, Factor, FreezeReason
-from s2h_fx.rules.base import RuleContext, register_rule
+from s2h_fx.rules.base import LayoutValue, RuleContext, register_rule
 
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
@@ -196,6 +196,30 @@ def reduction(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     return reduce_over(ctx, node, 1, 2)
 
 
+@register_rule(torch.max, torch.min, "max", "min")
+def extreme(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """``x.max(dim)`` / ``x.min(dim, keepdim)``: values and indices along ``dim`` (global
+    max pooling over tokens); channels on other axes pass to both. Over a channel axis,
+    or ``x.max()`` over everything, the channels are frozen, as ``amax`` does; with a
+    second tensor (``torch.max(a, b)``) it is element-wise."""
+    other = ctx.arg(node, 1, "other")
+    if isinstance(other, fx.Node) and ctx.shape(other) is not None:
+        return elementwise(ctx, node)
+    dim = ctx.arg(node, 1, "dim")
+    if dim is None:  # the largest of all: a reduction over every axis
+        return reduce_over(ctx, node, 1, 2)
+    tm = node.meta.get("tensor_meta")
+    first = tm[0] if isinstance(tm, (tuple, list)) and tm else None
+    shape = tuple(int(d) for d in getattr(first, "shape", None) or ()) or None
+    if shape is None or not isinstance(dim, int):  # a 0-d result, or a dim computed
+        lay = ctx.layout(node.args[0])
+        if lay is not None:
+            ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
+        return ctx.blank(node)
+    values = reduce_over(ctx, node, 1, 2, out_shape=shape)
+    return (values, values) if isinstance(values, ChannelLayout) else ctx.blank(node)
+
+
 @register_rule(torch.mean, torch.sum, "mean", "sum")
 def statistic(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     """A sum over channels leaves the pruned ones out exactly as zeroing them does; a
@@ -229,7 +253,8 @@ def vector_norm(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
 
 
 def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
-                over_kept: bool = False, options: tuple[str, ...] = ()) -> ChannelLayout | None:
+                over_kept: bool = False, options: tuple[str, ...] = (),
+                out_shape: tuple[int, ...] | None = None) -> ChannelLayout | None:
     """Reduction over the axes in argument ``dim_at`` (all axes when None), keeping them
     as size 1 when argument ``keep_at`` (``keepdim``) is true. Channels on reduced axes
     are frozen, or with ``over_kept`` reduced over the kept ones (the one factor wholly
@@ -237,7 +262,7 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
     on one argument, so both freeze; keyword arguments other than the dims, keepdim,
     dtype and ``options`` freeze it too); the others pass, their axes renumbered."""
     src = node.args[0]
-    lay, shp, out_shape = ctx.layout(src), ctx.shape(src), ctx.shape(node)
+    lay, shp, out_shape = ctx.layout(src), ctx.shape(src), out_shape or ctx.shape(node)
     if lay is None or shp is None or out_shape is None:
         return ctx.blank(node)  # type: ignore[return-value]
     dims = _dims(ctx.arg(node, dim_at, "dim", node.kwargs.get("axis")), len(shp))

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from s2h_fx.channels import ChannelLayout, Factor, FreezeReason, SpaceKind
+from s2h_fx.channels import S2H_LAYOUT, ChannelLayout, Factor, FreezeReason, SpaceKind
 from s2h_fx.rules.base import LayoutValue, RuleContext, concrete, register_rule
 from s2h_fx.rules.elementwise import block_within, join
 
@@ -52,9 +53,25 @@ def transpose(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     return _permuted(lay, perm)
 
 
+_NAMED_FIELDS = {"values": 0, "indices": 1}  # max/min/sort/topk/... return (values, indices)
+
+
 @register_rule(builtins.getattr)
 def getattr_rule(ctx: RuleContext, node: fx.Node) -> LayoutValue:
-    lay = ctx.layout(node.args[0])
+    """``.T`` / ``.mT`` permute; ``.values`` / ``.indices`` of a named tuple of tensors
+    are its parts. Any other attribute of a tuple whose parts carry channels freezes
+    them (nothing would follow them further)."""
+    src = node.args[0]
+    val = src.meta.get(S2H_LAYOUT) if isinstance(src, fx.Node) else None
+    if isinstance(val, tuple):
+        k = _NAMED_FIELDS.get(str(node.args[1]))
+        if k is not None and k < len(val):
+            return val[k]
+        for part in val:
+            if isinstance(part, ChannelLayout):
+                ctx.freeze_layout(part, FreezeReason.IRREGULAR_LAYOUT, node)
+        return ctx.blank(node)
+    lay = ctx.layout(src)
     if lay is None or node.args[1] not in ("T", "mT"):
         return ctx.blank(node)
     perm = list(range(lay.ndim))
@@ -210,9 +227,30 @@ def _block_heads(ctx: RuleContext, ids: np.ndarray) -> None:
         ctx.block(column)
 
 
-def _cat_operands(ctx: RuleContext, node: fx.Node) -> list[Any]:
+def _cat_operands(ctx: RuleContext,
+                  node: fx.Node) -> list[tuple[ChannelLayout | None, tuple[int, ...] | None]]:
+    """(layout, shape) of each tensor joined: the list as written, or the parts of one
+    node holding a tuple of tensors (``torch.cat(x.chunk(4, 1)[2:], 1)``)."""
     tensors = ctx.arg(node, 0, "tensors")
-    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+    out: list[tuple[ChannelLayout | None, tuple[int, ...] | None]] = []
+    for t in list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]:
+        val = t.meta.get(S2H_LAYOUT) if isinstance(t, fx.Node) else None
+        metas = t.meta.get("tensor_meta") if isinstance(t, fx.Node) else None
+        if isinstance(val, tuple) and isinstance(metas, (tuple, list)) and len(metas) == len(val):
+            out += [(lay if isinstance(lay, ChannelLayout) else None,
+                     tuple(int(d) for d in m.shape) if hasattr(m, "shape") else None)
+                    for lay, m in zip(val, metas)]
+        else:
+            out.append((ctx.layout(t), ctx.shape(t)))
+    return out
+
+
+def _freeze_operands(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """An operand this rule cannot read (not a tensor, or a tuple without shapes): the
+    channels of every operand are frozen, never dropped."""
+    for a in node.all_input_nodes:
+        ctx.freeze_layout(a.meta.get(S2H_LAYOUT), FreezeReason.IRREGULAR_LAYOUT, node)
+    return ctx.blank(node)
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)
@@ -223,10 +261,9 @@ def cat(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     nd = len(out_shape)
     dim = int(ctx.arg(node, 1, "dim", 0)) % nd
     pieces, rest = [], []
-    for t in _cat_operands(ctx, node):
-        lay, shp = ctx.layout(t), ctx.shape(t)
+    for lay, shp in _cat_operands(ctx, node):
         if lay is None or shp is None:
-            return ctx.blank(node)
+            return _freeze_operands(ctx, node)
         f = lay.factor_at(dim)
         pieces.append((f, shp[dim]))
         others = tuple(g for g in lay.factors if dim not in g.axes)
@@ -275,10 +312,9 @@ def stack(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         return ctx.blank(node)
     dim = int(ctx.arg(node, 1, "dim", 0)) % len(out_shape)
     ops = []
-    for t in _cat_operands(ctx, node):
-        lay, shp = ctx.layout(t), ctx.shape(t)
+    for lay, shp in _cat_operands(ctx, node):
         if lay is None or shp is None:
-            return ctx.blank(node)
+            return _freeze_operands(ctx, node)
         fs = tuple(Factor(tuple(a + (a >= dim) for a in f.axes), f.ids, f.tiled) for f in lay.factors)
         ops.append((ChannelLayout(len(out_shape), fs), shp[:dim] + (1,) + shp[dim:]))
     within = _stack_within(ctx, [lay for lay, _ in ops])
@@ -391,8 +427,8 @@ def _drop_axis(f: Factor, axis: int, index: int, renumber: bool = True) -> Facto
 def getitem(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     src, idx = node.args[0], node.args[1]
     val = src.meta.get("s2h_layout") if isinstance(src, fx.Node) else None
-    if isinstance(val, tuple):
-        return val[idx] if isinstance(idx, int) else ctx.blank(node)
+    if isinstance(val, tuple):  # a part, or a slice of the parts (``chunks[2:]``)
+        return val[idx] if isinstance(idx, (int, slice)) else _freeze_operands(ctx, node)
     lay, shp = ctx.layout(src), ctx.shape(src)
     if lay is None or shp is None:
         return ctx.blank(node)
@@ -625,3 +661,47 @@ def repeat_interleave(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         else:
             ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
     return ChannelLayout(lay.ndim, tuple(out))
+
+
+@register_rule("unfold")
+def unfold_windows(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """``x.unfold(dim, size, step)``: windows along ``dim`` (HaloNet cuts its key/value
+    maps into blocks so): ``dim`` becomes the window count and a last axis of ``size``
+    is added. Channels on other axes stay where they are; on ``dim`` they are frozen."""
+    lay, out_shape = ctx.layout(node.args[0]), ctx.shape(node)
+    dim = ctx.arg(node, 1, "dimension")
+    if lay is None or out_shape is None:
+        return ctx.blank(node)
+    if not isinstance(dim, int):
+        ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
+        return ctx.blank(node)
+    dim %= max(lay.ndim, 1)
+    out = []
+    for f in lay.factors:
+        if dim in f.axes:
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+        else:
+            out.append(f)
+    return ChannelLayout(len(out_shape), tuple(out))
+
+
+@register_rule(nn.Unfold, F.unfold)
+def im2col(ctx: RuleContext, node: fx.Node) -> LayoutValue:
+    """``F.unfold`` / ``nn.Unfold`` (im2col): (B, C, H, W) -> (B, C·k_h·k_w, L), channel c
+    on the k_h·k_w rows from c·k_h·k_w on, as a flatten of (C, k_h·k_w) lays them (VOLO's
+    outlook attention, TNT's pixel embedding): the rows follow the channel, and the
+    arguments (kernel, dilation, padding, stride) hold no channel count. Channels on the
+    spatial axes are frozen."""
+    lay, shp, out_shape = ctx.layout(node.args[0]), ctx.shape(node.args[0]), ctx.shape(node)
+    if lay is None or shp is None or out_shape is None:
+        return ctx.blank(node)
+    if len(shp) != 4 or len(out_shape) != 3 or out_shape[1] % shp[1]:
+        ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
+        return ctx.blank(node)
+    out = []
+    for f in lay.factors:
+        if f.axes == (1,):
+            out.append(Factor((1,), np.repeat(f.ids, out_shape[1] // shp[1])))
+        else:
+            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
+    return ChannelLayout(3, tuple(out))
