@@ -110,3 +110,41 @@ def test_along_the_channel_axis_freezes(op: str) -> None:
 
     with pytest.raises(s2h_fx.NoPrunableChannelsError, match=r"a:out"):
         s2h_fx.prune_graph(Along(), 1.0, (torch.randn(5, 6),))
+
+
+class Odd(nn.Module):
+    """Forms that must freeze (or prune exactly), never crash or drop channels."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a = nn.Conv2d(3, 32, 1)
+        self.t = nn.Parameter(torch.randn(64, 4))
+        self.b = nn.Linear(128 if form == "indices-as-index" else 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.form == "indices-as-index":  # the argmax's channels used as positions
+            return self.b(self.t[h.flatten(2).max(2).indices].flatten(1))
+        if self.form == "slice-from-a-size":  # a tuple slice bounded by a channel count
+            return self.b(torch.cat(h.chunk(4, 1)[h.shape[1] // 16:], 1).mean((2, 3)))
+        if self.form == "tensor-split":  # positions that surgery would not rewrite
+            return self.b(torch.tensor_split(h, (8, 24), 1)[1].mean((2, 3)))
+        return self.b(torch.max(input=h.flatten(2), dim=2).values[:, :16])  # keywords
+
+
+@pytest.mark.parametrize("form", ["indices-as-index", "slice-from-a-size", "tensor-split"])
+def test_channels_used_as_positions_freeze(form: str) -> None:
+    model, x = Odd(form).eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(s2h_fx.NoPrunableChannelsError, match="a:out"):
+        s2h_fx.prune_graph(model, 1.0, (x,), divisor=1)
+
+
+def test_max_with_keyword_input() -> None:
+    model, x = Odd("keywords").eval(), torch.randn(2, 3, 8, 8)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), divisor=4).eval()
+    assert any("a:out" in g.members for g in pruner.grouping.prunable), pruner.grouping.table()
+    for seed in range(3):
+        pruner.set_widths(*random_keep(pruner, seed))
+        with torch.no_grad():
+            assert rel_err(pruner.export(enforce_budget=False)(x), pruner(x)) < 1e-5

@@ -212,7 +212,7 @@ def extreme(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     first = tm[0] if isinstance(tm, (tuple, list)) and tm else None
     shape = tuple(int(d) for d in getattr(first, "shape", None) or ()) or None
     if shape is None or not isinstance(dim, int):  # a 0-d result, or a dim computed
-        lay = ctx.layout(node.args[0])
+        lay = ctx.layout(ctx.arg(node, 0, "input"))
         if lay is not None:
             ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
         return ctx.blank(node)
@@ -261,7 +261,7 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
     on reduced axes; its mask site is here: two such factors would need two mask sites
     on one argument, so both freeze; keyword arguments other than the dims, keepdim,
     dtype and ``options`` freeze it too); the others pass, their axes renumbered."""
-    src = node.args[0]
+    src = ctx.arg(node, 0, "input")
     lay, shp, out_shape = ctx.layout(src), ctx.shape(src), out_shape or ctx.shape(node)
     if lay is None or shp is None or out_shape is None:
         return ctx.blank(node)  # type: ignore[return-value]
@@ -273,7 +273,8 @@ def reduce_over(ctx: RuleContext, node: fx.Node, dim_at: int, keep_at: int,
     # with arguments this rule reads
     reduced = [f for f in lay.factors if set(f.axes) <= set(dims)]
     summed = (reduced[0] if over_kept and len(reduced) == 1
-            and set(node.kwargs) <= {"dim", "axis", "keepdim", "dtype", *options} else None)
+            and set(node.kwargs) <= {"input", "dim", "axis", "keepdim", "dtype", *options}
+            else None)
     out = []
     for f in lay.factors:
         if f is summed:

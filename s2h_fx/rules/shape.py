@@ -380,7 +380,8 @@ def split(ctx: RuleContext, node: fx.Node) -> LayoutValue:
             cut.append(ChannelLayout(len(shp), tuple(part if g is f else g for g in lay.factors)))
             at += n
         return tuple(cut)
-    if f is not None and f.axes != (dim,):
+    if f is not None and (f.axes != (dim,) or name == "tensor_split"):
+        # tensor_split's indices are positions that surgery does not rewrite
         ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
         f = None
     others = tuple(g for g in lay.factors if dim not in g.axes)
@@ -428,7 +429,10 @@ def getitem(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     src, idx = node.args[0], node.args[1]
     val = src.meta.get("s2h_layout") if isinstance(src, fx.Node) else None
     if isinstance(val, tuple):  # a part, or a slice of the parts (``chunks[2:]``)
-        return val[idx] if isinstance(idx, (int, slice)) else _freeze_operands(ctx, node)
+        at = concrete(idx)
+        fixed = isinstance(at, int) or (isinstance(at, slice) and all(
+            v is None or isinstance(v, int) for v in (at.start, at.stop, at.step)))
+        return val[at] if fixed else _freeze_operands(ctx, node)
     lay, shp = ctx.layout(src), ctx.shape(src)
     if lay is None or shp is None:
         return ctx.blank(node)
@@ -440,6 +444,7 @@ def index_layout(
 ) -> LayoutValue:
     raw = list(idx) if isinstance(idx, tuple) else [idx]
     items = [concrete(i) for i in raw]  # bounds taken from sizes: their example values
+    _freeze_index_tensors(ctx, node, raw)
     if ctx.heads and _gathers_one_axis(ctx, items, len(shp)):
         return _gather(ctx, node, lay, items)
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) or _symbolic(i) for i in items):
@@ -498,6 +503,18 @@ def index_layout(
             continue
         out.append(Factor(tuple(mapping[a] for a in f.axes), f.ids[tuple(sl)], f.tiled and full))
     return ChannelLayout(out_axis, tuple(f for f in out if f.ids.size > 0))
+
+
+def _freeze_index_tensors(ctx: RuleContext, node: fx.Node, raw: list[Any]) -> None:
+    """Channels carried by an index tensor (``table[x.max(2).indices]``) are used as
+    positions: frozen (no rule passes them on to the result)."""
+    stack = list(raw)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, fx.Node):
+            ctx.freeze_layout(item.meta.get(S2H_LAYOUT), FreezeReason.CHANNEL_INDEXING, node)
 
 
 def _gathers_one_axis(ctx: RuleContext, items: list[Any], ndim: int) -> bool:
