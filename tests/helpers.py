@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -90,6 +91,17 @@ def count_flops(model: nn.Module, inputs: tuple[Any, ...]) -> float:
     with torch.no_grad(), counted_paths(), counter:
         model(*inputs)
     return float(counter.get_total_flops())
+
+
+def check_random_keeps(pruner: s2h_fx.Pruner, inputs: tuple[Any, ...], seeds: int = 3) -> None:
+    """For random widths and kept atoms (``seeds`` draws): the exported network equals
+    the hard one (rel < 1e-5) and its flop_counter count is the FLOPs model's."""
+    for seed in range(seeds):
+        pruner.set_widths(*random_keep(pruner, seed))
+        pruned = pruner.export(enforce_budget=False).eval()
+        with torch.no_grad():
+            assert rel_err(pruned(*inputs), pruner.eval()(*inputs)) < 1e-5
+        assert count_flops(pruned, inputs) == pytest.approx(float(pruner.flops()), rel=1e-9)
 
 
 def load_benchmark(name: str) -> ModuleType:
