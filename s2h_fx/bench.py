@@ -24,6 +24,7 @@ from s2h_fx.cli import (
     _device,
     _example_size,
     _flops,
+    _image_size,
     _input_size,
     _leaves,
     _load_model,
@@ -151,23 +152,19 @@ def _networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str,
     from s2h_fx.tp_match import match_flops
 
     torch.manual_seed(args.seed)
-    size = tuple(args.input_size) if args.input_size else None
-    image_size = size[-2:] if size and len(size) == 3 else None
     if args.pruned is not None:
         pruned = load_program(args.pruned)
-        if size is None:  # the model's own, from a copy built for it
-            size = _example_size(args, _load_model(args.model))
-        x = torch.randn(1, *size)
+        x = torch.randn(1, *_example_size(args))
         try:
             with torch.no_grad():
                 classes = _leaves(pruned(x))[0].shape[-1]
         except Exception as exc:  # wrong input size for this network, mostly
             raise CliError(f"{args.pruned} does not run on an input of shape {tuple(x.shape)} "
                            f"(pass the --input-size it was pruned at): {exc}") from exc
-        dense = _load_model(args.model, num_classes=classes, image_size=image_size)
+        dense = _load_model(args.model, num_classes=classes, image_size=_image_size(args))
     else:
-        dense = _load_model(args.model, image_size=image_size)
-        x = torch.randn(1, *_example_size(args, dense))
+        dense = _load_model(args.model, image_size=_image_size(args))
+        x = torch.randn(1, *_example_size(args))
         pruned = prune_graph(dense, args.budget, (x,), divisor=args.divisor).export()
     dense_flops = _flops(dense, x)
     networks = {"dense": dense.eval(), "s2h-fx": pruned.eval()}

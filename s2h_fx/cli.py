@@ -276,11 +276,17 @@ def _load_model(name: str, *, num_classes: int | None = None,
         raise CliError(str(exc)) from exc
 
 
-def _example_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, ...]:
+def _image_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(H, W) of ``--input-size``, to build a timm model that takes a size for it."""
+    size = args.input_size
+    return (size[-2], size[-1]) if size and len(size) == 3 else None
+
+
+def _example_size(args: argparse.Namespace) -> tuple[int, ...]:
     """``--input-size``, or the model's own (a timm model's configuration; 3x224x224)."""
     from s2h_fx.models import default_input_size
 
-    return tuple(args.input_size) if args.input_size else default_input_size(args.model, model)
+    return tuple(args.input_size) if args.input_size else default_input_size(args.model)
 
 
 def _build(args: argparse.Namespace,
@@ -292,9 +298,8 @@ def _build(args: argparse.Namespace,
     except ValueError as exc:  # BudgetError is a ValueError too
         raise CliError(str(exc)) from exc
     torch.manual_seed(args.seed)
-    size = tuple(args.input_size) if args.input_size else None
-    model = _load_model(args.model, image_size=size[-2:] if size and len(size) == 3 else None)
-    x = torch.randn(args.batch, *_example_size(args, model))
+    model = _load_model(args.model, image_size=_image_size(args))
+    x = torch.randn(args.batch, *_example_size(args))
     log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
     pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict,
                          attention=args.attention)

@@ -77,12 +77,13 @@ def _load_timm(name: str, image_size: tuple[int, int] | None,
                          f"{exc}") from exc
 
 
-def default_input_size(name: str, model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) the model is made for: a timm model's ``pretrained_cfg`` input size, else
-    3x224x224."""
+def default_input_size(name: str) -> tuple[int, ...]:
+    """(C, H, W) the model is made for: a timm model's pretrained configuration's input
+    size (read without building the model), else 3x224x224."""
     if is_timm(name):
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = cfg.get("input_size")
-        if size:
-            return tuple(int(s) for s in size)
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name[len(TIMM_PREFIX):])
+        if cfg is not None and cfg.input_size:
+            return tuple(int(s) for s in cfg.input_size)
     return TORCHVISION_INPUT_SIZE

@@ -92,9 +92,9 @@ def test_image_size_only_where_the_model_takes_one() -> None:
     assert tuple(vit.patch_embed.img_size) == (48, 48) and vit.num_classes == 7
     cnn = models.load_model("timm:test_resnet", image_size=(48, 48))  # no img_size option
     assert cnn(torch.randn(1, 3, 48, 48)).shape == (1, 1000)
-    assert models.default_input_size("resnet18", cnn) == (3, 224, 224)
-    tagged = models.load_model("timm:test_resnet.r160_in1k")  # a pretrained tag: its config
-    assert models.default_input_size("timm:test_resnet.r160_in1k", tagged) == (3, 160, 160)
+    assert models.default_input_size("resnet18") == (3, 224, 224)
+    models.load_model("timm:test_resnet.r160_in1k")  # a pretrained tag is accepted
+    assert models.default_input_size("timm:test_resnet.r160_in1k") == (3, 160, 160)
 
 
 def test_prune_builds_a_timm_vit_for_the_datasets_images(

@@ -67,9 +67,7 @@ def getattr_rule(ctx: RuleContext, node: fx.Node) -> LayoutValue:
         k = _NAMED_FIELDS.get(str(node.args[1]))
         if k is not None and k < len(val):
             return val[k]
-        for part in val:
-            if isinstance(part, ChannelLayout):
-                ctx.freeze_layout(part, FreezeReason.IRREGULAR_LAYOUT, node)
+        ctx.freeze_layout(val, FreezeReason.IRREGULAR_LAYOUT, node)
         return ctx.blank(node)
     lay = ctx.layout(src)
     if lay is None or node.args[1] not in ("T", "mT"):
@@ -636,14 +634,20 @@ def roll(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     if not all(isinstance(d, int) for d in dims):  # none, or computed in the graph
         ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
         return ctx.blank(node)
-    rolled = {d % lay.ndim for d in dims}
+    return ChannelLayout(lay.ndim, _off_axes(ctx, node, lay, {d % lay.ndim for d in dims}))
+
+
+def _off_axes(ctx: RuleContext, node: fx.Node, lay: ChannelLayout,
+              axes: set[int]) -> tuple[Factor, ...]:
+    """The factors on none of ``axes`` (which an op moves values along); the others are
+    frozen."""
     out = []
     for f in lay.factors:
-        if rolled & set(f.axes):
+        if axes & set(f.axes):
             ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
         else:
             out.append(f)
-    return ChannelLayout(lay.ndim, tuple(out))
+    return tuple(out)
 
 
 @register_rule(torch.repeat_interleave, "repeat_interleave")
@@ -692,14 +696,7 @@ def unfold_windows(ctx: RuleContext, node: fx.Node) -> LayoutValue:
     if not isinstance(dim, int):
         ctx.freeze_layout(lay, FreezeReason.IRREGULAR_LAYOUT, node)
         return ctx.blank(node)
-    dim %= max(lay.ndim, 1)
-    out = []
-    for f in lay.factors:
-        if dim in f.axes:
-            ctx.freeze(f.ids, FreezeReason.IRREGULAR_LAYOUT, node)
-        else:
-            out.append(f)
-    return ChannelLayout(len(out_shape), tuple(out))
+    return ChannelLayout(len(out_shape), _off_axes(ctx, node, lay, {dim % max(lay.ndim, 1)}))
 
 
 @register_rule(nn.Unfold, F.unfold)

@@ -151,10 +151,19 @@ def _shape_source(ctx: RuleContext, node: fx.Node) -> ChannelLayout | None:
     shape = rest[0] if len(rest) == 1 else None
     if not (isinstance(shape, fx.Node) and isinstance(_deps(shape), tuple)):
         return None
-    if (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1) or (
-            shape.target is builtins.getattr and shape.args[1] == "shape"):
-        lay = ctx.layout(shape.args[0])
-        return lay if isinstance(lay, ChannelLayout) else None
+    src = _whole_shape_of(shape)
+    lay = ctx.layout(src) if src is not None else None
+    return lay if isinstance(lay, ChannelLayout) else None
+
+
+def _whole_shape_of(node: Any) -> fx.Node | None:
+    """The tensor whose whole shape ``node`` reads (``x.size()`` or ``x.shape``)."""
+    if not isinstance(node, fx.Node) or len(node.args) < 1:
+        return None
+    if (node.op == "call_method" and node.target == "size" and len(node.args) == 1) or (
+            node.target is builtins.getattr and node.args[1] == "shape"):
+        src = node.args[0]
+        return src if isinstance(src, fx.Node) else None
     return None
 
 
@@ -235,12 +244,9 @@ def _plain_count(ctx: RuleContext, size: Any) -> np.ndarray | None:
     if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
         src, axis = size.args
     elif size.target is operator.getitem and isinstance(size.args[1], int):
-        shape = size.args[0]
-        if not isinstance(shape, fx.Node) or not (
-                (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)
-                or (shape.target is builtins.getattr and shape.args[1] == "shape")):
+        src, axis = _whole_shape_of(size.args[0]), size.args[1]
+        if src is None:
             return None
-        src, axis = shape.args[0], size.args[1]
     else:
         return None
     lay, shp = ctx.layout(src), ctx.shape(src)
