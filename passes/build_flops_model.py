@@ -153,7 +153,8 @@ def build_flops_model(gm: fx.GraphModule, grouping: GroupingResult) -> FlopsMode
             out = node.meta.get(S2H_LAYOUT)
             parts = ((1.0, _all_axes(out) if isinstance(out, ChannelLayout) else ()),)
         for share, refs in parts:
-            axes = tuple(a for a in (_axis_size(f, t, grouping, sizes) for f, t in refs) if a.coefs)
+            axes = tuple(a for f, t in refs for a in _axis_sizes(f, t, grouping, sizes)
+                         if a.coefs)
             if axes:
                 terms.append(FlopTerm(node.name, base * share, axes))
             else:
@@ -167,32 +168,64 @@ def _all_axes(lay: ChannelLayout) -> tuple[tuple[Factor, int], ...]:
 
 def axis_extent(ids: np.ndarray, axis: int, kept: np.ndarray) -> int:
     """How many indices along ``axis`` of a factor still hold a kept channel."""
-    mask = kept[ids]
-    other = tuple(k for k in range(ids.ndim) if k != axis)
+    return mask_extent(kept[ids], axis)
+
+
+def mask_extent(mask: np.ndarray, axis: int) -> int:
+    """How many indices along ``axis`` of a boolean array hold a True."""
+    other = tuple(k for k in range(mask.ndim) if k != axis)
     return int(np.count_nonzero(mask.any(axis=other) if other else mask))
 
 
-def _axis_size(f: Factor, t: int, grouping: GroupingResult, sizes: dict[int, int]) -> AxisSize:
-    return ids_axis_size(f.ids, t, grouping, sizes)
+def _axis_sizes(f: Factor, t: int, grouping: GroupingResult,
+                sizes: dict[int, int]) -> tuple[AxisSize, ...]:
+    return ids_axis_sizes(f.ids, t, grouping, sizes)
 
 
-def slot_axis_size(ids: np.ndarray, grouping: GroupingResult, sizes: dict[int, int]) -> AxisSize:
-    """Size of a parameter's sliced axis (``grouping.slots`` ids) as widths change."""
-    flat = ids.reshape(-1)
-    return ids_axis_size(flat, 0, grouping, sizes)
+def slot_axis_size(ids: np.ndarray, grouping: GroupingResult,
+                   sizes: dict[int, int]) -> tuple[AxisSize, ...]:
+    """Size of a parameter's sliced axis (``grouping.slots`` ids) as widths change: the
+    factors whose product it is (see :func:`ids_axis_sizes`)."""
+    return ids_axis_sizes(ids.reshape(-1), 0, grouping, sizes)
 
 
 def ids_axis_size(ids: np.ndarray, t: int, grouping: GroupingResult,
                   sizes: dict[int, int]) -> AxisSize:
-    """Size of axis ``t`` of channel ids ``ids`` as the groups' widths change."""
+    """Size of axis ``t`` of channel ids ``ids`` as the groups' widths change (one
+    layer of labels: see :func:`ids_axis_sizes` for ``attention="both"``)."""
+    return _layer_axis_size(ids, t, grouping, sizes, *grouping.layers()[0])
+
+
+def ids_axis_sizes(ids: np.ndarray, t: int, grouping: GroupingResult,
+                   sizes: dict[int, int]) -> tuple[AxisSize, ...]:
+    """Size of axis ``t`` of channel ids ``ids`` as a product of affine factors, one per
+    layer of labels that reaches them (``size = full * prod(factor / full)``). With
+    ``attention="both"`` the channels of a head are kept when their head and their
+    width position are: an axis over such channels scales with the heads kept times
+    the width kept (exact where the channels form a full (head, position) grid, which
+    find_channel_groups checks)."""
+    out = tuple(a for lab in grouping.layers()
+                for a in (_layer_axis_size(ids, t, grouping, sizes, *lab),) if a.coefs)
+    return out or (AxisSize(float(ids.shape[t]), ()),)
+
+
+def _layer_axis_size(ids: np.ndarray, t: int, grouping: GroupingResult, sizes: dict[int, int],
+                     group_of: np.ndarray, class_of: np.ndarray) -> AxisSize:
+    """The affine size through the two ends of each group's range of widths: all of it
+    kept, and its smallest width (its first atoms, up to its divisor). Exact when each
+    atom dropped takes the same number of indices off the axis; an index that does not
+    depend on a group (the head width, as heads are dropped) gets no coefficient."""
     full = ids.shape[t]
-    groups = np.unique(grouping.group_of_id[ids])
+    g_ids, c_ids = group_of[ids], class_of[ids]
     coefs = []
-    for g in groups[groups >= 0].tolist():
-        kept = grouping.group_of_id != g
-        dropped = full - axis_extent(ids, t, kept)
+    for g in np.unique(g_ids[g_ids >= 0]).tolist():
+        grp = grouping.groups[g]
+        here = g_ids == g
+        kept = ~here
+        kept[here] = grouping.atom_of_class[g][c_ids[here]] < grp.divisor // grp.atom
+        dropped = full - mask_extent(kept, t)
         if dropped:
-            coefs.append((g, dropped / sizes[g]))
+            coefs.append((g, dropped / (sizes[g] - grp.divisor)))
     return AxisSize(float(full), tuple(coefs))
 
 

@@ -53,6 +53,7 @@ from s2h_fx.channels import (
     FreezeReason,
     GroupingResult,
     SlotKey,
+    SpaceKind,
 )
 from s2h_fx.config import ATTENTION_MODES
 from s2h_fx.errors import InvariantError, S2HError, UnsupportedOpError
@@ -76,8 +77,14 @@ def find_channel_groups(
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}, "
                          f"got {attention!r}")
-    ctx, result = _analyse_mode(gm, divisor, attention == "heads")
-    changed = ctx.graph_changed  # an analysis may write into the graph (SDPA scale, -1 sizes)
+    if attention == "both":
+        widths_ctx, widths = _analyse_mode(gm, divisor, False)
+        ctx, result = _analyse_mode(gm, divisor, True, head_widths=True)
+        result = _merge_head_widths(gm, widths_ctx, widths, ctx, result)
+        changed = widths_ctx.graph_changed or ctx.graph_changed
+    else:
+        ctx, result = _analyse_mode(gm, divisor, attention == "heads")
+        changed = ctx.graph_changed  # an analysis may write into the graph (SDPA scale)
     if attention == "auto" and _heads_may_help(gm, ctx, result):
         # attention whose head width cannot be pruned (RoPE tables along it): whole heads
         (ctx, result), tried = _keep_better(
@@ -105,16 +112,16 @@ _ATTENTION_OPS = (F.scaled_dot_product_attention, torch.matmul, operator.matmul,
 
 
 def _analyse_mode(
-    gm: fx.GraphModule, divisor: int, heads: bool
+    gm: fx.GraphModule, divisor: int, heads: bool, head_widths: bool = False
 ) -> tuple[RuleContext, GroupingResult]:
     """One analysis in one attention mode; grouped convs whose channels it freezes are
     tried again pruned inside their conv groups, and the result with more prunable
     channels is kept."""
-    ctx, result = _analyse(gm, divisor, frozenset(), heads)
+    ctx, result = _analyse(gm, divisor, frozenset(), heads, head_widths)
     retry = _frozen_grouped_convs(gm, result)
     if retry:  # try pruning inside their conv groups instead of whole groups
         (ctx, result), _ = _keep_better(
-            gm, (ctx, result), lambda: _analyse(gm, divisor, retry, heads),
+            gm, (ctx, result), lambda: _analyse(gm, divisor, retry, heads, head_widths),
             lambda c, r: _prunable_ids(r),
             "grouped convs pruned inside their groups: " + ", ".join(sorted(retry)))
     return ctx, dataclasses.replace(result, attention="heads" if heads else "width")
@@ -159,11 +166,13 @@ def _prunable_producer_ids(ctx: RuleContext, result: GroupingResult) -> int:
 
 
 def _analyse(
-    gm: fx.GraphModule, divisor: int, tied_groups: frozenset[str], heads: bool = False
+    gm: fx.GraphModule, divisor: int, tied_groups: frozenset[str], heads: bool = False,
+    head_widths: bool = False,
 ) -> tuple[RuleContext, GroupingResult]:
     ctx = RuleContext(gm)
     ctx.tied_groups = tied_groups
     ctx.heads = heads
+    ctx.head_widths = head_widths
     for node in gm.graph.nodes:
         node.meta[S2H_SIZE_DEPS] = size_deps(ctx, node)
         node.meta[S2H_LAYOUT] = _visit(ctx, node)
@@ -171,6 +180,145 @@ def _analyse(
         node.meta[S2H_FLOP_REFS] = ctx.flop_refs.get(node.name, None)
         node.meta[S2H_MIXING] = ctx.mixing.get(node.name, ())
     return ctx, _build_groups(ctx, gm, divisor)
+
+
+def _merge_head_widths(gm: fx.GraphModule, wctx: RuleContext, widths: GroupingResult,
+                       hctx: RuleContext, heads: GroupingResult) -> GroupingResult:
+    """``attention="both"``: the whole-heads analysis, with the head-width groups of the
+    width analysis as a second layer of labels on the channels of the heads.
+
+    A width group B joins when it lies inside one whole-heads group A of an attention
+    block (a group holding ids that stand for heads) and the two cross as a grid: every
+    head holds every width position of B equally often, so a head's channel (h, d) is
+    kept when head h and position d are, and any tensor axis over such channels keeps
+    (heads kept) x (positions kept) of them. Width groups that tie channels outside a
+    block of heads, that share a tensor axis with channels B does not label, or on
+    which the product fails a check on random keep sets, are left out: those heads
+    then keep their width (never a wrong size). The ids of the two analyses are matched
+    by the names of their spaces (each analysis numbers them in its own pass)."""
+    where = {s.name: s for s in hctx.spaces}
+    w2h = np.full(wctx.num_ids, -1, dtype=np.int64)
+    for s in wctx.spaces:
+        t = where.get(s.name)
+        if t is not None and t.size == s.size:
+            w2h[s.offset:s.offset + s.size] = np.arange(t.offset, t.offset + t.size)
+    head_space = [np.arange(s.offset, s.offset + s.size) for s in hctx.spaces
+                  if s.kind is SpaceKind.HEADS]
+    head_groups = set(np.unique(heads.group_of_id[np.concatenate(head_space)]).tolist()
+                      if head_space else []) - {-1}
+    n = len(heads.group_of_id)
+    inner_g, inner_c = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+    accepted: list[int] = []
+    for b in widths.prunable:
+        w_ids = np.flatnonzero(widths.group_of_id == b.index)
+        h_ids = w2h[w_ids]
+        if np.any(h_ids < 0):
+            continue
+        outer = np.unique(heads.group_of_id[h_ids])
+        if len(outer) != 1 or int(outer[0]) not in head_groups:
+            continue
+        a = heads.groups[int(outer[0])]
+        atom = heads.atom_of_class[a.index][heads.class_of_id[h_ids]]
+        natoms = int(heads.atom_of_class[a.index].max()) + 1
+        grid = np.bincount(atom * b.size + widths.class_of_id[w_ids],
+                           minlength=natoms * b.size)
+        if grid.min() != grid.max():
+            continue
+        inner_g[h_ids], inner_c[h_ids] = b.index, widths.class_of_id[w_ids]
+        accepted.append(b.index)
+    rejected = _unmixed(gm, hctx, inner_g)
+    while True:
+        accepted = [b for b in accepted if b not in rejected]
+        merged = _with_inner(heads, widths, accepted, np.where(np.isin(inner_g, accepted),
+                                                                inner_g, -1), inner_c)
+        if merged.inner_group_of_id is None:
+            return merged
+        bad = _inexact(gm, merged)
+        if not bad:
+            break
+        rejected |= {accepted[b - merged.inner_from] for b in bad}
+        log.warning("attention='both': the width of some heads keeps whole (%d groups: "
+                    "their tensors' sizes are not heads x widths)", len(bad))
+    log.info("attention='both': %d head-width groups inside %d blocks of heads",
+             len(accepted), len(set(heads.group_of_id[merged.inner_group_of_id >= 0].tolist())))
+    return merged
+
+
+def _with_inner(heads: GroupingResult, widths: GroupingResult, accepted: list[int],
+                inner_g: np.ndarray, inner_c: np.ndarray) -> GroupingResult:
+    """The whole-heads result with the ``accepted`` width groups as its inner layer
+    (numbered after its own groups)."""
+    if not accepted:
+        return dataclasses.replace(heads, attention="both")
+    first = len(heads.groups)
+    renumber = np.full(len(widths.groups) + 1, -1, dtype=np.int64)
+    renumber[accepted] = np.arange(first, first + len(accepted))
+    inner_g = renumber[inner_g]
+    inner_c = np.where(inner_g >= 0, inner_c, -1)
+    extra = tuple(dataclasses.replace(widths.groups[b], index=first + k)
+                  for k, b in enumerate(accepted))
+    return dataclasses.replace(
+        heads, groups=heads.groups + extra, attention="both",
+        atom_of_class=heads.atom_of_class + tuple(widths.atom_of_class[b] for b in accepted),
+        inner_group_of_id=inner_g, inner_class_of_id=inner_c, inner_from=first)
+
+
+def _unmixed(gm: fx.GraphModule, ctx: RuleContext, inner: np.ndarray) -> set[int]:
+    """Head-width groups to leave out: those whose channels share a tensor axis (or a
+    space) with channels no head-width group labels (the axis's size would be a sum,
+    not the product of heads and widths), until none is left."""
+    inner = inner.copy()
+    rejected: set[int] = set()
+    arrays = [ids for ids, _ in _use_arrays(ctx, gm)]
+    while True:
+        found: set[int] = set()
+        for ids in arrays:
+            labels = inner[ids]
+            has = labels >= 0
+            if has.any() and not has.all():
+                found |= set(np.unique(labels[has]).tolist())
+        if not found:
+            return rejected
+        rejected |= found
+        inner[np.isin(inner, list(found))] = -1
+
+
+def _inexact(gm: fx.GraphModule, result: GroupingResult, trials: int = 3) -> set[int]:
+    """Head-width groups on whose tensor axes the size is not the product of the heads
+    kept and the widths kept (the FLOPs model and the shapes would disagree): checked
+    on random keep sets (whole heads, any width positions) against the kept count."""
+    from s2h_fx.passes.build_flops_model import ids_axis_sizes, mask_extent
+    from s2h_fx.passes.plan_surgery import kept_ids
+
+    inner = result.inner_group_of_id
+    assert inner is not None
+    sizes = {g.index: g.size for g in result.prunable}
+    rng = np.random.default_rng(0)
+    keeps = []
+    for _ in range(trials):
+        keep, widths = {}, {}
+        for g in result.prunable:
+            w = int(rng.choice(g.candidate_widths))
+            atom_of = result.atom_of_class[g.index]
+            chosen = rng.choice(int(atom_of.max()) + 1, size=w // g.atom, replace=False)
+            keep[g.index], widths[g.index] = np.flatnonzero(np.isin(atom_of, chosen)), w
+        keeps.append((kept_ids(result, keep), {**sizes, **widths}))
+    bad: set[int] = set()
+    for node in gm.graph.nodes:
+        for lay in iter_layouts(node.meta.get(S2H_LAYOUT)):
+            for f in lay.factors:
+                labels = inner[f.ids]
+                if not (labels >= 0).any():
+                    continue
+                for t in range(f.ids.ndim):
+                    axes = ids_axis_sizes(f.ids, t, result, sizes)
+                    for kept, widths in keeps:
+                        predicted = float(f.ids.shape[t])
+                        for a in axes:
+                            predicted *= a.at(widths, sizes) / a.full
+                        if abs(predicted - mask_extent(kept[f.ids], t)) > 1e-6:
+                            bad |= set(np.unique(labels[labels >= 0]).tolist())
+    return bad
 
 
 def _frozen_grouped_convs(gm: fx.GraphModule, result: GroupingResult) -> frozenset[str]:

@@ -9,7 +9,9 @@ nodes carry
 ``node.meta[S2H_MASK_SITE]`` and copy their input's meta.
 Postcondition: with every mask value at 1 (``use_fixed`` with the default ones) the
 graph computes what it did before; new masks start at full hard width.
-Running it twice changes nothing (already masked arguments are skipped).
+Running it twice changes nothing (already masked arguments are skipped). With
+``attention="both"`` a head's channels get two masks in a row, their head's and
+their width position's: the soft mask is the product.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ def _mask_chain(
     gm: fx.GraphModule, user: fx.Node, arg: fx.Node, lay: ChannelLayout, grouping: GroupingResult
 ) -> fx.Node:
     cur = arg
-    for f in lay.factors:
-        groups = grouping.group_of_id[f.ids]
+    for f, (group_of, class_of) in ((f, lab) for f in lay.factors for lab in grouping.layers()):
+        groups = group_of[f.ids]
         for g in np.unique(groups[groups >= 0]).tolist():
-            index = np.where(groups == g, grouping.class_of_id[f.ids], -1)
+            index = np.where(groups == g, class_of[f.ids], -1)
             order = sorted(range(len(f.axes)), key=lambda k: f.axes[k])
             index = np.transpose(index, order)
             shape = [1] * lay.ndim

@@ -99,18 +99,19 @@ class SurgeryPlan:
 def kept_ids(grouping: GroupingResult, keep: dict[int, np.ndarray]) -> np.ndarray:
     """Per channel id: kept or not. Ids outside prunable groups are kept; ids of a
     prunable group are kept when their class is in ``keep`` (none, for a group that
-    ``keep`` leaves out). One pass over the ids, whatever the number of groups."""
+    ``keep`` leaves out), and, with ``attention="both"``, their head-width class too.
+    One pass over the ids per layer of labels, whatever the number of groups."""
     offset = np.full(len(grouping.groups) + 1, -1, dtype=np.int64)  # last: not in keep
     sizes = [grouping.groups[g].size for g in keep]
     offset[list(keep)] = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if sizes else []
     selected = np.zeros(sum(sizes) + 1, dtype=bool)  # last entry: a group left out
     for g, classes in keep.items():
         selected[offset[g] + np.asarray(classes, dtype=np.int64)] = True
-    gid = grouping.group_of_id
-    inside = gid >= 0
-    start = offset[gid[inside]]
-    kept = ~inside
-    kept[inside] = selected[np.where(start >= 0, start + grouping.class_of_id[inside], -1)]
+    kept = np.ones(len(grouping.group_of_id), dtype=bool)
+    for gid, cid in grouping.layers():
+        inside = gid >= 0
+        start = offset[gid[inside]]
+        kept[inside] &= selected[np.where(start >= 0, start + cid[inside], -1)]
     return kept
 
 

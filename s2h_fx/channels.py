@@ -25,6 +25,7 @@ S2H_VALUE = "s2h_value"  # int | float | tuple: a node's Python value on the exa
 class SpaceKind(enum.Enum):
     PRODUCER = "producer"  # output channels of a conv / linear / embedding
     PARAMETER = "parameter"  # an axis of a parameter or buffer
+    HEADS = "heads"  # one id per attention head, on an axis indexed by heads (the logits)
 
 
 class FreezeReason(enum.Enum):
@@ -140,7 +141,27 @@ class GroupingResult:
     class_of_id: np.ndarray  # class index inside its group, -1 outside
     unknown_ops: tuple[str, ...] = ()
     atom_of_class: tuple[np.ndarray, ...] = field(default=())  # per group
-    attention: str = "width"  # what attention blocks prune: "width" or "heads"
+    attention: str = "width"  # what attention blocks prune: "width", "heads" or "both"
+    # attention="both": a second label for the channels of a head that a head-width
+    # group prunes too (channel d of head h: its head's group and class, and its width
+    # position's group and class). Such a channel is kept when both its classes are.
+    # Groups from ``inner_from`` on are those head-width groups (labelled here only).
+    inner_group_of_id: np.ndarray | None = None
+    inner_class_of_id: np.ndarray | None = None
+    inner_from: int = -1
+
+    def layers(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """(group_of_id, class_of_id) of each layer of labels: one, or two with
+        ``attention="both"`` (a channel is kept when it is kept in every layer)."""
+        if self.inner_group_of_id is None or self.inner_class_of_id is None:
+            return ((self.group_of_id, self.class_of_id),)
+        return ((self.group_of_id, self.class_of_id),
+                (self.inner_group_of_id, self.inner_class_of_id))
+
+    def labels(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """(group_of_id, class_of_id) of the layer that labels ``group``'s channels."""
+        layers = self.layers()
+        return layers[1] if len(layers) > 1 and group >= self.inner_from else layers[0]
 
     @property
     def prunable(self) -> tuple[ChannelGroup, ...]:

@@ -35,8 +35,9 @@ LANDING_TOLERANCE = 0.02
 RECALIBRATE_NEAR = 0.05
 GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full size included)
 # what an attention block prunes: each head's width (heads stay whole), or whole heads,
-# or (auto) the width unless whole heads leave more channels prunable
-ATTENTION_MODES = ("auto", "width", "heads")
+# or both (whole heads and the width of those kept), or (auto) the width unless whole
+# heads leave more channels prunable
+ATTENTION_MODES = ("auto", "width", "heads", "both")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,10 @@ class PruneConfig:
     ``attention``: ``"width"`` prunes the width of every attention head (the same
     channels in each head; the heads stay whole); ``"heads"`` prunes whole heads (q, k
     and v rows of a head, the output projection's columns, and per-head tables such as
-    relative position biases; the head width stays); ``"auto"`` (default) prunes
+    relative position biases; the head width stays); ``"both"`` prunes whole heads and
+    the width of the heads kept (a channel of a head is kept when its head and its
+    position in the head's width are: two groups per block of attention, the heads and
+    the widths; not with a latency budget); ``"auto"`` (default) prunes
     widths, unless whole heads leave more of the convs' and linears' output channels
     prunable (rotary position embeddings keep the head width: their attention prunes
     by heads). ``pruner.grouping.attention`` says which was used.
@@ -85,7 +89,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}"
-                             f" (prune each head's width, whole heads, or the one that prunes more); got {self.attention!r}")
+                             f" (prune each head's width, whole heads, both, or the width unless heads prune more); got {self.attention!r}")
         b = self.budget
         if isinstance(b, dict):
             b = self._from_dict(b)

@@ -78,9 +78,9 @@ def build_params_model(gm: fx.GraphModule, grouping: GroupingResult) -> FlopsMod
     sizes = {g.index: g.size for g in grouping.prunable}
     axes_of: dict[str, list[AxisSize]] = {}
     for (path, _axis), ids in sorted(grouping.slots.items(), key=lambda kv: kv[0]):
-        size = slot_axis_size(ids, grouping, sizes)
-        if size.coefs:
-            axes_of.setdefault(path, []).append(size)
+        for size in slot_axis_size(ids, grouping, sizes):
+            if size.coefs:
+                axes_of.setdefault(path, []).append(size)
     terms, constant = [], 0.0
     for name, p in gm.named_parameters():
         axes = axes_of.get(name)

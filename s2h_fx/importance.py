@@ -43,8 +43,9 @@ class Importance:
             items = []
             for path, axis in g.producers:  # a producer may feed several groups
                 ids = grouping.slots[(path, axis)]
-                pos = np.flatnonzero(grouping.group_of_id[ids] == g.index)
-                cls = grouping.class_of_id[ids[pos]]
+                group_of, class_of = grouping.labels(g.index)
+                pos = np.flatnonzero(group_of[ids] == g.index)
+                cls = class_of[ids[pos]]
                 mult = np.bincount(cls, minlength=g.size)[cls]
                 items.append(_Producer(path, axis, torch.as_tensor(pos), torch.as_tensor(cls),
                                        torch.as_tensor(1.0 / mult, dtype=torch.float32)))

@@ -103,25 +103,33 @@ class KeepIndex:
         prunable[order] = True
         self.slots: list[tuple[str, int]] = []
         self.irregular: set[int] = set()
-        classes, local, groups = [], [], []
+        layers = grouping.layers()
+        # per layer of labels (two with attention="both": a channel is kept when kept in
+        # both), per position: its class and its group
+        classes: list[list[np.ndarray]] = [[] for _ in layers]
+        groups: list[list[np.ndarray]] = [[] for _ in layers]
+        local = []
         for key, ids in grouping.slots.items():
-            grp = grouping.group_of_id[ids]
-            if not prunable[grp].any():
+            grps = [group_of[ids] for group_of, _ in layers]
+            if not any(prunable[grp].any() for grp in grps):
                 continue
             self.slots.append(key)
-            cls = np.full(ids.size, self.sentinel, dtype=np.int64)
-            for g in np.unique(grp[prunable[grp]]).tolist():
-                here = grp == g
-                counts = np.bincount(grouping.class_of_id[ids[here]], minlength=sizes[g])
-                if counts.min() != counts.max():
-                    self.irregular.add(g)
-                cls[here] = offset[g] + grouping.class_of_id[ids[here]]
-            classes.append(cls)
+            for layer, ((_, class_of), grp) in enumerate(zip(layers, grps)):
+                cls = np.full(ids.size, self.sentinel, dtype=np.int64)
+                for g in np.unique(grp[prunable[grp]]).tolist():
+                    here = grp == g
+                    counts = np.bincount(class_of[ids[here]], minlength=sizes[g])
+                    if counts.min() != counts.max():
+                        self.irregular.add(g)
+                    cls[here] = offset[g] + class_of[ids[here]]
+                classes[layer].append(cls)
+                groups[layer].append(np.where(prunable[grp], grp, -1))
             local.append(np.arange(ids.size))
-            groups.append(np.where(prunable[grp], grp, -1))
         self.slot_of = {key: s for s, key in enumerate(self.slots)}
-        self.group_of_position = np.concatenate(groups) if groups else np.zeros(0, np.int64)
-        self._classes = torch.as_tensor(np.concatenate(classes) if classes else np.zeros(0),
+        self.group_of_position = np.stack([np.concatenate(g) if g else np.zeros(0, np.int64)
+                                           for g in groups])  # (layers, positions)
+        self._classes = torch.as_tensor(np.stack([np.concatenate(c) if c else
+                                                  np.zeros(0, np.int64) for c in classes]),
                                         dtype=torch.long)
         self._local = torch.as_tensor(np.concatenate(local) if local else np.zeros(0),
                                       dtype=torch.long)
@@ -132,11 +140,13 @@ class KeepIndex:
                      sorted(self.irregular))
 
     def thresholds(self, widths: dict[int, int], device: torch.device) -> torch.Tensor:
-        """Per position: its group's width (0 where always kept), once per structure."""
+        """Per layer and position: its group's width (0 where always kept), once per
+        structure."""
         table = np.zeros(self.num_groups, dtype=np.int64)
         for g, w in widths.items():
             table[g] = w
-        thr = np.where(self.group_of_position >= 0, table[self.group_of_position], 0)
+        thr = np.where(self.group_of_position >= 0,
+                       table[np.maximum(self.group_of_position, 0)], 0)
         return torch.as_tensor(thr, dtype=torch.long).to(device)
 
     def cuts(self, structure: Structure, ranks: list[torch.Tensor]) -> dict[str, Cuts]:
@@ -150,7 +160,7 @@ class KeepIndex:
             widths = dict(zip(self.order, structure.widths))
             structure.thresholds = self.thresholds(widths, device)
         all_ranks = torch.cat([*ranks, ranks[0].new_full((1,), -1)])
-        kept = all_ranks[self._classes] < structure.thresholds
+        kept = (all_ranks[self._classes] < structure.thresholds).all(dim=0)
         total = int(structure.counts.sum())
         dest = torch.where(kept, torch.cumsum(kept, 0) - 1, total)
         out = self._local.new_empty(total + 1).scatter_(0, dest, self._local)

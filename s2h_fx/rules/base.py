@@ -149,6 +149,10 @@ class RuleContext:
         # by heads (attention logits) to that head's contracted channel ids
         self.heads = False
         self.head_rows: dict[int, np.ndarray] = {}
+        self._head_ids: dict[bytes, np.ndarray] = {}
+        # attention="both": the heads are analysed to prune their width too (rules.heads
+        # then declares the FLOPs of attention on the head width as well)
+        self.head_widths = False
         # a tensor reachable by several paths (tied weights) has one set of ids, kept
         # under the path named_parameters() reports it by (its first)
         self.canonical = tensor_aliases(gm)
@@ -201,6 +205,24 @@ class RuleContext:
         if producer and key not in self.producers:
             self.producers.append(key)
         return self.slots[key]
+
+    def head_ids(self, rows: np.ndarray) -> np.ndarray:
+        """Ids that stand for the heads of channels split in heads (``rows``: (H, D)) on
+        an axis indexed by heads (the attention logits' head axis): one per head, each
+        the same channel as the first of its head's row (a head is kept or dropped
+        whole), in a space of their own, so that they carry the head and nothing else
+        (not the first position of a head's width, which ``attention="both"`` prunes
+        too). The same rows get the same ids."""
+        key = rows[:, 0].tobytes()
+        ids = self._head_ids.get(key)
+        if ids is None:
+            ids = self.new_space(f"heads of id {int(rows[0, 0])}", rows.shape[0],
+                                 SpaceKind.HEADS)
+            self.couple(ids, rows[:, 0])
+            self._head_ids[key] = ids
+        for i, row in zip(ids.tolist(), rows):
+            self.head_rows.setdefault(i, row)
+        return ids
 
     def couple(self, a: np.ndarray, b: np.ndarray) -> None:
         """Make ``a[i]`` and ``b[i]`` the same channel, position by position."""

@@ -4,8 +4,9 @@ In whole-heads mode a channel axis split in (..., H, D) is a plain factor over t
 head axis and the channel axis, each head a block (rules.shape). In a matmul or in
 ``F.scaled_dot_product_attention`` the head axis is then a batch axis that carries
 channels: q's and k's channels are contracted head by head (q[h, d] is k[h, d]); the
-logits (..., H, L, S) carry one id per head (q's first channel of that head, which
-stands for the head: ``RuleContext.head_rows`` maps it back to the head's row), so a
+logits (..., H, L, S) carry one id per head (an id of its own that is the same
+channel as q's first channel of that head, see ``RuleContext.head_ids``;
+``RuleContext.head_rows`` maps it back to the head's row), so a
 relative position bias added to them follows the heads; v's (H, D) channels pass to
 the output, and v's heads are q's (v[h, d] is q[h, d]: a head is D classes, kept or
 dropped whole). Channels on other batch axes pair up as in an element-wise op.
@@ -75,7 +76,7 @@ def operand(ctx: RuleContext, node: fx.Node, lay: ChannelLayout, contract: int,
             k = f.axes.index(batch[0])
             rows = np.moveaxis(f.ids, k, 0).reshape(f.ids.shape[k], -1)
             op.head_axis = batch[0] + nd - n
-            op.batch.append(Factor((op.head_axis,), rows[:, 0]))
+            op.batch.append(Factor((op.head_axis,), ctx.head_ids(rows)))
             if inner == [contract]:
                 op.contract = rows
             else:
@@ -98,8 +99,7 @@ def couple_contracted(ctx: RuleContext, node: fx.Node, a: Operand, b: Operand) -
         return
     ctx.couple(ca, cb)
     if ca.ndim == 2:
-        for row in ca:
-            ctx.head_rows[int(row[0])] = row
+        ctx.head_ids(ca)
 
 
 def join_batch(ctx: RuleContext, node: fx.Node, ops: list[tuple[Operand, tuple[int, ...]]],
@@ -164,17 +164,39 @@ def output(ctx: RuleContext, node: fx.Node, a: Operand, b: Operand,
     return tuple(out)
 
 
-def declare_flops(ctx: RuleContext, node: fx.Node, res: ChannelLayout,
-                  joined: tuple[Factor, ...], contract: np.ndarray | None) -> None:
-    """FLOPs scale with the output's plain channel axes, its batch axes' channels (the
-    heads) and a plain contracted width; not with a head's width D (see module doc)."""
+Ref = tuple[ChannelLayout, int]
+
+
+def _heads_refs(res: ChannelLayout, joined: tuple[Factor, ...]) -> list[Ref]:
+    """The output's plain channel axes and its batch axes' channels (the heads)."""
     nd = res.ndim
     refs = [(res, f.axes[0]) for f in res.factors if len(f.axes) == 1]
     for f in joined:
         if not any(g.axes == f.axes for g in res.factors):  # the heads of an (H, D) factor
             refs.append((ChannelLayout(nd, (f,)), f.axes[0]))
+    return refs
+
+
+def _width_ref(rows: np.ndarray, nd: int) -> Ref:
+    """The head width of per-head channels ``rows`` (H, D), on axes of their own: with
+    ``attention="both"`` (``ctx.head_widths``) it is pruned, and attention's FLOPs
+    scale with it (how many positions of a head's width are kept, in any head)."""
+    return ChannelLayout(nd + 2, (Factor((nd, nd + 1), rows),)), nd + 1
+
+
+def declare_flops(ctx: RuleContext, node: fx.Node, res: ChannelLayout,
+                  joined: tuple[Factor, ...], contract: np.ndarray | None) -> None:
+    """FLOPs scale with the output's plain channel axes, its batch axes' channels (the
+    heads) and a plain contracted width; with a head's width D only where it is pruned
+    too (``attention="both"``; else D while the head is kept: see module doc)."""
+    nd = res.ndim
+    refs = _heads_refs(res, joined)
     if contract is not None and contract.ndim == 1:  # an axis of its own, for the count
         refs.append((ChannelLayout(nd + 1, (Factor((nd,), contract),)), nd))
+    if ctx.head_widths:
+        if contract is not None and contract.ndim == 2:
+            refs.append(_width_ref(contract, nd))
+        refs += [(res, f.axes[-1]) for f in res.factors if len(f.axes) == 2]
     ctx.flops(node, refs)
 
 
@@ -266,6 +288,12 @@ def heads_attention(ctx: RuleContext, node: fx.Node,
     joined = join_batch(ctx, node, ops + ([mask] if mask else []), out_shape)  # type: ignore[arg-type]
     couple_heads(ctx, q, v, joined)
     res = ChannelLayout(nd, output(ctx, node, Operand(), v, joined, nd))
-    declare_flops(ctx, node, res, joined, None)
+    if ctx.head_widths:  # q·kᵀ scales with the heads and E, attn·v with the heads and Ev
+        e, ev = q.contract.shape[1], v.free.shape[1]  # type: ignore[union-attr]
+        heads = _heads_refs(res, joined)
+        ctx.flop_parts(node, [(e / (e + ev), [*heads, _width_ref(q.contract, nd)]),  # type: ignore[arg-type]
+                              (ev / (e + ev), [*heads, _width_ref(v.free, nd)])])  # type: ignore[arg-type]
+    else:
+        declare_flops(ctx, node, res, joined, None)
     ctx.mixes(node, (0, lays[0].ndim - 1))
     return res
