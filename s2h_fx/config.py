@@ -88,8 +88,10 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}"
-                             f" (prune each head's width, whole heads, both, or the width unless heads prune more); got {self.attention!r}")
+            raise ValueError(
+                f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))} (prune "
+                "each head's width, whole heads, both, or the width unless heads prune "
+                f"more); got {self.attention!r}")
         b = self.budget
         if isinstance(b, dict):
             b = self._from_dict(b)
@@ -106,6 +108,10 @@ class PruneConfig:
             raise BudgetError(f"budget must be in (0, 1] (fraction of {what} kept); got {b}")
         object.__setattr__(self, "budget", float(b))
         self._check_latency()
+        if self.kind == "latency" and self.attention == "both":
+            raise BudgetError("a latency budget cannot prune with attention='both' (its "
+                              "tables time a layer's width, not heads x head widths): "
+                              "use attention='width', 'heads' or 'auto'")
         if self.divisor is None:
             object.__setattr__(self, "divisor", default_divisor(
                 self.runtime if self.kind == "latency" else None, self.device))

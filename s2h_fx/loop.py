@@ -157,10 +157,11 @@ class Loop:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Take up the run a checkpoint left off (RNG states at its next batch)."""
-        for key, value in self.meta.items():
-            if ckpt["meta"].get(key) != value:
+        for key in {**ckpt["meta"], **self.meta}:
+            saved, value = ckpt["meta"].get(key), self.meta.get(key)
+            if saved != value:
                 raise CheckpointError(
-                    f"the checkpoint was written with {key}={ckpt['meta'].get(key)!r}, this "
+                    f"the checkpoint was written with {key}={saved!r}, this "
                     f"run has {key}={value!r}: resume with the same settings")
         self.module.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])

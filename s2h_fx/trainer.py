@@ -335,6 +335,8 @@ def fit(
         meta.update(settle_epochs=settle, settle_mode=pruner.s2h.settle_mode)
     if descent_epochs:
         meta["descent_epochs"] = descent_epochs
+    if pruner.grouping.attention == "both":  # more masks: a run of another mode cannot resume
+        meta["attention"] = "both"
     loop = Loop(pruner, train_loader, opt, dev, settings, store=store, meta=meta,
                 on_step=on_step)
     _start(loop, store, resume)

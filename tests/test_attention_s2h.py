@@ -1,5 +1,5 @@
-"""S2H training steps on a tiny timm ViT, head width and whole heads: the decoupled
-gradient split holds exactly, and the attention masks move toward the budget."""
+"""S2H training steps on a tiny timm ViT, head width, whole heads and both at once: the
+decoupled gradient split holds exactly, and the attention masks move toward the budget."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ def attention_groups(pruner: s2h_fx.Pruner) -> list[int]:
             if any(m.endswith("attn.qkv:out") for m in g.members)]
 
 
-@pytest.mark.parametrize("attention", ["width", "heads"])
+@pytest.mark.parametrize("attention", ["width", "heads", "both"])
 def test_decoupled_gradient_split_on_a_vit(attention: str) -> None:
     model, x = tiny_vit(), torch.randn(4, 3, 32, 32)
     pruner = s2h_fx.prune_graph(model, 0.4, example_inputs=(x,), attention=attention,
                                 divisor=1 if attention == "heads" else 8)
-    assert len(attention_groups(pruner)) == 2
+    # both: each block's heads and its head width
+    assert len(attention_groups(pruner)) == (4 if attention == "both" else 2)
     pruner.train()
     torch.manual_seed(1)
     for mask in pruner.masks().values():  # inside the full width, not saturated
@@ -58,7 +59,7 @@ def test_decoupled_gradient_split_on_a_vit(attention: str) -> None:
             assert float(p.grad.abs().sum()) > 0  # the attention masks learn
 
 
-@pytest.mark.parametrize("attention", ["width", "heads"])
+@pytest.mark.parametrize("attention", ["width", "heads", "both"])
 def test_s2h_steps_move_attention_masks_toward_the_budget(attention: str) -> None:
     model, x = tiny_vit(), torch.randn(8, 3, 32, 32)
     y = torch.randint(0, 10, (8,))
@@ -69,7 +70,11 @@ def test_s2h_steps_move_attention_masks_toward_the_budget(attention: str) -> Non
     start = {g: float(pruner.masks()[g].expected_width().detach()) for g in heads}
     ratios = s2h_loop(pruner, x, y, steps=40)  # SGD lr 0.01, momentum 0.9, a mask step each
     assert ratios[0] > 0.9 and ratios[-1] < ratios[0] - 0.2  # descending to 0.5
-    assert any(float(pruner.masks()[g].expected_width().detach()) < start[g] - 1e-3 for g in heads)
+    moved = {g for g in heads if float(pruner.masks()[g].expected_width().detach()) < start[g] - 1e-3}
+    assert moved
+    if attention == "both":  # whole heads and head widths both shrink
+        inner = pruner.grouping.inner_from
+        assert any(g < inner for g in moved) and any(g >= inner for g in moved), moved
     pruner.eval()
     exported = pruner.export(enforce_budget=False)
     with torch.no_grad():
