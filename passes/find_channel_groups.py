@@ -21,11 +21,17 @@ the analysis is then run a second time and the result with more prunable
 channels is kept. ``attention="heads"`` (``RuleContext.heads``) prunes attention heads
 whole instead of their width (s2h_fx.rules.heads); a tensor indexed by heads then holds
 one id per head, which the uniform-use check accepts when every atom (head) occurs
-equally often. ``attention="auto"`` (the default) analyses head widths and, where the
-graph computes attention and some producer's channels came out frozen, whole heads
-too, keeping whole heads only where they leave more producer channels prunable (a
-rotary attention, whose sin/cos tables vary along the head width, prunes only by
-heads).
+equally often. ``attention="both"`` runs both analyses and merges them: the
+whole-heads groups, plus each head-width group that lies inside one of them as a
+second layer of labels (``GroupingResult.inner_group_of_id``): a head's channel is
+kept when its head and its width position are, so every tensor axis over those
+channels keeps heads x widths of them (checked as a grid, and on random keep sets,
+before a width group is merged). ``attention="auto"`` (the default) analyses head
+widths and, where the graph computes attention, both kinds, keeping both where they
+leave at least as many producer channels prunable (whole heads alone where no head
+width prunes and they prune more: a rotary attention, whose sin/cos tables vary
+along the head width). With ``auto_both=False`` (a latency budget) auto picks head
+widths or, where they prune more, whole heads.
 """
 
 from __future__ import annotations
@@ -69,30 +75,49 @@ S2H_MIXING = "s2h_mixing"  # (arg, axis) pairs (or arg indices) whose channels i
 
 
 def find_channel_groups(
-    gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False, attention: str = "auto"
+    gm: fx.GraphModule, *, divisor: int = 8, strict: bool = False, attention: str = "auto",
+    auto_both: bool = True,
 ) -> GroupingResult:
     """``attention``: ``"width"`` prunes each attention head's width, ``"heads"`` whole
-    heads, ``"auto"`` head widths unless whole heads make more producer channels
-    prunable (see s2h_fx.config.PruneConfig); the result's ``attention`` says which."""
+    heads, ``"both"`` whole heads and the width of those kept, ``"auto"`` both where the
+    graph computes attention and whole heads leave at least as many producer channels
+    prunable as head widths (else head widths, or whole heads where they prune more;
+    ``auto_both=False``: never both, as for a latency budget); see
+    s2h_fx.config.PruneConfig. The result's ``attention`` says which was used."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))}, "
                          f"got {attention!r}")
     if attention == "both":
-        widths_ctx, widths = _analyse_mode(gm, divisor, False)
-        ctx, result = _analyse_mode(gm, divisor, True, head_widths=True)
-        result = _merge_head_widths(gm, widths_ctx, widths, ctx, result)
-        changed = widths_ctx.graph_changed or ctx.graph_changed
+        ctx, result, changed = _both(gm, divisor, _analyse_mode(gm, divisor, False))
     else:
         ctx, result = _analyse_mode(gm, divisor, attention == "heads")
         changed = ctx.graph_changed  # an analysis may write into the graph (SDPA scale)
-    if attention == "auto" and _heads_may_help(gm, ctx, result):
+    if attention == "auto" and auto_both and _computes_attention(gm):
+        # whole heads and their widths, where they prune no fewer producer channels
+        width_score = _prunable_producer_ids(ctx, result)
+        tried: list[RuleContext] = []
+
+        def both() -> Analysis:
+            c, r, _ = _both(gm, divisor, (ctx, result))
+            tried.append(c)
+            return c, r
+
+        (ctx, result), _ = _keep_better(
+            gm, (ctx, result), both,
+            # a tie goes to the analysis that prunes head widths inside whole heads
+            lambda c, r: 2 * _prunable_producer_ids(c, r) + (r.inner_group_of_id is not None),
+            "attention='auto': pruning whole heads and the width of the heads kept")
+        changed |= tried[0].graph_changed
+        log.debug("attention='auto': %s (width analysis: %d prunable producer channels)",
+                  result.attention, width_score)
+    elif attention == "auto" and _heads_may_help(gm, ctx, result):
         # attention whose head width cannot be pruned (RoPE tables along it): whole heads
-        (ctx, result), tried = _keep_better(
+        (ctx, result), other = _keep_better(
             gm, (ctx, result), lambda: _analyse_mode(gm, divisor, True),
             lambda c, r: _prunable_producer_ids(c, r),
             "attention='auto': whole heads make more channels prunable than head widths; "
             "pruning whole heads")
-        changed |= tried.graph_changed  # its edits stay: each is exact on any pruning
+        changed |= other.graph_changed  # its edits stay: each is exact on any pruning
     if changed:
         gm.recompile()
     if ctx.unknown:
@@ -103,6 +128,21 @@ def find_channel_groups(
             raise UnsupportedOpError(msg + ". Register a rule with s2h_fx.register_rule.")
         log.warning(msg)
     return result
+
+
+def _both(gm: fx.GraphModule, divisor: int,
+          widths: Analysis) -> tuple[RuleContext, GroupingResult, bool]:
+    """The whole-heads analysis (declaring attention's FLOPs on the head width too)
+    merged with the head-width groups of ``widths`` (see :func:`_merge_head_widths`);
+    and whether either analysis wrote into the graph."""
+    ctx, result = _analyse_mode(gm, divisor, True, head_widths=True)
+    merged = _merge_head_widths(gm, widths[0], widths[1], ctx, result)
+    return ctx, merged, widths[0].graph_changed or ctx.graph_changed
+
+
+def _computes_attention(gm: fx.GraphModule) -> bool:
+    return any(n.target in _ATTENTION_OPS for n in gm.graph.nodes
+               if n.op in ("call_function", "call_method"))
 
 
 _OWN_META = (S2H_SIZE_DEPS, S2H_LAYOUT, S2H_FLOP_REFS, S2H_MIXING)
@@ -149,8 +189,7 @@ def _keep_better(gm: fx.GraphModule, current: Analysis, run: Callable[[], Analys
 def _heads_may_help(gm: fx.GraphModule, ctx: RuleContext, result: GroupingResult) -> bool:
     """Whether a whole-heads analysis is worth a try: the graph computes attention and
     some producer's channels are frozen for a reason other than reaching the output."""
-    if not any(n.target in _ATTENTION_OPS for n in gm.graph.nodes
-               if n.op in ("call_function", "call_method")):
+    if not _computes_attention(gm):
         return False
     output = FreezeReason.MODEL_OUTPUT.value
     return any(g.producers and not all(r.startswith(output) for r in g.frozen)
@@ -248,8 +287,8 @@ def _with_inner(heads: GroupingResult, widths: GroupingResult, accepted: list[in
                 inner_g: np.ndarray, inner_c: np.ndarray) -> GroupingResult:
     """The whole-heads result with the ``accepted`` width groups as its inner layer
     (numbered after its own groups)."""
-    if not accepted:
-        return dataclasses.replace(heads, attention="both")
+    if not accepted:  # no head width prunes: whole heads alone
+        return dataclasses.replace(heads, attention="heads")
     first = len(heads.groups)
     renumber = np.full(len(widths.groups) + 1, -1, dtype=np.int64)
     renumber[accepted] = np.arange(first, first + len(accepted))

@@ -107,8 +107,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="widths are multiples of this where a group allows (default 8; "
                              "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
     common.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
-                        help="prune each attention head's width, whole heads, or (auto, the "
-                             "default) the width unless whole heads prune more")
+                        help="prune each attention head's width, whole heads, both (whole heads "
+                             "and the width of those kept), or (auto, the default) both where "
+                             "whole heads prune no less than widths")
     common.add_argument("--strict", action="store_true",
                         help="fail on ops without a coupling rule instead of freezing their groups")
     common.add_argument("--seed", type=int, default=0,
@@ -242,8 +243,9 @@ def _add_prune_parser(sub: Any) -> None:
                        help="widths are multiples of this where a group allows (default 8; "
                             "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
     prune.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
-                       help="prune each attention head's width, whole heads, or (auto, the "
-                            "default) the width unless whole heads prune more")
+                       help="prune each attention head's width, whole heads, both (whole heads "
+                            "and the width of those kept), or (auto, the default) both where "
+                            "whole heads prune no less than widths")
     prune.add_argument("--strict", action="store_true",
                        help="fail on ops without a coupling rule instead of freezing their groups")
     prune.add_argument("--workers", type=_non_negative_int, default=0,

@@ -68,9 +68,11 @@ class PruneConfig:
     the width of the heads kept (a channel of a head is kept when its head and its
     position in the head's width are: two groups per block of attention, the heads and
     the widths; not with a latency budget); ``"auto"`` (default) prunes
-    widths, unless whole heads leave more of the convs' and linears' output channels
-    prunable (rotary position embeddings keep the head width: their attention prunes
-    by heads). ``pruner.grouping.attention`` says which was used.
+    both where the graph computes attention and whole heads leave at least as many of
+    the convs' and linears' output channels prunable as head widths; else the widths,
+    or whole heads alone where they prune more (rotary position embeddings keep the
+    head width: their attention prunes by heads). With a latency budget ``"auto"``
+    never picks both. ``pruner.grouping.attention`` says which was used.
     """
 
     budget: float

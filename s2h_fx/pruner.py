@@ -111,7 +111,8 @@ def prune_graph(
     a :class:`s2h_fx.latency.Measure`, and cached on disk).
 
     ``attention``: ``"width"`` prunes each attention head's width, ``"heads"`` whole
-    heads, ``"auto"`` (default) the width unless whole heads prune more (see
+    heads, ``"both"`` whole heads and the width of those kept, ``"auto"`` (default)
+    both where whole heads prune no fewer channels than widths (see
     :class:`~s2h_fx.config.PruneConfig`).
     """
     prune_config = PruneConfig(budget, divisor, strict,  # type: ignore[arg-type]
@@ -127,7 +128,9 @@ def prune_graph(
         gm = trace_model(model, tuple(example_inputs))
         grouping = find_channel_groups(gm, divisor=cast(int, prune_config.divisor),  # PruneConfig sets it
                                        strict=prune_config.strict,
-                                       attention=prune_config.attention)
+                                       attention=prune_config.attention,
+                                       # latency tables time a width, not heads x widths
+                                       auto_both=prune_config.kind != "latency")
         if not grouping.prunable:
             raise NoPrunableChannelsError(
                 f"{type(model).__name__} has no prunable channel group; why each is frozen:\n"

@@ -26,7 +26,7 @@ def tiny_vit() -> torch.nn.Module:
 
 def test_timm_vit_prunes_head_width_and_embedding() -> None:
     model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
-    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), attention="width")
     members = {m for g in pruner.grouping.prunable for m in g.members}
     # each block's qkv output (head width, 64 = 192 / 3 heads) and the embedding
     # (192: patch projection, class token, position embedding) are prunable
@@ -64,7 +64,7 @@ def test_timm_beit_computed_qkv_bias_prunes_head_width() -> None:
             if name.endswith(("q_bias", "v_bias")):
                 p.normal_()
     x = torch.randn(2, 3, 32, 32)
-    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), attention="width")
     head_width = [g for g in pruner.grouping.prunable if "blocks.0.attn.qkv.weight[0]" in g.members
                   or "blocks.0.attn.qkv:out" in g.members]
     assert [g.size for g in head_width] == [32]  # 96 / 3 heads, one set per head

@@ -21,6 +21,7 @@ from torch import nn
 import s2h_fx
 from s2h_fx.config import PruneConfig
 from s2h_fx.errors import BudgetError
+from s2h_fx.passes import find_channel_groups, trace_model
 
 from helpers import build, check_random_keeps, count_flops, prunable_group, rel_err
 
@@ -130,6 +131,28 @@ def test_latency_budget_is_refused_in_both_mode() -> None:
 
 def test_both_is_an_attention_option() -> None:
     assert PruneConfig(0.5, attention="both").attention == "both"
+
+
+def test_auto_prunes_both_kinds_unless_told_not_to() -> None:
+    """The default picks both kinds on an attention block; ``auto_both=False`` (what a
+    latency budget passes) picks one."""
+    model, x = make("unbind")
+    assert find_channel_groups(trace_model(model, (x,)), divisor=2).attention == "both"
+    single = find_channel_groups(trace_model(model, (x,)), divisor=2, auto_both=False)
+    assert single.attention == "width" and single.inner_group_of_id is None
+
+
+def test_head_width_sized_from_the_embedding_in_both_mode() -> None:
+    """The merge of the heads back into tokens sized by the embedding's count
+    (``reshape(b, n, c)`` with c read from the input): with heads and widths pruned the
+    size is the kept heads x widths, not the embedding's (exported == hard)."""
+    from test_size_constants import MergeWithEmbedWidth
+
+    torch.manual_seed(0)
+    model, x = MergeWithEmbedWidth().eval(), torch.randn(2, 7, 12)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), divisor=4, attention="both").eval()
+    assert pruner.grouping.inner_group_of_id is not None
+    check_random_keeps(pruner, (x,), seeds=4)
 
 
 timm = pytest.importorskip("timm", reason="timm is in the [dev] extra")

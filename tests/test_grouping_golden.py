@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from s2h_fx.channels import GroupingResult
 from s2h_fx.passes import find_channel_groups, trace_model
 
 from helpers import build
@@ -112,18 +113,50 @@ GOLDEN: dict[str, list[tuple[int, list[str], str | None]]] = {
         (5, ["head:out"], OUT),
     ],
 }
+# the default (attention="auto") on the attention toys prunes both kinds: whole heads
+# (2 heads x 16: q, k and v of a head, proj's columns for it) and, after the groups of
+# the whole-heads analysis, each head-width group inside them (as in width mode)
+_EMBED = (32, ["embed:out", "head:in", "proj:out", "qkv:in"], None)
+_HEADS = (32, ["proj:in", "qkv:out"], None)
+GOLDEN_AUTO: dict[str, list[tuple[int, list[str], str | None]]] = {
+    "attention_sdpa": [_EMBED, _HEADS, (5, ["head:out"], OUT), (16, ["proj:in", "qkv:out"], None)],
+    "attention_matmul": [_EMBED, _HEADS, (5, ["head:out"], OUT),
+                         (16, ["proj:in", "qkv:out"], None)],
+    "attention_chunk": [_EMBED, _HEADS, (5, ["head:out"], OUT), (16, ["qkv:out"], None),
+                        (16, ["proj:in", "qkv:out"], None)],
+    "attention_separate": [
+        (32, ["embed:out", "head:in", "k:in", "proj:out", "q:in", "v:in"], None),
+        (32, ["k:out", "proj:in", "q:out", "v:out"], None), (5, ["head:out"], OUT),
+        (16, ["k:out", "q:out"], None), (16, ["proj:in", "v:out"], None)],
+}
 DIVISORS = {("grouped", 1): 16, ("norms", 2): 8}  # atoms: conv groups of 16, GN groups of 8
 
 
-@pytest.mark.parametrize("name", sorted(GOLDEN))
-def test_golden_groups(name: str) -> None:
+def _table(name: str,
+           attention: str) -> tuple[GroupingResult, list[tuple[int, list[str], str | None]]]:
     model, inputs = build(name)
-    result = find_channel_groups(trace_model(model, inputs))
+    result = find_channel_groups(trace_model(model, inputs), attention=attention)
     got = []
     for g in result.groups:
         reason = None if g.prunable else g.frozen[0].split(" at ")[0]
         got.append((g.size, sorted(g.members), reason))
+    return result, got
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_AUTO))
+def test_golden_groups_of_attention_by_default(name: str) -> None:
+    result, got = _table(name, "auto")
+    assert got == GOLDEN_AUTO[name]
+    assert result.attention == "both"
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_groups(name: str) -> None:
+    """In width mode (the default where no attention is computed: the same tables)."""
+    result, got = _table(name, "width")
     assert got == GOLDEN[name]
+    if not name.startswith("attention"):
+        assert _table(name, "auto")[1] == got
     for (model_name, index), divisor in DIVISORS.items():
         if model_name == name:
             assert result.groups[index].divisor == divisor

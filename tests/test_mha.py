@@ -108,7 +108,7 @@ def _attention_groups(pruner: s2h_fx.Pruner, qualname: str) -> dict[int, int]:
 def test_toy_attention_prunes_head_width_and_embedding(form: str) -> None:
     torch.manual_seed(0)
     model, x = TorchAttention(form).eval(), tokens()
-    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), attention="width")
     # head width: 16 = 32 / 2 heads (q, k, v and out_proj's input); embedding: 32
     assert sorted(_attention_groups(pruner, "attn").values()) == [16, 32]
     pruned = pruner.eval().export()

@@ -47,7 +47,7 @@ def _groups_with(pruner: s2h_fx.Pruner, member: str) -> list:  # noqa: ANN401
 def test_merge_size_read_from_embedding_is_rewritten() -> None:
     torch.manual_seed(0)
     model, x = MergeWithEmbedWidth().eval(), torch.randn(2, 7, 12)
-    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), divisor=4)
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), divisor=4, attention="width")
     (width,) = _groups_with(pruner, "qkv:out")
     (embed,) = _groups_with(pruner, "embed:out")
     assert width.prunable and embed.prunable and width.index != embed.index
@@ -75,7 +75,7 @@ def test_same_size_used_as_a_value_still_freezes() -> None:
 def test_exported_graph_follows_other_batch_and_token_counts() -> None:
     torch.manual_seed(0)
     model, x = MergeWithEmbedWidth().eval(), torch.randn(2, 7, 12)
-    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), divisor=4)
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), divisor=4, attention="width")
     (width,) = _groups_with(pruner, "qkv:out")
     (embed,) = _groups_with(pruner, "embed:out")
     pruner.set_widths({**pruner.widths, width.index: 8, embed.index: 24})

@@ -66,12 +66,15 @@ def swin_v2_t() -> nn.Module:
 
 def test_swin_v2_t_prunes_whole_heads_exactly() -> None:
     """Swin V2: cosine attention (q, k normalised over the head width), a per-head
-    logit scale and a position-bias MLP with one output per head. Under the default
-    ``attention="auto"`` whole heads win (the width analysis leaves the MLP's per-head
-    outputs and the qkv split frozen): every group but the classifier's output prunes;
-    the exported network is the hard one and its FLOPs the model's."""
+    logit scale and a position-bias MLP with one output per head. Whole heads leave
+    more prunable than head widths (the width analysis leaves the MLP's per-head
+    outputs and the qkv split frozen), so the default ``attention="auto"`` prunes
+    them, with their widths (``attention="both"``, tests/test_both_kinds.py); here
+    whole heads alone: every group but the classifier's output prunes; the exported
+    network is the hard one and its FLOPs the model's."""
     model, x = swin_v2_t(), torch.randn(2, 3, 64, 64)
-    pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
+    assert s2h_fx.prune_graph(model, 1.0, (x,)).grouping.attention == "both"
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads").eval()
     assert pruner.grouping.attention == "heads"
     with torch.no_grad():
         assert rel_err(pruner(x), model(x)) < TOL

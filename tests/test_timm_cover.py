@@ -59,9 +59,12 @@ def test_head_width_sized_by_input_channels_prunes(fused: bool, pos: bool) -> No
     embedding, B, T, N depend on its (frozen) ids: they stay as they are."""
     x = torch.randn(2, 4, 5, 12, generator=torch.Generator().manual_seed(0))
     pruner = check_exact(SizedHeads(fused=fused, pos=pos), x)
-    embed, heads = group_with(pruner, "embed:out"), group_with(pruner, "qkv:out")
-    assert embed.prunable and heads.prunable, pruner.grouping.table()
-    assert embed is not heads and heads.size == 16  # one head's width, shared by 2 heads
+    assert pruner.grouping.attention == "both"
+    embed = group_with(pruner, "embed:out")
+    qkv = [g for g in pruner.grouping.groups if "qkv:out" in g.members]
+    assert embed.prunable and all(g.prunable for g in qkv), pruner.grouping.table()
+    # the 2 heads (2 x 16 channels, kept whole) and one head's width (16, in both)
+    assert embed not in qkv and sorted((g.size, g.atom) for g in qkv) == [(16, 1), (32, 16)]
     exported = pruner.eval().export()
     assert exported.get_submodule("qkv").out_features % 6 == 0  # 3 x heads x width
 

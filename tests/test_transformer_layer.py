@@ -121,10 +121,11 @@ def _widths_consistent(module: nn.Module) -> None:
             assert tuple(m.weight.shape) == m.normalized_shape, name
 
 
-def _prune_and_export(model: nn.Module, x: torch.Tensor) -> tuple[s2h_fx.Pruner, nn.Module]:
+def _prune_and_export(model: nn.Module, x: torch.Tensor,
+                      attention: str = "auto") -> tuple[s2h_fx.Pruner, nn.Module]:
     dense = count_flops(model.train(), (x,))  # training: torch's slow path, every op counted
     model.eval()
-    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,))
+    pruner = s2h_fx.prune_graph(model, 0.5, example_inputs=(x,), attention=attention)
     pruned = pruner.eval().export()
     with torch.no_grad():
         assert rel_err(pruned(x), pruner(x)) < TOL  # exported == hard network
@@ -141,7 +142,7 @@ def test_layer_traces_as_its_ops_and_prunes(case: tuple[bool, bool, bool, str]) 
     x = tokens()
     gm = _traced(model, x)
     _same_as_module(model, gm, x)
-    pruner, pruned = _prune_and_export(model, x)
+    pruner, pruned = _prune_and_export(model, x, "width")
     # embedding E; the feed-forward width FF; each attention's head width E / HEADS (a
     # decoder's cross-attention: its query/key width and its value width apart, as q
     # and v come from different projections); a decoder's memory embedding E (its own
@@ -178,7 +179,7 @@ def test_no_bias_and_layer_norm_eps(decoder: bool) -> None:
     x = tokens()
     gm = _traced(model, x)
     _same_as_module(model, gm, x)
-    pruner, pruned = _prune_and_export(model, x)
+    pruner, pruned = _prune_and_export(model, x, "width")
     assert _sizes(pruner) == ([16, 16, 16, 32, 32, 48] if decoder else [16, 32, 48])
     norm = pruned.get_submodule("layer.norm1")
     assert norm.eps == 0.5 and norm.bias is None

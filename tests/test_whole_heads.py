@@ -191,7 +191,7 @@ def test_width_mode_is_unchanged_on_the_toys() -> None:
 def test_auto_mode_prunes_heads_where_the_width_cannot() -> None:
     """The default, attention="auto": here the head width (8 channels, the divisor) has
     no smaller width, so whole heads prune more and are chosen; with a divisor that
-    lets the width shrink, the widths are kept (heads stay whole)."""
+    lets the width shrink, both prune (whole heads and the width of those kept)."""
     model, x = make("relpos")
     auto = s2h_fx.prune_graph(model, 1.0, (x,))
     heads = s2h_fx.prune_graph(model, 1.0, (x,), attention="heads")
@@ -199,10 +199,12 @@ def test_auto_mode_prunes_heads_where_the_width_cannot() -> None:
     assert auto.grouping.table() == heads.grouping.table()
     assert [g for g in auto.grouping.prunable if "proj:in" in g.members]
     auto4 = s2h_fx.prune_graph(model, 1.0, (x,), divisor=4)
-    width4 = s2h_fx.prune_graph(model, 1.0, (x,), divisor=4, attention="width")
-    assert auto4.grouping.attention == "width"
-    assert auto4.grouping.table() == width4.grouping.table()
-    assert [g for g in width4.grouping.prunable if "proj:in" in g.members]
+    both4 = s2h_fx.prune_graph(model, 1.0, (x,), divisor=4, attention="both")
+    assert auto4.grouping.attention == "both"
+    assert auto4.grouping.table() == both4.grouping.table()
+    # the heads (3 x 8, kept whole) and the width (8, in multiples of 4)
+    assert sorted((g.size, g.divisor) for g in both4.grouping.prunable
+                  if "proj:in" in g.members) == [(D, 4), (H * D, D)]
 
 
 def test_attention_option_is_validated() -> None:
