@@ -15,7 +15,8 @@ and these s2h-fx columns:
   row's error);
 - ``attention_pruned``: whether a prunable group holds the output channels of a
   q/k/v/qkv/proj linear of an attention module; ``attention_mode``: what the default
-  ``attention="auto"`` chose (``width``, or ``heads`` where whole heads prune more).
+  ``attention="auto"`` chose (``both``: whole heads and their widths, ``heads`` where
+  no head width prunes, ``width`` where whole heads would freeze more).
 
     python benchmarks/timm_zoo.py --sample --jobs 1 --timeout 120 --out timm.jsonl
     python benchmarks/timm_zoo.py --models test_vit,test_resnet --input-size 3,32,32
