@@ -510,9 +510,10 @@ def check_soft(model: FuzzNet, pruner: s2h_fx.Pruner, x: torch.Tensor, rng: np.r
         if ids is None or len(ids) != size:
             return None
         out = torch.ones(size)
-        for pos, (g, c) in enumerate(zip(grouping.group_of_id[ids], grouping.class_of_id[ids])):
-            if g >= 0:
-                out[pos] = values[int(g)][int(c)]
+        for group_of, class_of in grouping.layers():  # both kinds of attention: a product
+            for pos, (g, c) in enumerate(zip(group_of[ids], class_of[ids])):
+                if g >= 0:
+                    out[pos] *= values[int(g)][int(c)]
         return out
 
     ref = copy.deepcopy(model)

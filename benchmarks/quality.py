@@ -46,7 +46,10 @@ rows come from different starts).
 Models (1x28x28 input, 10 classes): ``resnet20`` and ``resnet56`` (CIFAR-style,
 stages 16/32/64, 1x1-conv "option B" shortcuts where the shape changes),
 ``resnet18`` (torchvision's, 3x3 stride-1 stem, no max-pool), ``mobilenet_v2``
-(torchvision's, stride-1 stem).
+(torchvision's, stride-1 stem), ``vit`` (torchvision's VisionTransformer, 7x7
+patches, 4 layers of 4 heads of width 32: its attention prunes by whole heads and
+head widths by default; ``s2h:width-attention`` and ``s2h:heads-attention`` prune
+one kind).
 
     python benchmarks/quality.py --preset cpu --out quality_cpu.jsonl --plot quality_cpu.png
     python benchmarks/quality.py --preset cpu --out quality_cpu.jsonl --resume   # after a stop
@@ -137,8 +140,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-momentum": {"mask_lr": 0.05, "mask_momentum": 0.0, "mask_nesterov": False},
     "constant-mask-lr": {"mask_lr_follows_schedule": False},
     "settle-distill": {"settle_mode": "distill"},
+    # what an attention block prunes (a prune_graph option, not an S2HConfig field):
+    # the default ("auto") prunes whole heads and their widths on the ViT
+    "width-attention": {"attention": "width"},
+    "heads-attention": {"attention": "heads"},
 }
-ABLATION = tuple(f"s2h:{v}" for v in VARIANTS)
+PRUNE_OPTIONS = ("attention",)  # variant keys passed to prune_graph
+ABLATION = tuple(f"s2h:{v}" for v, fields in VARIANTS.items()
+                 if not set(fields) & set(PRUNE_OPTIONS))
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"models": "resnet20", "train_size": 10000, "test_size": 10000, "e0": 4, "e1": 10,
             "budgets": "0.15,0.35,0.55", "seeds": "0,1,2"},
@@ -209,9 +218,19 @@ def small_mobilenet_v2(num_classes: int = 10) -> nn.Module:
     return model
 
 
+def small_vit(num_classes: int = 10) -> nn.Module:
+    """torchvision's VisionTransformer for 28x28: 7x7 patches (16 tokens and a class
+    token), 4 layers of 4 heads of width 32 (embedding 128, MLP 256)."""
+    model = torchvision.models.VisionTransformer(
+        image_size=INPUT[1], patch_size=7, num_layers=4, num_heads=4, hidden_dim=128,
+        mlp_dim=256, num_classes=num_classes)
+    model.conv_proj = nn.Conv2d(INPUT[0], 128, 7, 7)
+    return model
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet20": lambda: CifarResNet(20), "resnet56": lambda: CifarResNet(56),
-    "resnet18": small_resnet18, "mobilenet_v2": small_mobilenet_v2,
+    "resnet18": small_resnet18, "mobilenet_v2": small_mobilenet_v2, "vit": small_vit,
 }
 
 
@@ -321,13 +340,22 @@ def s2h_config(method: str, args: argparse.Namespace) -> Any:
 
     from s2h_fx.config import S2HConfig
 
-    overrides = {} if method == "s2h" else args.variants[method.split(":", 1)[1]]
-    return dataclasses.replace(S2HConfig(), **overrides)
+    return dataclasses.replace(S2HConfig(), **{
+        k: v for k, v in _overrides(method, args).items() if k not in PRUNE_OPTIONS})
+
+
+def prune_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The prune_graph options of ``s2h`` (none: the defaults) or of a variant."""
+    return {k: v for k, v in _overrides(method, args).items() if k in PRUNE_OPTIONS}
+
+
+def _overrides(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {} if method == "s2h" else args.variants[method.split(":", 1)[1]]
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME=field=value,field=value`` -> (NAME, {field: value}); values are Python
-    literals (numbers, True/False)."""
+    literals (numbers, True/False); ``attention=width`` sets prune_graph's option."""
     import ast
     import dataclasses
 
@@ -340,9 +368,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     fields: dict[str, Any] = {}
     for item in rest.split(","):
         key, _, value = item.partition("=")
+        if key in PRUNE_OPTIONS:
+            fields[key] = value
+            continue
         if key not in known:
             raise ValueError(f"--variant {name}: {key!r} is not an S2HConfig field "
-                             f"({', '.join(sorted(known))})")
+                             f"({', '.join(sorted(known))}) or {', '.join(PRUNE_OPTIONS)}")
         fields[key] = ast.literal_eval(value)
     return name, fields
 
@@ -357,7 +388,8 @@ def run_s2h(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int
     train_loader, _ = loaders(args, seed)
     config = s2h_config(method, args)
     pruner = s2h_fx.prune_graph(copy.deepcopy(dense), budget, (torch.zeros(2, *INPUT),),
-                                divisor=args.divisor, config=config)
+                                divisor=args.divisor, config=config,
+                                **prune_options(method, args))
     torch.manual_seed(seed)
     history = fit(pruner, train_loader, args.e1, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
                   device=device, progress=args.progress, finish=False)
@@ -366,6 +398,7 @@ def run_s2h(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int
     return pruner.export(), {"trained_flops_ratio": trained, "projected": projected,
                              "skipped_steps": sum(r.skipped for r in history),
                              "s2h_config": dataclasses.asdict(config),
+                             "attention": pruner.grouping.attention,
                              "widths": {str(g): w for g, w in pruner.widths.items()},
                              "final_train_hard_acc": history[-1].hard_acc if history else None}
 
@@ -439,6 +472,10 @@ def tp_prune(dense: nn.Module, ratio: float, importance: str, grads: list[torch.
             p.grad = g.clone()
     pruner.step()
     work.zero_grad(set_to_none=True)
+    if isinstance(work, torchvision.models.VisionTransformer):
+        # the fix-up Torch-Pruning's own torchvision example applies: the forward
+        # reshapes by this attribute, which pruning the patch projection leaves stale
+        work.hidden_dim = work.conv_proj.out_channels
     return work
 
 

@@ -187,6 +187,9 @@ class GroupingResult:
         )
         if self.unknown_ops:
             head += "; ops without a rule: " + ", ".join(self.unknown_ops)
+        if self.inner_group_of_id is not None:
+            head += (f"; groups {self.inner_from} on are head widths inside whole heads (a "
+                     "head's channel is kept when its head and its width position are)")
         return head + "\n" + "\n".join(lines)
 
     def __str__(self) -> str:

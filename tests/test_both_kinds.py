@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_whole_heads import FORMS, KEEP, D, E, H, N, Block, make
+from test_whole_heads import FORMS, KEEP, Block, D, E, H, N, make
 from torch import nn
 
 import s2h_fx
@@ -23,7 +23,7 @@ from s2h_fx.config import PruneConfig
 from s2h_fx.errors import BudgetError
 from s2h_fx.passes import find_channel_groups, trace_model
 
-from helpers import build, check_random_keeps, count_flops, prunable_group, rel_err
+from helpers import build, check_random_keeps, count_flops, rel_err
 
 TOL = 1e-5
 QK = [1, 2, 5, 6]  # width positions kept of the query/key width
