@@ -322,10 +322,11 @@ def _unmixed(gm: fx.GraphModule, ctx: RuleContext, inner: np.ndarray) -> set[int
         inner[np.isin(inner, list(found))] = -1
 
 
-def _inexact(gm: fx.GraphModule, result: GroupingResult, trials: int = 3) -> set[int]:
-    """Head-width groups on whose tensor axes the size is not the product of the heads
-    kept and the widths kept (the FLOPs model and the shapes would disagree): checked
-    on random keep sets (whole heads, any width positions) against the kept count."""
+def _inexact(gm: fx.GraphModule, result: GroupingResult, trials: int = 4) -> set[int]:
+    """Head-width groups on whose tensor axes (or sliced parameter axes, or axes the
+    FLOPs model reads) the size is not the product of the heads kept and the widths
+    kept (the FLOPs model and the shapes would disagree): checked on keep sets (whole
+    heads, any width positions; every group narrower than full) against the kept count."""
     from s2h_fx.passes.build_flops_model import ids_axis_sizes, mask_extent
     from s2h_fx.passes.plan_surgery import kept_ids
 
@@ -334,29 +335,36 @@ def _inexact(gm: fx.GraphModule, result: GroupingResult, trials: int = 3) -> set
     sizes = {g.index: g.size for g in result.prunable}
     rng = np.random.default_rng(0)
     keeps = []
-    for _ in range(trials):
+    for trial in range(trials):
         keep, widths = {}, {}
         for g in result.prunable:
-            w = int(rng.choice(g.candidate_widths))
+            # every group narrower than full at once (where the product fails it shows
+            # when two factors shrink together): the smallest widths, then random ones
+            narrower = g.candidate_widths[:-1] or g.candidate_widths
+            w = int(narrower[0] if trial == 0 else rng.choice(narrower))
             atom_of = result.atom_of_class[g.index]
             chosen = rng.choice(int(atom_of.max()) + 1, size=w // g.atom, replace=False)
             keep[g.index], widths[g.index] = np.flatnonzero(np.isin(atom_of, chosen)), w
         keeps.append((kept_ids(result, keep), {**sizes, **widths}))
+    # every tensor's channel factors, every sliced parameter axis, every FLOPs reference
+    arrays = [f.ids for node in gm.graph.nodes
+              for lay in iter_layouts(node.meta.get(S2H_LAYOUT)) for f in lay.factors]
+    arrays += list(result.slots.values())
+    arrays += [f.ids for node in gm.graph.nodes for _, refs in node.meta.get(S2H_FLOP_REFS) or ()
+               for f, _ in refs]
     bad: set[int] = set()
-    for node in gm.graph.nodes:
-        for lay in iter_layouts(node.meta.get(S2H_LAYOUT)):
-            for f in lay.factors:
-                labels = inner[f.ids]
-                if not (labels >= 0).any():
-                    continue
-                for t in range(f.ids.ndim):
-                    axes = ids_axis_sizes(f.ids, t, result, sizes)
-                    for kept, widths in keeps:
-                        predicted = float(f.ids.shape[t])
-                        for a in axes:
-                            predicted *= a.at(widths, sizes) / a.full
-                        if abs(predicted - mask_extent(kept[f.ids], t)) > 1e-6:
-                            bad |= set(np.unique(labels[labels >= 0]).tolist())
+    for ids in arrays:
+        labels = inner[ids]
+        if not (labels >= 0).any():
+            continue
+        for t in range(ids.ndim):
+            axes = ids_axis_sizes(ids, t, result, sizes)
+            for kept, widths in keeps:
+                predicted = float(ids.shape[t])
+                for a in axes:
+                    predicted *= a.at(widths, sizes) / a.full
+                if abs(predicted - mask_extent(kept[ids], t)) > 1e-6:
+                    bad |= set(np.unique(labels[labels >= 0]).tolist())
     return bad
 
 

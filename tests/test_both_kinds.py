@@ -243,3 +243,49 @@ def test_torchvision_transformers_prune_heads_and_widths(name: str, size: int,
     assert len(inner) == blocks
     assert all(any(m.endswith("proj:in") or "out_proj" in m for m in g.members) for g in inner)
     check_random_keeps(pruner, (x,), seeds=2)
+
+
+class CatBeforeProj(nn.Module):
+    """The attention's output joined on the channel axis with other channels before the
+    output projection: that axis holds heads x widths plus a count of its own, which is
+    no product of the two, so the head width is left out (whole heads still prune)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.qkv = nn.Linear(10, E), nn.Linear(E, 3 * E)
+        self.side, self.proj, self.head = nn.Linear(E, 8), nn.Linear(E + 8, E), nn.Linear(E, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, n, _ = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, E)
+        return self.head((h + self.proj(torch.cat([o, self.side(h)], -1))).mean(1))
+
+
+def test_a_width_sharing_an_axis_with_other_channels_is_left_out() -> None:
+    torch.manual_seed(0)
+    model, x = CatBeforeProj().eval(), torch.randn(2, N, 10)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="both", divisor=2).eval()
+    grouping = pruner.grouping
+    assert grouping.attention == "heads" and grouping.inner_group_of_id is None
+    heads = [g for g in grouping.prunable if "qkv:out" in g.members]
+    assert [(g.size, g.atom) for g in heads] == [(H * D, D)]
+    check_random_keeps(pruner, (x,), seeds=3)
+
+
+def test_the_random_keep_check_alone_leaves_such_a_width_out(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Without the first filter (channels of one axis all labelled by head widths or
+    none), the check on random keep sets finds that the axis's size is not heads x
+    widths and leaves the width out, saying so."""
+    import importlib
+
+    fcg = importlib.import_module("s2h_fx.passes.find_channel_groups")
+    monkeypatch.setattr(fcg, "_unmixed", lambda *args: set())
+    torch.manual_seed(0)
+    model, x = CatBeforeProj().eval(), torch.randn(2, N, 10)
+    with caplog.at_level("WARNING"):
+        grouping = find_channel_groups(trace_model(model, (x,)), divisor=2, attention="both")
+    assert grouping.attention == "heads" and grouping.inner_group_of_id is None
+    assert "are not heads x widths" in caplog.text
