@@ -289,3 +289,25 @@ def test_the_random_keep_check_alone_leaves_such_a_width_out(
         grouping = find_channel_groups(trace_model(model, (x,)), divisor=2, attention="both")
     assert grouping.attention == "heads" and grouping.inner_group_of_id is None
     assert "are not heads x widths" in caplog.text
+
+
+def test_a_run_in_both_mode_resumes_only_in_both_mode(tmp_path) -> None:  # noqa: ANN001
+    """A checkpoint of a run in both mode holds more masks than one kind has: resuming
+    it with another mode is refused by name, and in both mode it goes on."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from s2h_fx.errors import CheckpointError
+
+    model, x = make("unbind")
+    data = TensorDataset(torch.randn(16, N, 10), torch.randint(0, 5, (16,)))
+
+    def run(attention: str, **kwargs: object) -> s2h_fx.Pruner:
+        pruner = s2h_fx.prune_graph(model, 0.7, (x,), attention=attention, divisor=2)
+        pruner.fit(DataLoader(data, batch_size=8), 1, progress=False, checkpoint=tmp_path,
+                   **kwargs)
+        return pruner
+
+    assert run("both").grouping.attention == "both"
+    with pytest.raises(CheckpointError, match="attention='both'"):
+        run("heads", resume=True)
+    assert run("both", resume=True).grouping.attention == "both"
