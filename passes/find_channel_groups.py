@@ -353,10 +353,15 @@ def _inexact(gm: fx.GraphModule, result: GroupingResult, trials: int = 4) -> set
     arrays += [f.ids for node in gm.graph.nodes for _, refs in node.meta.get(S2H_FLOP_REFS) or ()
                for f, _ in refs]
     bad: set[int] = set()
+    seen: set[tuple[tuple[int, ...], bytes]] = set()
     for ids in arrays:
         labels = inner[ids]
         if not (labels >= 0).any():
             continue
+        key = (ids.shape, ids.tobytes())  # a tensor's channels are often its input's
+        if key in seen:
+            continue
+        seen.add(key)
         for t in range(ids.ndim):
             axes = ids_axis_sizes(ids, t, result, sizes)
             for kept, widths in keeps:
