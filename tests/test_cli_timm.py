@@ -26,6 +26,17 @@ def test_inspect_uses_the_models_own_input_size(capsys: pytest.CaptureFixture[st
     assert "timm:test_vit:" in out and "prunable" in out
 
 
+def test_inspect_a_vit_shows_heads_and_head_widths(capsys: pytest.CaptureFixture[str]) -> None:
+    """The default prunes a ViT's whole heads and their widths, and the table says which
+    groups are head widths; a latency budget refuses attention='both' by name."""
+    assert cli.main(["inspect", "timm:test_vit", "--input-size", "3,32,32"]) == 0
+    assert "are head widths inside whole heads" in capsys.readouterr().out
+    argv = ["export", "timm:test_vit", "--input-size", "3,32,32", "--attention", "both",
+            "--budget", "0.5", "--budget-kind", "latency", "--runtime", "eager", "-o", "x.pt2"]
+    assert cli.main(argv) == 2
+    assert "attention='both'" in capsys.readouterr().err
+
+
 def test_export_a_timm_vit_at_another_size_reloads_and_matches(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_file = tmp_path / "vit.pt2"
