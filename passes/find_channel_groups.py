@@ -469,10 +469,14 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
     link = [root[s] for s in (ctx.slots[k] for k in ctx.producers)] + [root[b] for b in ctx.blocks]
     comp_of = _components(num_classes, [(c[:-1], c[1:]) for c in link])
     atom_of = _components(num_classes, [(root[b][:-1], root[b][1:]) for b in ctx.blocks])
-    arrays = _use_arrays(ctx, gm)
+    prod_ids = np.concatenate([ctx.slots[k] for k in ctx.producers] or [np.zeros(0, np.int64)])
+    # only ids linked to a producer's can be in a group: arrays of none of them (index
+    # buffers, tables of their own) change no part of a group, and are not read
+    linked = np.zeros(int(comp_of.max()) + 1 if n else 0, dtype=bool)
+    linked[comp_of[root[prod_ids]]] = True
+    arrays = _use_arrays(ctx, gm, linked[comp_of[root]] if n else None)
     part_of = _split_by_use(root, num_classes, comp_of, atom_of, arrays)[root]  # per id
     # parts that hold a producer's channels become groups, in order of their first id
-    prod_ids = np.concatenate([ctx.slots[k] for k in ctx.producers] or [np.zeros(0, np.int64)])
     parts, first = np.unique(part_of, return_index=True)
     grouped = np.isin(parts, part_of[prod_ids])
     order = parts[grouped][np.argsort(first[grouped], kind="stable")]
@@ -496,21 +500,21 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         size, atom_map = _atoms(atom_of[by[starts[gi] : starts[gi + 1]]], reasons[gi])
         atoms.append(size)
         atom_maps.append(atom_map)
+    num_groups = len(order)
     for deps, sized, user in ctx.size_checks:
-        used = set(np.unique(group_of[deps]).tolist()) - {-1}
-        own = set(np.unique(group_of[sized]).tolist()) - {-1} if sized is not None else set()
+        used = set(_groups_in(group_of[deps], num_groups))
+        own = set(_groups_in(group_of[sized], num_groups)) if sized is not None else set()
         if used != own:
             ids = deps if sized is None else np.concatenate([deps, sized])
             ctx.freeze(ids, FreezeReason.SIZE_AS_VALUE, user)
     for ids, reason in ctx.frozen:
-        for g in np.unique(group_of[ids]).tolist():
-            if g >= 0:
-                reasons[g].append(reason)
+        for g in _groups_in(group_of[ids], num_groups):
+            reasons[g].append(reason)
     _check_uniform(arrays, group_of, class_of, sizes, reasons, atom_maps if ctx.heads else None)
     members = _members(ctx, group_of, len(order))
     producers: dict[int, list[SlotKey]] = defaultdict(list)
     for k in ctx.producers:
-        for g in np.unique(group_of[ctx.slots[k]]).tolist():
+        for g in _groups_in(group_of[ctx.slots[k]], num_groups):
             producers[g].append(k)
     groups = []
     for gi in range(len(order)):
@@ -527,6 +531,13 @@ def _build_groups(ctx: RuleContext, gm: fx.GraphModule, divisor: int) -> Groupin
         tuple(groups), tuple(ctx.spaces), dict(ctx.slots), group_of, class_of,
         tuple(dict.fromkeys(ctx.unknown)), tuple(atom_maps),
     )
+
+
+def _groups_in(group_of_ids: np.ndarray, num_groups: int) -> list[int]:
+    """The groups (>= 0) that occur, in order: a count, not a sort (called once per
+    slot, producer and frozen set)."""
+    found = group_of_ids[group_of_ids >= 0]
+    return np.flatnonzero(np.bincount(found.ravel(), minlength=num_groups)).tolist()
 
 
 def _components(n: int, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -587,15 +598,20 @@ def _divisor(size: int, atom: int, default: int) -> int:
 Places = list[tuple[int, str]]  # (order of first listing, node or space name)
 
 
-def _use_arrays(ctx: RuleContext, gm: fx.GraphModule) -> list[tuple[np.ndarray, Places]]:
+def _use_arrays(ctx: RuleContext, gm: fx.GraphModule,
+                reach: np.ndarray | None = None) -> list[tuple[np.ndarray, Places]]:
     """The ids of every space and of every tensor's channel factor, with where they are.
     Equal arrays are listed once with every place that holds them (a conv's output,
     its norm's and its activation's carry the same ids: a ViT-Base's 782 arrays hold
-    262 distinct ones), so the counting below sorts each id once."""
+    262 distinct ones), so the counting below sorts each id once. With ``reach`` (per
+    id: may it join a group) arrays without such an id are left out: BEiT's relative
+    position index buffers hold 465,000 of its 767,000 ids, none of them a channel."""
     out: list[tuple[np.ndarray, Places]] = []
     seen: dict[bytes, int] = {}
 
     def add(ids: np.ndarray, name: str, place: int) -> None:
+        if reach is not None and not reach[ids].any():
+            return
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         key = ids.tobytes()
         i = seen.setdefault(key, len(out))
@@ -751,9 +767,8 @@ def _members(ctx: RuleContext, group_of: np.ndarray, num_groups: int) -> list[tu
             name = f"{path}[{axis}]"
         else:
             name = owner
-        for g in np.unique(group_of[ids]).tolist():
-            if g >= 0:
-                names[g].append(name)
+        for g in _groups_in(group_of[ids], num_groups):
+            names[g].append(name)
     return [tuple(dict.fromkeys(n)) for n in names]
 
 
