@@ -53,13 +53,16 @@ def load_model(name: str, *, num_classes: int | None = None,
     return torchvision.models.get_model(name, weights=None, **kwargs).eval()
 
 
+def _no_timm(name: str) -> InputError:
+    return InputError(f"timm:{name} needs timm, an optional extra: pip install 's2h-fx[timm]'")
+
+
 def _load_timm(name: str, image_size: tuple[int, int] | None,
                kwargs: dict[str, Any]) -> nn.Module:
     try:
         import timm
     except ImportError as exc:
-        raise InputError(f"timm:{name} needs timm, an optional extra: "
-                         f"pip install 's2h-fx[timm]'") from exc
+        raise _no_timm(name) from exc
     if not timm.is_model(name):  # takes a pretrained tag too: resnet18.a1_in1k
         raise _unknown(name, timm.list_models(), "timm model", "timm.list_models()")
     try:
@@ -81,8 +84,10 @@ def default_input_size(name: str) -> tuple[int, ...]:
     """(C, H, W) the model is made for: a timm model's pretrained configuration's input
     size (read without building the model), else 3x224x224."""
     if is_timm(name):
-        from timm.models import get_pretrained_cfg
-
+        try:
+            from timm.models import get_pretrained_cfg
+        except ImportError as exc:
+            raise _no_timm(name[len(TIMM_PREFIX):]) from exc
         cfg = get_pretrained_cfg(name[len(TIMM_PREFIX):])
         if cfg is not None and cfg.input_size:
             return tuple(int(s) for s in cfg.input_size)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from s2h_fx import cli, models
+from s2h_fx.errors import InputError
 
 timm = pytest.importorskip("timm", reason="timm is in the [dev] extra")
 
@@ -96,6 +97,8 @@ def test_missing_timm_names_the_extra(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(builtins, "__import__", no_timm)
     assert cli.main(["inspect", "timm:test_vit"]) == 2
     assert "pip install 's2h-fx[timm]'" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"pip install 's2h-fx\[timm\]'"):
+        models.default_input_size("timm:test_vit")  # read before the model is built
 
 
 def test_image_size_only_where_the_model_takes_one() -> None:
