@@ -70,8 +70,9 @@ class Structure:
     ``plan`` was planned for the kept classes at the time it was built; its shapes
     and rewrites hold for every selection of these widths, its index tensors only
     for that one (the step uses :meth:`KeepIndex.cuts` instead). ``counts[s]``:
-    kept positions of candidate slot ``s``; ``thresholds``: per position, the
-    width of its group (0 where the position is always kept), on the device.
+    kept positions of candidate slot ``s``; ``thresholds``: per layer of labels and
+    position, the width of its group (0 where the position is always kept), on the
+    device.
     """
 
     widths: tuple[int, ...]
@@ -87,7 +88,9 @@ class KeepIndex:
     All candidate slots (parameter axes that carry a prunable channel) are laid end
     to end once: per position the global class index (into the concatenated rank
     buffers, or a sentinel of rank -1 for a channel no mask prunes) and its local
-    position. A position is kept when its class's rank is below its group's width.
+    position. A position is kept when its class's rank is below its group's width
+    (in every layer of labels: with ``attention="both"`` a head's channel has its
+    head's class and its width position's).
     The kept positions of slot ``s`` are, in order, entries ``[start_s, start_s +
     k_s)`` of the scatter of local positions to ``cumsum(kept) - 1``: ``k_s`` and
     ``start_s`` are host numbers of the structure, so no ``nonzero`` (a host read)
