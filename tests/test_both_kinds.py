@@ -311,3 +311,24 @@ def test_a_run_in_both_mode_resumes_only_in_both_mode(tmp_path) -> None:  # noqa
     with pytest.raises(CheckpointError, match="attention='both'"):
         run("heads", resume=True)
     assert run("both", resume=True).grouping.attention == "both"
+
+
+def test_timm_swin_prunes_heads_and_widths() -> None:
+    """timm's Swin (heads of width 8: widths in multiples of 2 here): each block's head
+    width merges inside its heads, the relative position table follows the heads;
+    random keep sets export exactly with the FLOPs the model predicts."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
+                              embed_dim=24, depths=(2, 1), num_heads=(3, 6), window_size=7,
+                              num_classes=10).eval()
+    x = torch.randn(2, 3, 56, 56)
+    pruner = s2h_fx.prune_graph(model, 1.0, (x,), attention="both", divisor=2).eval()
+    with torch.no_grad():
+        assert rel_err(pruner(x), model(x)) < TOL
+    grouping = pruner.grouping
+    inner = [g for g in grouping.prunable if g.index >= grouping.inner_from]
+    assert len(inner) == 3 and all(g.size == 8 for g in inner)  # one per block
+    # the table (a parameter of the attention module itself) is in its block's heads
+    heads = next(g for g in grouping.prunable if "layers.0.blocks.1.attn" in g.members)
+    assert heads.index < grouping.inner_from and (heads.size, heads.atom) == (24, 8)
+    check_random_keeps(pruner, (x,), seeds=3)
