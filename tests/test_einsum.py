@@ -84,6 +84,7 @@ def test_torchvision_maxvit_prunes_its_attention() -> None:
     x = torch.randn(1, 3, 224, 224)
     pruner = s2h_fx.prune_graph(model, 1.0, (x,)).eval()
     assert len(pruner.grouping.frozen) == 1
+    assert pruner.grouping.attention == "both"  # the default: whole heads and their widths
     members = {m for g in pruner.grouping.prunable for m in g.members}
     assert "blocks.0.layers.0.layers.window_attention.attn_layer.1.to_qkv:out" in members
     with torch.no_grad():
