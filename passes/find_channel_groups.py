@@ -248,8 +248,10 @@ def _merge_head_widths(gm: fx.GraphModule, wctx: RuleContext, widths: GroupingRe
     n = len(heads.group_of_id)
     inner_g, inner_c = np.full(n, -1, dtype=np.int64), np.full(n, -1, dtype=np.int64)
     accepted: list[int] = []
+    by_group = np.argsort(widths.group_of_id, kind="stable")  # the ids of each group, once
+    bounds = np.searchsorted(widths.group_of_id[by_group], np.arange(len(widths.groups) + 1))
     for b in widths.prunable:
-        w_ids = np.flatnonzero(widths.group_of_id == b.index)
+        w_ids = by_group[bounds[b.index]:bounds[b.index + 1]]
         h_ids = w2h[w_ids]
         if np.any(h_ids < 0):
             continue
@@ -308,7 +310,7 @@ def _unmixed(gm: fx.GraphModule, ctx: RuleContext, inner: np.ndarray) -> set[int
     not the product of heads and widths), until none is left."""
     inner = inner.copy()
     rejected: set[int] = set()
-    arrays = [ids for ids, _ in _use_arrays(ctx, gm)]
+    arrays = [ids for ids, _ in _use_arrays(ctx, gm, inner >= 0)]
     while True:
         found: set[int] = set()
         for ids in arrays:
