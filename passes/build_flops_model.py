@@ -14,7 +14,6 @@ emitted graph and differentiable in the widths (the budget loss uses it).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +152,7 @@ def build_flops_model(gm: fx.GraphModule, grouping: GroupingResult) -> FlopsMode
             out = node.meta.get(S2H_LAYOUT)
             parts = ((1.0, _all_axes(out) if isinstance(out, ChannelLayout) else ()),)
         for share, refs in parts:
-            axes = tuple(a for f, t in refs for a in _axis_sizes(f, t, grouping, sizes)
+            axes = tuple(a for f, t in refs for a in ids_axis_sizes(f.ids, t, grouping, sizes)
                          if a.coefs)
             if axes:
                 terms.append(FlopTerm(node.name, base * share, axes))
@@ -175,11 +174,6 @@ def mask_extent(mask: np.ndarray, axis: int) -> int:
     """How many indices along ``axis`` of a boolean array hold a True."""
     other = tuple(k for k in range(mask.ndim) if k != axis)
     return int(np.count_nonzero(mask.any(axis=other) if other else mask))
-
-
-def _axis_sizes(f: Factor, t: int, grouping: GroupingResult,
-                sizes: dict[int, int]) -> tuple[AxisSize, ...]:
-    return ids_axis_sizes(f.ids, t, grouping, sizes)
 
 
 def slot_axis_size(ids: np.ndarray, grouping: GroupingResult,
@@ -227,6 +221,3 @@ def _layer_axis_size(ids: np.ndarray, t: int, grouping: GroupingResult, sizes: d
         if dropped:
             coefs.append((g, dropped / (sizes[g] - grp.divisor)))
     return AxisSize(float(full), tuple(coefs))
-
-
-_ = math

@@ -94,22 +94,13 @@ def find_channel_groups(
         changed = ctx.graph_changed  # an analysis may write into the graph (SDPA scale)
     if attention == "auto" and auto_both and _computes_attention(gm):
         # whole heads and their widths, where they prune no fewer producer channels
-        width_score = _prunable_producer_ids(ctx, result)
-        tried: list[RuleContext] = []
-
-        def both() -> Analysis:
-            c, r, _ = _both(gm, divisor, (ctx, result))
-            tried.append(c)
-            return c, r
-
-        (ctx, result), _ = _keep_better(
-            gm, (ctx, result), both,
+        widths = (ctx, result)
+        (ctx, result), other = _keep_better(
+            gm, widths, lambda: _both(gm, divisor, widths)[:2],
             # a tie goes to the analysis that prunes head widths inside whole heads
             lambda c, r: 2 * _prunable_producer_ids(c, r) + (r.inner_group_of_id is not None),
             "attention='auto': pruning whole heads and the width of the heads kept")
-        changed |= tried[0].graph_changed
-        log.debug("attention='auto': %s (width analysis: %d prunable producer channels)",
-                  result.attention, width_score)
+        changed |= other.graph_changed
     elif attention == "auto" and _heads_may_help(gm, ctx, result):
         # attention whose head width cannot be pruned (RoPE tables along it): whole heads
         (ctx, result), other = _keep_better(

@@ -220,8 +220,7 @@ class RuleContext:
                                  SpaceKind.HEADS)
             self.couple(ids, rows[:, 0])
             self._head_ids[key] = ids
-        for i, row in zip(ids.tolist(), rows):
-            self.head_rows.setdefault(i, row)
+            self.head_rows.update(zip(ids.tolist(), rows))
         return ids
 
     def couple(self, a: np.ndarray, b: np.ndarray) -> None:
