@@ -56,6 +56,11 @@ class CliError(Exception):
 
 
 # ---- argument parsing ------------------------------------------------------
+
+ATTENTION_HELP = ("prune each attention head's width, whole heads, both (whole heads and the "
+                  "width of those kept), or (auto, the default) both where whole heads prune "
+                  "no less than widths")
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -107,9 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="widths are multiples of this where a group allows (default 8; "
                              "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
     common.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
-                        help="prune each attention head's width, whole heads, both (whole heads "
-                             "and the width of those kept), or (auto, the default) both where "
-                             "whole heads prune no less than widths")
+                        help=ATTENTION_HELP)
     common.add_argument("--strict", action="store_true",
                         help="fail on ops without a coupling rule instead of freezing their groups")
     common.add_argument("--seed", type=int, default=0,
@@ -243,9 +246,7 @@ def _add_prune_parser(sub: Any) -> None:
                        help="widths are multiples of this where a group allows (default 8; "
                             "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
     prune.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
-                       help="prune each attention head's width, whole heads, both (whole heads "
-                            "and the width of those kept), or (auto, the default) both where "
-                            "whole heads prune no less than widths")
+                       help=ATTENTION_HELP)
     prune.add_argument("--strict", action="store_true",
                        help="fail on ops without a coupling rule instead of freezing their groups")
     prune.add_argument("--workers", type=_non_negative_int, default=0,

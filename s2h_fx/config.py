@@ -35,8 +35,8 @@ LANDING_TOLERANCE = 0.02
 RECALIBRATE_NEAR = 0.05
 GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full size included)
 # what an attention block prunes: each head's width (heads stay whole), or whole heads,
-# or both (whole heads and the width of those kept), or (auto) the width unless whole
-# heads leave more channels prunable
+# or both (whole heads and the width of those kept), or (auto) both where whole heads
+# leave no fewer channels prunable than widths (see PruneConfig)
 ATTENTION_MODES = ("auto", "width", "heads", "both")
 
 
@@ -92,8 +92,8 @@ class PruneConfig:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(
                 f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))} (prune "
-                "each head's width, whole heads, both, or the width unless heads prune "
-                f"more); got {self.attention!r}")
+                "each head's width, whole heads, both, or both where heads prune no less "
+                f"than widths); got {self.attention!r}")
         b = self.budget
         if isinstance(b, dict):
             b = self._from_dict(b)
