@@ -61,6 +61,7 @@ ATTENTION_HELP = ("prune each attention head's width, whole heads, both (whole h
                   "width of those kept), or (auto, the default) both where whole heads prune "
                   "no less than widths")
 
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
