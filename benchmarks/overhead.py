@@ -23,6 +23,11 @@ remainder, S2H step / dense - floor, is everything else: the kept positions'
 indices, importance and re-ranking, the mask step, the resource loss and its
 backward, the decoupled backward's bookkeeping, the statistics snapshot.
 
+On the CPU the steps run with freed memory kept in the process, as ``fit`` runs
+its epochs (:mod:`s2h_fx.heap`; ``--no-keep-heap``: glibc's default, which
+returns the S2H step's freed activations to the kernel so that the next step
+faults them in again); the minor page faults of each step are reported.
+
 All four are timed interleaved, the order rotated each repetition, after
 ``--warmup`` untimed rounds; medians. On CUDA (``--device cuda``: batch 128,
 224x224 and autocast bfloat16 by default) every timed step is bracketed by
@@ -217,6 +222,7 @@ def build(name: str, input_size: tuple[int, ...], batch: int, seed: int
 def measure(name: str, args: argparse.Namespace) -> Row:
     import s2h_fx
     from s2h_fx.config import S2HConfig
+    from s2h_fx.heap import kept_heap
 
     dev = torch.device(args.device)
     model, x, y = build(name, args.input_size, args.batch_size, args.seed)
@@ -248,18 +254,23 @@ def measure(name: str, args: argparse.Namespace) -> Row:
         "G_s pass": lambda: gs_pass(pruner, x, y, ctx),
     }
     names = list(steps)
-    for _ in range(args.warmup):
-        for n in names:
-            steps[n]()
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     seen = [_widths_key(pruner)]
-    for rep in range(args.repeat):
-        k = rep % len(names)
-        for n in names[k:] + names[:k]:
-            runs[n].append(steps[n]())
-        key = _widths_key(pruner)
-        if key != seen[-1]:
-            seen.append(key)
+    # fit keeps freed memory in the process on the CPU while an epoch runs; so does
+    # this (--no-keep-heap: as glibc does by default), for all four alike
+    with kept_heap(args.keep_heap and dev.type == "cpu") as heap_kept:
+        for _ in range(args.warmup):
+            for n in names:
+                steps[n]()
+        for rep in range(args.repeat):
+            k = rep % len(names)
+            for n in names[k:] + names[:k]:
+                faults = _minor_faults()
+                runs[n].append(steps[n]())
+                runs[n][-1]["faults"] = _minor_faults() - faults
+            key = _widths_key(pruner)
+            if key != seen[-1]:
+                seen.append(key)
     med = {n: statistics.median(r["total"] for r in runs[n]) for n in names}
     cpu = {n: statistics.median(r["cpu"] for r in runs[n]) for n in names}
     dense_s = med["dense"]
@@ -285,7 +296,9 @@ def measure(name: str, args: argparse.Namespace) -> Row:
         "dense_parts": {k: statistics.median(r[k] for r in runs["dense"])
                         for k in runs["dense"][0]},
         "s2h_parts": {k: statistics.median(s.get(k, 0.0) for s in runs["s2h"])
-                      for k in runs["s2h"][0]},
+                      for k in runs["s2h"][0] if k != "faults"},
+        "heap_kept": heap_kept,
+        "page_faults": {n: statistics.median(r["faults"] for r in runs[n]) for n in names},
         "hard_flops_ratio": float(pruner.flops_ratio()),
         "width_changes": len(seen) - 1,
         "plan_builds": getattr(state, "plan_builds", None),
@@ -313,6 +326,9 @@ def report(row: Row) -> str:
     parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["s2h_parts"].items()
                       if k not in ("total", "cpu"))
     lines.append(f"  where the S2H step goes (ms, medians): {parts}")
+    faults = ", ".join(f"{k} {v:g}" for k, v in row["page_faults"].items())
+    lines.append(f"  minor page faults per step (medians): {faults}; freed memory kept in "
+                 f"the process: {'yes' if row['heap_kept'] else 'no'}")
     return "\n".join(lines)
 
 
@@ -336,6 +352,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "widths hardly move; fit starts from soft logits)")
     ap.add_argument("--repeat", type=int, default=7, help="timed steps of each (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each first")
+    ap.add_argument("--no-keep-heap", dest="keep_heap", action="store_false",
+                    help="on CPU: let glibc return freed memory to the kernel during the "
+                         "steps (its default; fit keeps it: s2h_fx.heap)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write JSON lines here")
@@ -350,6 +369,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     return args
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def _loadavg() -> str:

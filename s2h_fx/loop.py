@@ -30,6 +30,7 @@ from torch import nn
 from s2h_fx.checkpoint import FORMAT, VERSION, CheckpointStore, rng_state, set_rng_state
 from s2h_fx.dist import agree, average, rank, world_size
 from s2h_fx.errors import CheckpointError, InputError, NonFiniteError
+from s2h_fx.heap import kept_heap
 from s2h_fx.schedule import CosineSchedule
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,10 @@ class TrainStep(Protocol):
 class LoopSettings:
     """``epochs``: all epochs of the run (warm-up included). ``max_nonfinite``: stop
     after this many skipped steps in a row (None: never). ``checkpoint_every``: also
-    checkpoint every this many batches (None: at the end of each epoch only)."""
+    checkpoint every this many batches (None: at the end of each epoch only).
+    ``keep_heap``: on the CPU, keep freed memory in the process while an epoch runs
+    (:func:`s2h_fx.heap.kept_heap`: an S2H step otherwise page-faults its activations
+    back in every step)."""
 
     epochs: int
     steps_per_epoch: int | None = None
@@ -65,6 +69,7 @@ class LoopSettings:
     checkpoint_every: int | None = None
     amp: bool = False
     progress: bool = False
+    keep_heap: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps_per_epoch", "max_nonfinite", "checkpoint_every"):
@@ -203,8 +208,9 @@ class Loop:
         it = self.batches()
         step.begin()
         try:
-            with _progress(it, desc, self.settings.progress, loader_length(self.loader),
-                           st.step) as bar:
+            with kept_heap(self.settings.keep_heap and self.device.type == "cpu"), \
+                    _progress(it, desc, self.settings.progress, loader_length(self.loader),
+                              st.step) as bar:
                 for batch in bar:
                     metrics = self._one(step, batch)
                     st.step += 1

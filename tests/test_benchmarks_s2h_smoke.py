@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import load_benchmark
@@ -75,14 +77,16 @@ def test_gap_js_divergence():
     assert math.isclose(float(far), math.log(2), rel_tol=1e-6)
 
 
-def test_overhead_toy(tmp_path, capsys):
+@pytest.mark.parametrize("keep", [True, False])
+def test_overhead_toy(tmp_path, capsys, keep):
     overhead = load("overhead")
     out = tmp_path / "overhead.jsonl"
     threads = torch.get_num_threads()
     try:
         rc = overhead.main(["--models", "toy", "--input-size", "3,16,16", "--batch-size", "8",
                             "--repeat", "6", "--warmup", "1", "--threads", "1",
-                            "--mask-lr", "0.5", "--out", str(out)])
+                            "--mask-lr", "0.5", "--out", str(out)]
+                           + ([] if keep else ["--no-keep-heap"]))
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -101,6 +105,12 @@ def test_overhead_toy(tmp_path, capsys):
     # structure was built once per widths tuple, not per step
     assert row["width_changes"] >= 1
     assert row["plan_builds"] == row["skeleton_builds"] <= 1 + 2 * (6 + 1)
+    # each step's page faults are counted, with freed memory kept in the process as
+    # fit keeps it on glibc (elsewhere nothing is kept)
+    assert set(row["page_faults"]) == {"dense", "s2h", "soft alone", "hard alone", "G_s pass"}
+    assert all(v >= 0 for v in row["page_faults"].values())
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert row["heap_kept"] is (glibc and keep)
     printed = capsys.readouterr().out
     assert "floor = " in printed and "(soft step" in printed and "remainder" in printed
-    assert "3x16x16" in printed
+    assert "3x16x16" in printed and "minor page faults per step" in printed
