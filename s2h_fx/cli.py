@@ -60,6 +60,8 @@ class CliError(Exception):
 ATTENTION_HELP = ("prune each attention head's width, whole heads, both (whole heads and the "
                   "width of those kept), or (auto, the default) both where whole heads prune "
                   "no less than widths")
+DIVISOR_HELP = ("widths are multiples of this where a group allows (default 8; for a latency "
+                "budget its runtime's: 32 for onnxruntime on CPU)")
 
 
 def _positive_int(text: str) -> int:
@@ -110,8 +112,7 @@ def _build_parser() -> argparse.ArgumentParser:
                              "3,224,224 for torchvision)")
     common.add_argument("--batch", type=_positive_int, default=1, help="example batch size (default 1)")
     common.add_argument("--divisor", type=_positive_int, default=None,
-                        help="widths are multiples of this where a group allows (default 8; "
-                             "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
+                        help=DIVISOR_HELP)
     common.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
                         help=ATTENTION_HELP)
     common.add_argument("--strict", action="store_true",
@@ -244,8 +245,7 @@ def _add_prune_parser(sub: Any) -> None:
                        help="also train a dense copy for the same epochs, for the table's "
                             "dense row (default: the dense row is the starting weights)")
     prune.add_argument("--divisor", type=_positive_int, default=None,
-                       help="widths are multiples of this where a group allows (default 8; "
-                            "for a latency budget its runtime's: 32 for onnxruntime on CPU)")
+                       help=DIVISOR_HELP)
     prune.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
                        help=ATTENTION_HELP)
     prune.add_argument("--strict", action="store_true",
