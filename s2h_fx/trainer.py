@@ -492,10 +492,10 @@ def fit_dense(
     val_loader: Iterable[Any] | None = None, lr: float = 0.05, momentum: float = 0.9,
     weight_decay: float = 5e-4, nesterov: bool = False,
     device: str | torch.device = "cpu", progress: bool = False, steps_per_epoch: int | None = None, max_nonfinite: int | None = 5,
-    keep_heap: bool = True,
+    keep_heap: bool = True, amp: bool = False,
 ) -> list[dict[str, float]]:
     """Plain cross-entropy training with the loop, optimiser and schedule :func:`fit`
-    uses for the weights (``keep_heap`` as there). Returns per-epoch ``{"epoch", "loss", "acc"[, "val_acc"]}``."""
+    uses for the weights (``keep_heap`` and ``amp`` as there). Returns per-epoch ``{"epoch", "loss", "acc"[, "val_acc"]}``."""
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
     dev = torch.device(device)
@@ -503,7 +503,7 @@ def fit_dense(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay, nesterov=nesterov)
     loop = Loop(model, train_loader, opt, dev,
-                LoopSettings(epochs, steps_per_epoch, max_nonfinite, None, False, progress,
+                LoopSettings(epochs, steps_per_epoch, max_nonfinite, None, amp, progress,
                              keep_heap))
     step = _PlainStep(model)
     history = []

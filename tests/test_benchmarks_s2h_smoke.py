@@ -114,3 +114,24 @@ def test_overhead_toy(tmp_path, capsys, keep):
     printed = capsys.readouterr().out
     assert "floor = " in printed and "(soft step" in printed and "remainder" in printed
     assert "3x16x16" in printed and "minor page faults per step" in printed
+
+
+def test_fit_speed_toy(tmp_path, capsys):
+    fit_speed = load("fit_speed")
+    out = tmp_path / "fit_speed.jsonl"
+    threads = torch.get_num_threads()
+    try:
+        rc = fit_speed.main(["--model", "toy", "--input-size", "3,16,16", "--batch-size", "8",
+                             "--epochs", "2", "--steps", "3", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["device"] == "cpu" and row["amp"] is False and row["gpu"] is None
+    assert set(row["seconds"]) == {"dense", "s2h fit", "s2h search"}
+    for name, seconds in row["seconds"].items():  # 2 epochs x 3 steps x 8 images
+        assert seconds > 0 and math.isclose(row["images_per_s"][name], 48 / seconds), name
+    assert math.isclose(row["s2h_search_over_dense"],
+                        row["seconds"]["dense"] / row["seconds"]["s2h search"])
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "s2h search" in printed

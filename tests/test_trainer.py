@@ -162,3 +162,14 @@ def _walk(obj, key=None):
         for k, v in obj.items():
             yield k, v
             yield from _walk(v, k)
+
+
+def test_fit_dense_trains_under_autocast_when_asked() -> None:
+    """fit_dense(amp=True) runs its forwards under fit's autocast (bfloat16 on the CPU)."""
+    for amp, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        torch.manual_seed(0)
+        model = Tiny()
+        seen: list[torch.dtype] = []
+        model.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        fit_dense(model, Reiterable(), 1, amp=amp, steps_per_epoch=BATCHES)
+        assert seen and set(seen) == {dtype}, amp

@@ -1,0 +1,167 @@
+"""Training throughput of ``fit`` next to a plain dense training loop: images per
+second, same model, batches, optimiser and loop, in one run.
+
+- dense: ``s2h_fx.trainer.fit_dense`` (cross-entropy, SGD, the loop ``fit`` uses);
+- S2H fit: ``prune_graph`` + ``fit`` with the default phases (descent, search,
+  settling: the last 60 % of the epochs train the hard network alone, so this is
+  what a whole run averages);
+- S2H search: ``fit`` with every epoch in the search phase (both branches, the
+  decoupled backward, the mask step and re-ranking every step): the slowest phase.
+
+The batches are random tensors made once on the device (no data loading in the
+timing); ``--steps`` batches per epoch, ``--epochs`` epochs, after one untimed
+warm-up epoch of each on a throwaway copy (CUDA kernels chosen, caches filled).
+The time is the wall time of the ``fit`` / ``fit_dense`` call, synchronised on
+CUDA, without the pruner's preparation and without ``fit``'s finish (BatchNorm
+re-estimation, projection). ``--amp`` is ``fit``'s own: float16 with a GradScaler
+on CUDA (the default there), bfloat16 autocast on the CPU.
+
+    python benchmarks/fit_speed.py --model resnet18 --threads 1
+    python benchmarks/fit_speed.py --model resnet50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+Row = dict[str, Any]
+
+
+def build(name: str, input_size: tuple[int, ...], seed: int) -> tuple[nn.Module, int]:
+    torch.manual_seed(seed)
+    if name == "toy":  # a small conv net, for tests
+        c = input_size[0]
+        return nn.Sequential(
+            nn.Conv2d(c, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)), 10
+    return getattr(torchvision.models, name)(weights=None), 1000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn: Any) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace) -> Row:
+    import s2h_fx
+    from s2h_fx.config import S2HConfig
+    from s2h_fx.trainer import fit, fit_dense
+
+    dev = torch.device(args.device)
+    model, classes = build(args.model, args.input_size, args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [(torch.randn(args.batch_size, *args.input_size, generator=gen).to(dev),
+                torch.randint(0, classes, (args.batch_size,), generator=gen).to(dev))
+               for _ in range(args.steps)]
+    example = (batches[0][0][:2].cpu(),)
+    common = {"device": dev, "progress": False, "steps_per_epoch": args.steps, "amp": args.amp}
+    search_only = S2HConfig(descent_epochs=0, settle_epochs=0)
+
+    def dense(epochs: int) -> float:
+        net = copy.deepcopy(model)
+        return _timed(dev, lambda: fit_dense(net, batches, epochs, **common))
+
+    def s2h(epochs: int, config: S2HConfig | None = None) -> float:
+        pruner = s2h_fx.prune_graph(copy.deepcopy(model), args.budget, example_inputs=example,
+                                    config=config)
+        return _timed(dev, lambda: fit(pruner, batches, epochs, finish=False, **common))
+
+    runs = {"dense": lambda e: dense(e), "s2h fit": lambda e: s2h(e),
+            "s2h search": lambda e: s2h(e, search_only)}
+    for run in runs.values():  # warm-up: one epoch of each, thrown away
+        run(1)
+    seconds = {name: run(args.epochs) for name, run in runs.items()}
+    images = args.epochs * args.steps * args.batch_size
+    ips = {name: images / s for name, s in seconds.items()}
+    return {
+        "model": args.model, "device": str(dev),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "amp": args.amp, "input_size": list(args.input_size), "batch_size": args.batch_size,
+        "budget": args.budget, "epochs": args.epochs, "steps": args.steps,
+        "seconds": seconds, "images_per_s": ips,
+        "s2h_fit_over_dense": ips["s2h fit"] / ips["dense"],
+        "s2h_search_over_dense": ips["s2h search"] / ips["dense"],
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
+def report(row: Row) -> str:
+    size = "x".join(str(s) for s in row["input_size"])
+    where = row["gpu"] or f"{row['device']}, {row['threads']} threads"
+    lines = [f"{row['model']} on {where}{', amp' if row['amp'] else ''}: batch "
+             f"{row['batch_size']}, input {size}, budget {row['budget']}, {row['epochs']} "
+             f"epochs of {row['steps']} steps, torch {row['torch']}",
+             f"  {'':12s} {'images/s':>10s} {'vs dense':>9s}"]
+    for name, ips in row["images_per_s"].items():
+        lines.append(f"  {name:12s} {ips:10.1f} {ips / row['images_per_s']['dense']:8.2f}x")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="resnet18",
+                    help="torchvision model name ('toy': a small conv net)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 32 on CPU, 128 on CUDA")
+    ap.add_argument("--input-size", default=None,
+                    help="C,H,W; default 3,64,64 on CPU, 3,224,224 on CUDA")
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                    help="fit's amp (default: on for CUDA, off on CPU)")
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--epochs", type=int, default=5, help="timed epochs of each")
+    ap.add_argument("--steps", type=int, default=10, help="batches per epoch")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="append a JSON line here")
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda, but CUDA is not available")
+    if args.epochs < 1 or args.steps < 1:
+        ap.error("--epochs and --steps must be >= 1")
+    args.batch_size = args.batch_size or (128 if cuda else 32)
+    args.input_size = tuple(int(s) for s in (args.input_size or (
+        "3,224,224" if cuda else "3,64,64")).split(","))
+    args.amp = cuda if args.amp is None else args.amp
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    # a throughput benchmark: the short runs' projection notices are not its subject
+    logging.getLogger("s2h_fx").setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    row = measure(args)
+    print(report(row), flush=True)
+    if args.out is not None:
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
