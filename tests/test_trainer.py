@@ -170,6 +170,6 @@ def test_fit_dense_trains_under_autocast_when_asked() -> None:
         torch.manual_seed(0)
         model = Tiny()
         seen: list[torch.dtype] = []
-        model.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        model.head.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
         fit_dense(model, Reiterable(), 1, amp=amp, steps_per_epoch=BATCHES)
         assert seen and set(seen) == {dtype}, amp
