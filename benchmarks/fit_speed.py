@@ -151,11 +151,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    # a throughput benchmark: the short runs' projection notices are not its subject
-    logging.getLogger("s2h_fx").setLevel(logging.ERROR)
     if args.threads:
         torch.set_num_threads(args.threads)
-    row = measure(args)
+    # a throughput benchmark: the short runs' projection notices are not its subject
+    quiet = logging.getLogger("s2h_fx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        row = measure(args)
+    finally:
+        quiet.setLevel(level)
     print(report(row), flush=True)
     if args.out is not None:
         with args.out.open("a") as f:

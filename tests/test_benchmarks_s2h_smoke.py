@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 from pathlib import Path
@@ -119,6 +120,7 @@ def test_overhead_toy(tmp_path, capsys, keep):
 def test_fit_speed_toy(tmp_path, capsys):
     fit_speed = load("fit_speed")
     out = tmp_path / "fit_speed.jsonl"
+    level = logging.getLogger("s2h_fx").level
     threads = torch.get_num_threads()
     try:
         rc = fit_speed.main(["--model", "toy", "--input-size", "3,16,16", "--batch-size", "8",
@@ -135,3 +137,4 @@ def test_fit_speed_toy(tmp_path, capsys):
                         row["seconds"]["dense"] / row["seconds"]["s2h search"])
     printed = capsys.readouterr().out
     assert "images/s" in printed and "s2h search" in printed
+    assert logging.getLogger("s2h_fx").level == level  # quiet only while it ran
