@@ -13,7 +13,8 @@ timing); ``--steps`` batches per epoch, ``--epochs`` epochs, after one untimed
 warm-up epoch of each on a throwaway copy (CUDA kernels chosen, caches filled).
 The time is the wall time of the ``fit`` / ``fit_dense`` call, synchronised on
 CUDA, without the pruner's preparation and without ``fit``'s finish (BatchNorm
-re-estimation, projection). ``--amp`` is ``fit``'s own: float16 with a GradScaler
+re-estimation, projection). ``--no-keep-heap``: both loops without
+``keep_heap`` (on the CPU). ``--amp`` is ``fit``'s own: float16 with a GradScaler
 on CUDA (the default there), bfloat16 autocast on the CPU.
 
     python benchmarks/fit_speed.py --model resnet18 --threads 1
@@ -75,7 +76,8 @@ def measure(args: argparse.Namespace) -> Row:
                 torch.randint(0, classes, (args.batch_size,), generator=gen).to(dev))
                for _ in range(args.steps)]
     example = (batches[0][0][:2].cpu(),)
-    common = {"device": dev, "progress": False, "steps_per_epoch": args.steps, "amp": args.amp}
+    common = {"device": dev, "progress": False, "steps_per_epoch": args.steps, "amp": args.amp,
+              "keep_heap": args.keep_heap}
     search_only = S2HConfig(descent_epochs=0, settle_epochs=0)
 
     def dense(epochs: int) -> float:
@@ -97,7 +99,8 @@ def measure(args: argparse.Namespace) -> Row:
     return {
         "model": args.model, "device": str(dev),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "amp": args.amp, "input_size": list(args.input_size), "batch_size": args.batch_size,
+        "amp": args.amp, "keep_heap": args.keep_heap, "input_size": list(args.input_size),
+        "batch_size": args.batch_size,
         "budget": args.budget, "epochs": args.epochs, "steps": args.steps,
         "seconds": seconds, "images_per_s": ips,
         "s2h_fit_over_dense": ips["s2h fit"] / ips["dense"],
@@ -110,7 +113,8 @@ def measure(args: argparse.Namespace) -> Row:
 def report(row: Row) -> str:
     size = "x".join(str(s) for s in row["input_size"])
     where = row["gpu"] or f"{row['device']}, {row['threads']} threads"
-    lines = [f"{row['model']} on {where}{', amp' if row['amp'] else ''}: batch "
+    heap = "" if row["gpu"] else (", heap kept" if row["keep_heap"] else ", --no-keep-heap")
+    lines = [f"{row['model']} on {where}{', amp' if row['amp'] else ''}{heap}: batch "
              f"{row['batch_size']}, input {size}, budget {row['budget']}, {row['epochs']} "
              f"epochs of {row['steps']} steps, torch {row['torch']}",
              f"  {'':12s} {'images/s':>10s} {'vs dense':>9s}"]
@@ -129,6 +133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="C,H,W; default 3,64,64 on CPU, 3,224,224 on CUDA")
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                     help="fit's amp (default: on for CUDA, off on CPU)")
+    ap.add_argument("--no-keep-heap", dest="keep_heap", action="store_false",
+                    help="on CPU: fit and fit_dense with keep_heap=False (glibc returns freed "
+                         "memory to the kernel during the epochs)")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=5, help="timed epochs of each")
     ap.add_argument("--steps", type=int, default=10, help="batches per epoch")

@@ -130,6 +130,7 @@ def test_fit_speed_toy(tmp_path, capsys):
     assert rc == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["device"] == "cpu" and row["amp"] is False and row["gpu"] is None
+    assert row["keep_heap"] is True
     assert set(row["seconds"]) == {"dense", "s2h fit", "s2h search"}
     for name, seconds in row["seconds"].items():  # 2 epochs x 3 steps x 8 images
         assert seconds > 0 and math.isclose(row["images_per_s"][name], 48 / seconds), name
