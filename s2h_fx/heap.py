@@ -4,8 +4,8 @@ An S2H step holds two networks' activations at once (the soft and the hard
 branch) and frees them in bulk during its backward. glibc returns a heap top
 larger than its trim threshold to the kernel at once (the threshold settles at
 64 MiB), so the next step's allocations fault those pages back in one by one:
-measured on ResNet-50 (CPU, batch 32, 64x64, one thread) 40,000-100,000 minor
-page faults per S2H step, 0.1-0.15 of a dense step's time, while a dense step,
+measured on ResNet-50 (CPU, batch 32, 64x64, one thread) about 100,000 minor
+page faults per S2H step, 0.15-0.2 of a dense step's time, while a dense step,
 whose backward frees and allocates in turn, faults none.
 
 :func:`kept_heap` raises the trim threshold while a block runs (a training
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import platform
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ def _glibc() -> ctypes.CDLL | None:
         _checked = True
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
             try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                lib = ctypes.CDLL("libc.so.6")  # glibc's soname on every Linux it runs
                 lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
                 lib.malloc_trim.argtypes = [ctypes.c_size_t]
                 _libc = lib

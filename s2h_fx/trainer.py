@@ -296,7 +296,7 @@ def fit(
 
     ``keep_heap`` (CPU only, glibc): freed memory stays in the process while an
     epoch runs instead of going back to the kernel and faulting in again next step
-    (:mod:`s2h_fx.heap`; on ResNet-50 about 0.1 of a dense step's time per S2H step).
+    (:mod:`s2h_fx.heap`; on ResNet-50 0.15-0.2 of a dense step's time per S2H step).
 
     The pruner's :class:`~s2h_fx.config.S2HConfig` sets the mask optimiser's
     momentum, whether its step size follows the weights' schedule
@@ -495,7 +495,8 @@ def fit_dense(
     keep_heap: bool = True, amp: bool = False,
 ) -> list[dict[str, float]]:
     """Plain cross-entropy training with the loop, optimiser and schedule :func:`fit`
-    uses for the weights (``keep_heap`` and ``amp`` as there). Returns per-epoch ``{"epoch", "loss", "acc"[, "val_acc"]}``."""
+    uses for the weights (``keep_heap`` and ``amp`` as there). Returns per-epoch
+    ``{"epoch", "loss", "acc"[, "val_acc"]}``."""
     if epochs < 0:
         raise ValueError("epochs must be >= 0")
     dev = torch.device(device)
