@@ -9,11 +9,12 @@ second, same model, batches, optimiser and loop, in one run.
   decoupled backward, the mask step and re-ranking every step): the slowest phase.
 
 The batches are random tensors made once on the device (no data loading in the
-timing); ``--steps`` batches per epoch, ``--epochs`` epochs, after one untimed
-warm-up epoch of each on a throwaway copy (CUDA kernels chosen, caches filled).
-The time is the wall time of the ``fit`` / ``fit_dense`` call, synchronised on
-CUDA, without the pruner's preparation and without ``fit``'s finish (BatchNorm
-re-estimation, projection). ``--no-keep-heap``: both loops without
+timing); ``--steps`` batches per epoch, ``--epochs`` epochs per run, after one
+untimed warm-up epoch of each on a throwaway copy (CUDA kernels chosen, caches
+filled); ``--repeat`` runs of each (a fresh copy every run), interleaved in an
+order rotated every repetition; medians. The time of a run is the wall time of
+the ``fit`` / ``fit_dense`` call, synchronised on CUDA, without the pruner's
+preparation and without ``fit``'s finish (BatchNorm re-estimation, projection). ``--no-keep-heap``: both loops without
 ``keep_heap`` (on the CPU). ``--amp`` is ``fit``'s own: float16 with a GradScaler
 on CUDA (the default there), bfloat16 autocast on the CPU.
 
@@ -28,6 +29,7 @@ import copy
 import json
 import logging
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -91,9 +93,15 @@ def measure(args: argparse.Namespace) -> Row:
 
     runs = {"dense": lambda e: dense(e), "s2h fit": lambda e: s2h(e),
             "s2h search": lambda e: s2h(e, search_only)}
+    names = list(runs)
     for run in runs.values():  # warm-up: one epoch of each, thrown away
         run(1)
-    seconds = {name: run(args.epochs) for name, run in runs.items()}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeat):  # interleaved, the order rotated each repetition
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(runs[name](args.epochs))
+    seconds = {n: statistics.median(t) for n, t in times.items()}
     images = args.epochs * args.steps * args.batch_size
     ips = {name: images / s for name, s in seconds.items()}
     return {
@@ -102,7 +110,7 @@ def measure(args: argparse.Namespace) -> Row:
         "amp": args.amp, "keep_heap": args.keep_heap, "input_size": list(args.input_size),
         "batch_size": args.batch_size,
         "budget": args.budget, "epochs": args.epochs, "steps": args.steps,
-        "seconds": seconds, "images_per_s": ips,
+        "repeat": args.repeat, "seconds": seconds, "runs": times, "images_per_s": ips,
         "s2h_fit_over_dense": ips["s2h fit"] / ips["dense"],
         "s2h_search_over_dense": ips["s2h search"] / ips["dense"],
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -116,7 +124,8 @@ def report(row: Row) -> str:
     heap = "" if row["gpu"] else (", heap kept" if row["keep_heap"] else ", --no-keep-heap")
     lines = [f"{row['model']} on {where}{', amp' if row['amp'] else ''}{heap}: batch "
              f"{row['batch_size']}, input {size}, budget {row['budget']}, {row['epochs']} "
-             f"epochs of {row['steps']} steps, torch {row['torch']}",
+             f"epochs of {row['steps']} steps per run, median of {row['repeat']}, torch "
+             f"{row['torch']}",
              f"  {'':12s} {'images/s':>10s} {'vs dense':>9s}"]
     for name, ips in row["images_per_s"].items():
         lines.append(f"  {name:12s} {ips:10.1f} {ips / row['images_per_s']['dense']:8.2f}x")
@@ -139,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--epochs", type=int, default=5, help="timed epochs of each")
     ap.add_argument("--steps", type=int, default=10, help="batches per epoch")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each, interleaved (medians)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="append a JSON line here")
@@ -146,8 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda, but CUDA is not available")
-    if args.epochs < 1 or args.steps < 1:
-        ap.error("--epochs and --steps must be >= 1")
+    if min(args.epochs, args.steps, args.repeat) < 1:
+        ap.error("--epochs, --steps and --repeat must be >= 1")
     args.batch_size = args.batch_size or (128 if cuda else 32)
     args.input_size = tuple(int(s) for s in (args.input_size or (
         "3,224,224" if cuda else "3,64,64")).split(","))

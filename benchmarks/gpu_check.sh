@@ -53,7 +53,7 @@ if [ "$DEVICE" = cpu ]; then  # the dry run: toy sizes, a few seconds each
     part overhead 120 "$PY" benchmarks/overhead.py --models toy --input-size 3,16,16 \
         --batch-size 8 --repeat 3 --warmup 1 --threads 1 --out "$OUT/overhead.jsonl"
     part fit_speed 120 "$PY" benchmarks/fit_speed.py --model toy --input-size 3,16,16 \
-        --batch-size 8 --epochs 1 --steps 3 --threads 1 --out "$OUT/fit_speed.jsonl"
+        --batch-size 8 --epochs 1 --steps 3 --repeat 1 --threads 1 --out "$OUT/fit_speed.jsonl"
     part latency 300 "$PY" benchmarks/latency.py --models resnet18 --budgets 0.5 \
         --batches 1 --runtimes eager --input-size 3,64,64 --rounds 3 --warmup 1 \
         --threads 1 --out "$OUT/latency.jsonl"
@@ -62,7 +62,7 @@ else
     part overhead 120 "$PY" benchmarks/overhead.py --models resnet50 --device cuda \
         --repeat 11 --out "$OUT/overhead.jsonl"
     part fit_speed 90 "$PY" benchmarks/fit_speed.py --model resnet50 --device cuda \
-        --epochs 3 --steps 10 --out "$OUT/fit_speed.jsonl"
+        --epochs 5 --steps 6 --repeat 2 --out "$OUT/fit_speed.jsonl"
     part latency 240 "$PY" benchmarks/latency.py --device cuda --models resnet50,mobilenet_v2 \
         --budgets 0.5 --batches 1,32 --runtimes eager,compile --rounds 10 --timeout 115 \
         --out "$OUT/latency.jsonl"

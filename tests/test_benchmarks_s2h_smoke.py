@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import platform
+import statistics
 from pathlib import Path
 
 import pytest
@@ -124,7 +125,8 @@ def test_fit_speed_toy(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         rc = fit_speed.main(["--model", "toy", "--input-size", "3,16,16", "--batch-size", "8",
-                             "--epochs", "2", "--steps", "3", "--threads", "1", "--out", str(out)])
+                             "--epochs", "2", "--steps", "3", "--repeat", "2", "--threads", "1",
+                             "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -133,6 +135,7 @@ def test_fit_speed_toy(tmp_path, capsys):
     assert row["keep_heap"] is True
     assert set(row["seconds"]) == {"dense", "s2h fit", "s2h search"}
     for name, seconds in row["seconds"].items():  # 2 epochs x 3 steps x 8 images
+        assert len(row["runs"][name]) == 2 and seconds == statistics.median(row["runs"][name])
         assert seconds > 0 and math.isclose(row["images_per_s"][name], 48 / seconds), name
     assert math.isclose(row["s2h_search_over_dense"],
                         row["seconds"]["dense"] / row["seconds"]["s2h search"])
