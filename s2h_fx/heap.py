@@ -1,12 +1,15 @@
 """Keep freed CPU memory in the process while training (glibc's ``malloc``).
 
 An S2H step holds two networks' activations at once (the soft and the hard
-branch) and frees them in bulk during its backward. glibc returns a heap top
-larger than its trim threshold to the kernel at once (the threshold settles at
-64 MiB), so the next step's allocations fault those pages back in one by one:
-measured on ResNet-50 (CPU, batch 32, 64x64, one thread) about 100,000 minor
-page faults per S2H step, 0.15-0.2 of a dense step's time, while a dense step,
-whose backward frees and allocates in turn, faults none.
+branch) and frees them in bulk during its backward. glibc returns a free heap
+top larger than its trim threshold to the kernel at once, and the next
+allocations fault those pages back in one by one. Whether that happens every
+step depends on the heap's layout: in ``fit``'s own loop on ResNet-50 (CPU,
+batch 32, 64x64, one thread) glibc's dynamic thresholds settle after about eight
+steps (25,000-200,000 minor page faults per step before, almost none after);
+between the other kinds of step that ``benchmarks/overhead.py`` interleaves with
+it they never settle: about 100,000 faults per S2H step, 0.15-0.2 of a dense
+step's time.
 
 :func:`kept_heap` raises the trim threshold while a block runs (a training
 epoch: :class:`s2h_fx.loop.Loop` does it on the CPU), so freed memory stays in
@@ -16,7 +19,11 @@ to the value glibc's own dynamic rule converges to. Setting one threshold
 switches glibc's dynamic rule off for both, so the mmap threshold is fixed at
 that rule's ceiling (32 MiB on 64-bit): allocations above it are mapped and
 unmapped per call either way. The resident size of the process stays at the peak
-of a step while the block runs; that is the cost.
+of a step while the block runs; that is the cost. What it buys in ``fit`` is
+certainty rather than speed where glibc settles anyway (that ResNet-50's
+training throughput was the same with it and without, ``benchmarks/fit_speed.py``);
+in the benchmark it makes the interleaved steps pay what ``fit``'s settled steps
+pay.
 
 Elsewhere (another C library, or a platform without ``mallopt``) it does nothing
 and says so once in the log.

@@ -296,7 +296,8 @@ def fit(
 
     ``keep_heap`` (CPU only, glibc): freed memory stays in the process while an
     epoch runs instead of going back to the kernel and faulting in again next step
-    (:mod:`s2h_fx.heap`; on ResNet-50 0.15-0.2 of a dense step's time per S2H step).
+    (:mod:`s2h_fx.heap`; without it glibc usually settles there by itself after
+    some steps, and not always).
 
     The pruner's :class:`~s2h_fx.config.S2HConfig` sets the mask optimiser's
     momentum, whether its step size follows the weights' schedule
