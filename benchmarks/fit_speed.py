@@ -36,21 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
-from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import device_defaults, make_model  # noqa: E402  (benchmarks/ is not a package)
 
 Row = dict[str, Any]
-
-
-def build(name: str, input_size: tuple[int, ...], seed: int) -> tuple[nn.Module, int]:
-    torch.manual_seed(seed)
-    if name == "toy":  # a small conv net, for tests
-        c = input_size[0]
-        return nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)), 10
-    return getattr(torchvision.models, name)(weights=None), 1000
 
 
 def _sync(device: torch.device) -> None:
@@ -72,7 +62,8 @@ def measure(args: argparse.Namespace) -> Row:
     from s2h_fx.trainer import fit, fit_dense
 
     dev = torch.device(args.device)
-    model, classes = build(args.model, args.input_size, args.seed)
+    torch.manual_seed(args.seed)
+    model, classes = make_model(args.model, args.input_size[0])
     gen = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randn(args.batch_size, *args.input_size, generator=gen).to(dev),
                 torch.randint(0, classes, (args.batch_size,), generator=gen).to(dev))
@@ -154,15 +145,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="append a JSON line here")
     args = ap.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        ap.error("--device cuda, but CUDA is not available")
     if min(args.epochs, args.steps, args.repeat) < 1:
         ap.error("--epochs, --steps and --repeat must be >= 1")
-    args.batch_size = args.batch_size or (128 if cuda else 32)
-    args.input_size = tuple(int(s) for s in (args.input_size or (
-        "3,224,224" if cuda else "3,64,64")).split(","))
-    args.amp = cuda if args.amp is None else args.amp
+    device_defaults(ap, args)
+    args.amp = args.device.startswith("cuda") if args.amp is None else args.amp
     return args
 
 

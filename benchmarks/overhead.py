@@ -202,18 +202,21 @@ def hard_step(pruner: Any, x: torch.Tensor, y: torch.Tensor, ctx: Any) -> dict[s
     return {"total": t1 - t0, "cpu": time.process_time() - c0}
 
 
+def make_model(name: str, channels: int) -> tuple[nn.Module, int]:
+    """torchvision's ``name`` with random weights (1000 classes), or ``"toy"``: a small
+    conv net (10 classes), for tests."""
+    if name == "toy":
+        return nn.Sequential(
+            nn.Conv2d(channels, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)), 10
+    return getattr(torchvision.models, name)(weights=None), 1000
+
+
 def build(name: str, input_size: tuple[int, ...], batch: int, seed: int
           ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
-    if name == "toy":  # a small conv net, for tests
-        model: nn.Module = nn.Sequential(
-            nn.Conv2d(input_size[0], 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-        classes = 10
-    else:
-        model = getattr(torchvision.models, name)(weights=None)
-        classes = 1000
+    model, classes = make_model(name, input_size[0])
     x = torch.randn(batch, *input_size)
     y = torch.randint(0, classes, (batch,))
     return model.train(), x, y
@@ -359,16 +362,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write JSON lines here")
     args = ap.parse_args(argv)
+    device_defaults(ap, args)
+    args.models = [m for m in args.models.split(",") if m]
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    return args
+
+
+def device_defaults(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check --device and fill --batch-size and --input-size by it: 128 and
+    3x224x224 on CUDA, 32 and 3x64x64 on CPU (224x224 is too slow on 2 cores)."""
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda, but CUDA is not available")
     args.batch_size = args.batch_size or (128 if cuda else 32)
     args.input_size = tuple(int(s) for s in (args.input_size or (
         "3,224,224" if cuda else "3,64,64")).split(","))
-    args.models = [m for m in args.models.split(",") if m]
-    if args.repeat < 1:
-        ap.error("--repeat must be >= 1")
-    return args
 
 
 def _minor_faults() -> int:

@@ -21,6 +21,15 @@ def load(name: str):
     return load_benchmark(name)
 
 
+def run_main(module, argv: list[str]) -> int:
+    """A benchmark's main(argv), the torch thread count put back after."""
+    threads = torch.get_num_threads()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_gap_two_methods_one_budget(tmp_path, capsys):
     gap = load("gap")
     out = tmp_path / "gap.jsonl"
@@ -83,14 +92,10 @@ def test_gap_js_divergence():
 def test_overhead_toy(tmp_path, capsys, keep):
     overhead = load("overhead")
     out = tmp_path / "overhead.jsonl"
-    threads = torch.get_num_threads()
-    try:
-        rc = overhead.main(["--models", "toy", "--input-size", "3,16,16", "--batch-size", "8",
-                            "--repeat", "6", "--warmup", "1", "--threads", "1",
-                            "--mask-lr", "0.5", "--out", str(out)]
-                           + ([] if keep else ["--no-keep-heap"]))
-    finally:
-        torch.set_num_threads(threads)
+    rc = run_main(overhead, ["--models", "toy", "--input-size", "3,16,16", "--batch-size", "8",
+                             "--repeat", "6", "--warmup", "1", "--threads", "1",
+                             "--mask-lr", "0.5", "--out", str(out)]
+                  + ([] if keep else ["--no-keep-heap"]))
     assert rc == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["model"] == "toy" and row["repeat"] == 6 and row["device"] == "cpu"
@@ -122,13 +127,9 @@ def test_fit_speed_toy(tmp_path, capsys):
     fit_speed = load("fit_speed")
     out = tmp_path / "fit_speed.jsonl"
     level = logging.getLogger("s2h_fx").level
-    threads = torch.get_num_threads()
-    try:
-        rc = fit_speed.main(["--model", "toy", "--input-size", "3,16,16", "--batch-size", "8",
-                             "--epochs", "2", "--steps", "3", "--repeat", "2", "--threads", "1",
-                             "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
+    rc = run_main(fit_speed, ["--model", "toy", "--input-size", "3,16,16", "--batch-size", "8",
+                              "--epochs", "2", "--steps", "3", "--repeat", "2", "--threads",
+                              "1", "--out", str(out)])
     assert rc == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["device"] == "cpu" and row["amp"] is False and row["gpu"] is None
