@@ -93,7 +93,7 @@ def add_parser(sub: Any) -> None:
                             "for torchvision)")
     bench.add_argument("--divisor", type=_positive_int, default=None,
                        help="widths are multiples of this, for both pruners (default: a multiple "
-                            "of every runtime's own: 32 for onnxruntime on CPU, else 8)")
+                            "of every runtime's own: 32 on CPU, 8 on a GPU)")
     bench.add_argument("--rounds", type=_positive_int, default=30,
                        help="interleaved timed rounds (default 30)")
     bench.add_argument("--warmup", type=_non_negative_int, default=5,

@@ -61,7 +61,7 @@ ATTENTION_HELP = ("prune each attention head's width, whole heads, both (whole h
                   "width of those kept), or (auto, the default) both where whole heads prune "
                   "no less than widths")
 DIVISOR_HELP = ("widths are multiples of this where a group allows (default 8; for a latency "
-                "budget its runtime's: 32 for onnxruntime on CPU)")
+                "budget its runtime's: 32 on CPU, 8 on a GPU)")
 
 
 def _positive_int(text: str) -> int:

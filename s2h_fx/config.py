@@ -10,10 +10,14 @@ from s2h_fx.errors import BudgetError
 
 BUDGET_KINDS = ("flops", "params", "latency")
 DEFAULT_DIVISOR = 8
-# (runtime, device) -> the divisor its kernels run best at, where measured: ONNX Runtime
-# on CPU ran mobilenet_v2 pruned at divisor 8 / 16 / 32 at 0.71 / 0.82 / 0.91 of the
-# speed-up its FLOPs promise, resnet50 at 0.96 / 0.98 / 0.98 (the README's divisor study)
-RUNTIME_DIVISORS: dict[tuple[str, str], int] = {("onnxruntime", "cpu"): 32}
+# (runtime, device) -> the divisor its kernels run best at, where measured (the README's
+# divisor study, batch 32, budget 0.5: the share of the speed-up its FLOPs promise at
+# divisor 8 / 16 / 32): ONNX Runtime on CPU ran mobilenet_v2 at 0.71 / 0.82 / 0.91,
+# resnet50 at 0.96 / 0.98 / 0.98; eager on CPU mobilenet_v2 0.55 / 0.67 / 1.07, resnet50
+# 0.80 / 0.92 / 1.02; torch.compile on CPU mobilenet_v2 0.66 / 0.78 / 0.95, resnet50
+# 0.90 / 0.97 / 0.97. Not measured on a GPU yet: 8 there.
+RUNTIME_DIVISORS: dict[tuple[str, str], int] = {
+    ("onnxruntime", "cpu"): 32, ("eager", "cpu"): 32, ("compile", "cpu"): 32}
 
 
 def default_divisor(runtime: str | None = None, device: str = "cpu") -> int:
@@ -58,8 +62,8 @@ class PruneConfig:
     ``cache_dir``, ``points``, ``landing`` hold the rest.
 
     ``divisor``: widths are multiples of it where a group allows (default None: 8, or
-    for a latency budget the runtime's own, :func:`default_divisor`: 32 for ONNX
-    Runtime on CPU).
+    for a latency budget the runtime's own, :func:`default_divisor`: 32 for eager,
+    ``compile`` and ONNX Runtime on the CPU, 8 on a GPU until measured there).
     ``strict``: raise on ops without a coupling rule instead of freezing them.
     ``attention``: ``"width"`` prunes the width of every attention head (the same
     channels in each head; the heads stay whole); ``"heads"`` prunes whole heads (q, k

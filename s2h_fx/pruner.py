@@ -102,8 +102,8 @@ def prune_graph(
     The one-shot widths are written into the masks, so the pruner in either
     mode, and ``export()``, are at the budget from the start. ``config`` holds
     S2H training settings. ``divisor``: widths are multiples of it where a group
-    allows; None: 8, or for a latency budget its runtime's (32 for ONNX Runtime on
-    CPU, see :func:`s2h_fx.config.default_divisor`).
+    allows; None: 8, or for a latency budget its runtime's (32 for every runtime on
+    the CPU, see :func:`s2h_fx.config.default_divisor`).
 
     ``budget`` may name its kind (see :class:`~s2h_fx.config.PruneConfig`):
     ``{"params": 0.4}``, or ``{"latency": 0.5, "runtime": "onnxruntime", "batch": 1}``

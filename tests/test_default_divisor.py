@@ -1,4 +1,5 @@
-"""The divisor a run gets when none is given: 8, or a latency budget's runtime's own."""
+"""The divisor a run gets when none is given: 8, or a latency budget's runtime's own
+(32 on the CPU, where measured; 8 on a GPU)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ def test_flops_and_params_budgets_default_to_8() -> None:
 
 
 def test_latency_budget_takes_its_runtimes_divisor() -> None:
-    # measured: ONNX Runtime on CPU runs widths in steps of 32 closest to their FLOPs
-    assert RUNTIME_DIVISORS[("onnxruntime", "cpu")] == 32
-    assert PruneConfig({"latency": 0.5, "runtime": "onnxruntime"}).divisor == 32
-    assert PruneConfig({"latency": 0.5, "runtime": "eager"}).divisor == 8
-    # not measured on a GPU: the general default
-    assert PruneConfig({"latency": 0.5, "runtime": "onnxruntime", "device": "cuda:0"}).divisor == 8
+    # measured: every CPU runtime runs widths in steps of 32 closest to their FLOPs
+    for runtime in ("onnxruntime", "eager", "compile"):
+        assert RUNTIME_DIVISORS[(runtime, "cpu")] == 32
+        assert PruneConfig({"latency": 0.5, "runtime": runtime}).divisor == 32
+        # not measured on a GPU: the general default
+        assert PruneConfig({"latency": 0.5, "runtime": runtime, "device": "cuda:0"}).divisor == 8
     assert default_divisor("onnxruntime", "cpu") == 32 and default_divisor(None) == 8
+    assert default_divisor("tensorrt", "cuda") == 8
 
 
 def test_an_explicit_divisor_wins_and_is_checked() -> None:
@@ -33,7 +35,7 @@ def test_an_explicit_divisor_wins_and_is_checked() -> None:
 
 
 @pytest.mark.parametrize(("runtimes", "want"), [
-    ("eager", 8), ("onnxruntime", 32), ("eager,onnxruntime", 32), ("compile", 8)])
+    ("eager", 32), ("onnxruntime", 32), ("eager,onnxruntime", 32), ("compile", 32)])
 def test_bench_default_divisor_suits_every_runtime_timed(runtimes: str, want: int) -> None:
     parser = cli._build_parser()
     args = parser.parse_args(["bench", "resnet18", "--budget", "0.5", "--runtime", runtimes])

@@ -32,6 +32,17 @@ from s2h_fx.latency import (
 from s2h_fx.passes import find_channel_groups, trace_model
 
 X = torch.randn(1, 3, 8, 8)
+
+
+@pytest.fixture(autouse=True)
+def _eager_in_steps_of_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests follow the latency model and the landing on chains of 16-128
+    channels, in steps of 8; the eager runtime's own default on the CPU (32, what
+    real networks run best at: tests/test_default_divisor.py) leaves such a chain
+    one to four widths a layer."""
+    monkeypatch.setitem(s2h_fx.config.RUNTIME_DIVISORS, ("eager", "cpu"), 8)
+
+
 DENSE = 0.05  # seconds: what the fake runtime says the whole dense network takes
 
 

@@ -100,7 +100,8 @@ def test_collector_paused_only_inside_and_restored(tmp_path) -> None:  # noqa: A
     measure = Watching(by_hand(16, 32, 16) + 2e-4)  # a small remainder: 0.6 can be met
     pruner = s2h_fx.prune_graph(Chain().eval(), {"latency": 0.6, "runtime": "eager",
                                                   "cache_dir": str(tmp_path)},
-                                example_inputs=(X,), latency_measure=measure)
+                                example_inputs=(X,), latency_measure=measure,
+                                divisor=8)  # the chain's steps (test_latency_model)
     assert measure.seen and all(measure.seen)
     assert gc.isenabled()
     pruner.export()
