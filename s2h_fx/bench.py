@@ -33,7 +33,8 @@ from s2h_fx.cli import (
     _positive_int,
     _write_atomic,
 )
-from s2h_fx.config import PruneConfig, default_divisor
+from s2h_fx.config import DEFAULT_DIVISOR, PruneConfig, default_divisor
+from s2h_fx.errors import BudgetError
 from s2h_fx.pruner import prune_graph
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def add_parser(sub: Any) -> None:
                             "for torchvision)")
     bench.add_argument("--divisor", type=_positive_int, default=None,
                        help="widths are multiples of this, for both pruners (default: a multiple "
-                            "of every runtime's own: 32 on CPU, 8 on a GPU)")
+                            "of every runtime's own: 32 on CPU, 8 on a GPU; 8 where 32 leaves the "
+                            "budget out of reach)")
     bench.add_argument("--rounds", type=_positive_int, default=30,
                        help="interleaved timed rounds (default 30)")
     bench.add_argument("--warmup", type=_non_negative_int, default=5,
@@ -122,6 +124,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
     if args.pruned is None and args.budget is None:
         raise CliError("bench needs --budget B (or --pruned FILE.pt2 to time a pruned network)")
+    args.divisor_given = args.divisor is not None
     if args.divisor is None:  # widths that suit every runtime timed (multiples of each's)
         args.divisor = math.lcm(*(default_divisor(rt, args.device) for rt in args.runtime))
     if args.pruned is not None and not args.pruned.is_file():
@@ -146,6 +149,22 @@ def _check_args(args: argparse.Namespace) -> None:
             raise CliError(str(exc)) from exc
 
 
+def _prune(dense: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> nn.Module:
+    """s2h-fx's network at --budget. Where the runtimes' default divisor (32 on the CPU)
+    leaves the budget out of reach (a small network), steps of 8 instead, said in the
+    log; a --divisor given is kept."""
+    try:
+        return prune_graph(dense, args.budget, (x,), divisor=args.divisor).export()
+    except BudgetError as exc:
+        if getattr(args, "divisor_given", True) or args.divisor == DEFAULT_DIVISOR:
+            raise
+        log.warning("budget %g is out of reach in the runtimes' steps of %d (%s); pruning "
+                    "in steps of %d instead, for both pruners (--divisor chooses)",
+                    args.budget, args.divisor, exc, DEFAULT_DIVISOR)
+        args.divisor = DEFAULT_DIVISOR
+        return prune_graph(dense, args.budget, (x,), divisor=args.divisor).export()
+
+
 def _networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """dense, s2h-fx and (unless --no-tp) Torch-Pruning, and what each row shares."""
     from s2h_fx.deploy import load_program
@@ -165,7 +184,7 @@ def _networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str,
     else:
         dense = _load_model(args.model, image_size=_image_size(args))
         x = torch.randn(1, *_example_size(args))
-        pruned = prune_graph(dense, args.budget, (x,), divisor=args.divisor).export()
+        pruned = _prune(dense, x, args)
     dense_flops = _flops(dense, x)
     networks = {"dense": dense.eval(), "s2h-fx": pruned.eval()}
     flops = {"dense": dense_flops, "s2h-fx": _flops(pruned, x)}

@@ -54,7 +54,7 @@ def test_export_a_timm_vit_at_another_size_reloads_and_matches(
         assert loaded(torch.randn(2, 3, 32, 32)).shape == dense(torch.randn(2, 3, 32, 32)).shape
 
 
-def test_bench_a_timm_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_a_timm_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     before = torch.get_num_threads()
     out = tmp_path / "b.json"
     try:
@@ -68,6 +68,10 @@ def test_bench_a_timm_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert [r["network"] for r in rows] == ["dense", "s2h-fx"]
     assert all(r["input_size"] == size and r["model"] == "timm:test_resnet" for r in rows)
     assert 0.4 <= rows[1]["flops_ratio"] <= 0.505
+    # the CPU runtimes' steps of 32 leave this small network's budget out of reach:
+    # bench prunes in steps of 8 instead, says so, and records it
+    assert all(r["divisor"] == 8 for r in rows)
+    assert "out of reach in the runtimes' steps of 32" in caplog.text
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -126,3 +130,17 @@ def test_prune_builds_a_timm_vit_for_the_datasets_images(
     loaded = torch.export.load(out_file).module()
     with torch.no_grad():
         assert loaded(torch.randn(3, 3, 32, 32)).shape == (3, 2)
+
+
+def test_bench_keeps_a_divisor_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--divisor 32 given: the budget out of reach is an error (exit 2), not a fallback."""
+    before = torch.get_num_threads()
+    try:
+        code = cli.main(["bench", "timm:test_resnet", "--budget", "0.5", "--runtime", "eager",
+                         "--no-tp", "--divisor", "32", "--rounds", "2", "--warmup", "0",
+                         "--threads", "1", "--json", str(tmp_path / "b.json")])
+    finally:
+        torch.set_num_threads(before)
+    assert code == 2
+    assert "budget 0.5 asks for" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
