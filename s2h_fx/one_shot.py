@@ -19,6 +19,11 @@ from s2h_fx.errors import BudgetError
 log = logging.getLogger(__name__)
 
 
+def _divisors(groups: Any) -> str:
+    found = sorted({grp.divisor for grp in groups})
+    return ", ".join(map(str, found)) if len(found) <= 3 else f"{found[0]} to {found[-1]}"
+
+
 def choose_widths(
     flops: CostModel, grouping: GroupingResult, importance: dict[int, np.ndarray], budget: float,
     start: dict[int, int] | None = None, what: str = "FLOPs",
@@ -36,7 +41,9 @@ def choose_widths(
             f"budget {budget:g} asks for {target:.4g} {what}, but the smallest network the "
             f"groups allow costs {floor:.4g} ({floor / flops.total:.3f} of the full "
             f"{flops.total:.4g}); the frozen part alone costs {frozen:.4g} "
-            f"({frozen / flops.total:.3f}). Raise the budget or freeze fewer channels."
+            f"({frozen / flops.total:.3f}). Raise the budget, freeze fewer channels or "
+            f"prune in finer steps (every group stops at its divisor, here "
+            f"{_divisors(groups.values())})."
         )
     # per group: atom importances in the order they would be dropped
     order = {}
