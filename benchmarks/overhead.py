@@ -24,11 +24,13 @@ indices, importance and re-ranking, the mask step, the resource loss and its
 backward, the decoupled backward's bookkeeping, the statistics snapshot.
 
 On the CPU the steps run with freed memory kept in the process, as ``fit`` runs
-its epochs (:mod:`s2h_fx.heap`; ``--no-keep-heap``: glibc's default, which
-returns the S2H step's freed activations to the kernel so that the next step
-faults them in again); the minor page faults of each step are reported.
+its epochs (:mod:`s2h_fx.heap`). ``--no-keep-heap``: glibc's default, which
+between the kinds of step interleaved here returns the S2H step's freed
+activations to the kernel every time, so that the next one faults them in again
+(``fit``'s own loop settles after a few steps); the minor page faults of each
+step are reported.
 
-All four are timed interleaved, the order rotated each repetition, after
+All of them are timed interleaved, the order rotated each repetition, after
 ``--warmup`` untimed rounds; medians. On CUDA (``--device cuda``: batch 128,
 224x224 and autocast bfloat16 by default) every timed step is bracketed by
 ``torch.cuda.synchronize``. On CPU the paper's 224x224 is too slow for 2 cores:
@@ -260,7 +262,7 @@ def measure(name: str, args: argparse.Namespace) -> Row:
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     seen = [_widths_key(pruner)]
     # fit keeps freed memory in the process on the CPU while an epoch runs; so does
-    # this (--no-keep-heap: as glibc does by default), for all four alike
+    # this (--no-keep-heap: as glibc does by default), for every kind of step alike
     with kept_heap(args.keep_heap and dev.type == "cpu") as heap_kept:
         for _ in range(args.warmup):
             for n in names:
