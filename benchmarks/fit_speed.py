@@ -38,14 +38,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import device_defaults, make_model  # noqa: E402  (benchmarks/ is not a package)
+from overhead import _sync, device_defaults, make_model  # noqa: E402  (benchmarks/ is not a package)
 
 Row = dict[str, Any]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timed(device: torch.device, fn: Any) -> float:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import platform
 from collections.abc import Iterator
@@ -45,28 +46,25 @@ MMAP_CEILING = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_SETTLED = 2 * MMAP_CEILING  # where the dynamic trim threshold ends up
 KEEP_ALL = (1 << 31) - 1  # mallopt takes an int: never trim
 
-_libc: ctypes.CDLL | None = None
-_checked = False
 _depth = 0  # kept_heap blocks open now (nested blocks: the outermost one restores)
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc with ``mallopt`` and ``malloc_trim``, else None."""
-    global _libc, _checked
-    if not _checked:
-        _checked = True
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                lib = ctypes.CDLL("libc.so.6")  # glibc's soname on every Linux it runs
-                lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                lib.malloc_trim.argtypes = [ctypes.c_size_t]
-                _libc = lib
-            except (OSError, AttributeError) as e:
-                log.info("glibc's mallopt is not reachable (%s): freed memory is "
-                         "returned to the kernel as usual", e)
-        else:
-            log.info("not glibc: the heap's trim threshold is left as it is")
-    return _libc
+    """The C library when it is glibc with ``mallopt`` and ``malloc_trim``, else None
+    (looked up once)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        log.info("not glibc: the heap's trim threshold is left as it is")
+        return None
+    try:
+        lib = ctypes.CDLL("libc.so.6")  # glibc's soname on every Linux it runs
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError) as e:
+        log.info("glibc's mallopt is not reachable (%s): freed memory is returned to "
+                 "the kernel as usual", e)
+        return None
+    return lib
 
 
 def set_trim_threshold(value: int) -> bool:
