@@ -60,8 +60,8 @@ class LoopSettings:
     after this many skipped steps in a row (None: never). ``checkpoint_every``: also
     checkpoint every this many batches (None: at the end of each epoch only).
     ``keep_heap``: on the CPU, keep freed memory in the process while an epoch runs
-    (:func:`s2h_fx.heap.kept_heap`: an S2H step otherwise page-faults its activations
-    back in every step)."""
+    (:func:`s2h_fx.heap.kept_heap`: otherwise an S2H step may page-fault its
+    activations back in, every step until glibc's thresholds settle)."""
 
     epochs: int
     steps_per_epoch: int | None = None
