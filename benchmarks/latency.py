@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", type=_csv(float), default=BUDGETS)
     p.add_argument("--batches", type=_csv(int), default=BATCHES)
     p.add_argument("--divisors", type=_csv(int), default=[8])
+    p.add_argument("--one-shot", type=_csv(str), default=["per-cost"], dest="one_shot",
+                   help="one-shot rules of s2h-fx's widths, comma-separated: per-cost "
+                        "(default), share")
     p.add_argument("--runtimes", type=_csv(str), default=None,
                    help="default: every runtime available on --device")
     p.add_argument("--device", default="cpu")
@@ -71,16 +74,23 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def rule_of(row: dict[str, Any]) -> str:
+    """The one-shot rule of a row (rows written before there was a choice: per-cost)."""
+    return row.get("one_shot") or "per-cost"
+
+
 def done_keys(rows: Iterable[dict[str, Any]]) -> set[tuple[Any, ...]]:
-    """(model, budget, divisor, runtime, batch, precision, device) of complete groups: all
-    networks of a (runtime, batch) are written together, so one row stands for them."""
-    return {(r["model"], r["budget"], r["divisor"], r["runtime"], r["batch"], r["precision"],
-             r["device"]) for r in rows if r.get("network") == "dense"}
+    """(model, budget, divisor, rule, runtime, batch, precision, device) of complete
+    groups: all networks of a (runtime, batch) are written together, so one row stands
+    for them."""
+    return {(r["model"], r["budget"], r["divisor"], rule_of(r), r["runtime"], r["batch"],
+             r["precision"], r["device"]) for r in rows if r.get("network") == "dense"}
 
 
-def bench_argv(args: argparse.Namespace, model: str, budget: float, divisor: int,
+def bench_argv(args: argparse.Namespace, model: str, budget: float, divisor: int, rule: str,
                runtimes: list[str], batches: list[int]) -> list[str]:
     argv = ["bench", model, "--budget", str(budget), "--divisor", str(divisor),
+            "--one-shot", rule,
             "--runtime", ",".join(runtimes), "--batch", ",".join(map(str, batches)),
             "--device", args.device, "--precision", args.precision,
             "--input-size", args.input_size, "--rounds", str(args.rounds),
@@ -93,33 +103,36 @@ def bench_argv(args: argparse.Namespace, model: str, budget: float, divisor: int
 
 
 def todo(args: argparse.Namespace, runtimes: list[str],
-         done: set[tuple[Any, ...]]) -> list[tuple[str, float, int, list[str], list[int]]]:
-    """(model, budget, divisor, runtimes, batches) still to run; a partly done model reruns
-    only its missing runtimes and batches (as a product: a little may be timed twice)."""
+         done: set[tuple[Any, ...]]) -> list[tuple[str, float, int, str, list[str], list[int]]]:
+    """(model, budget, divisor, rule, runtimes, batches) still to run; a partly done model
+    reruns only its missing runtimes and batches (as a product: a little may be timed
+    twice)."""
     jobs = []
     for model in args.models:
         for budget in args.budgets:
             for divisor in args.divisors:
-                missing = [(rt, b) for rt in runtimes for b in args.batches
-                           if (model, budget, divisor, rt, b, args.precision, args.device)
-                           not in done]
-                if missing:
-                    jobs.append((model, budget, divisor,
-                                 list(dict.fromkeys(rt for rt, _ in missing)),
-                                 list(dict.fromkeys(b for _, b in missing))))
+                for rule in args.one_shot:
+                    missing = [(rt, b) for rt in runtimes for b in args.batches
+                               if (model, budget, divisor, rule, rt, b, args.precision,
+                                   args.device) not in done]
+                    if missing:
+                        jobs.append((model, budget, divisor, rule,
+                                     list(dict.fromkeys(rt for rt, _ in missing)),
+                                     list(dict.fromkeys(b for _, b in missing))))
     return jobs
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Efficiency (speed-up x FLOPs ratio) of s2h-fx and Torch-Pruning per model, budget,
-    divisor, runtime and batch; medians in ms."""
-    head = (f"{'model':20}{'budget':>7}{'div':>4} {'runtime':12}{'batch':>6}{'dense ms':>10}"
+    divisor, one-shot rule, runtime and batch; medians in ms."""
+    head = (f"{'model':20}{'budget':>7}{'div':>4} {'rule':9}{'runtime':12}{'batch':>6}"
+            f"{'dense ms':>10}"
             f"{'s2h ms':>9}{'s2h FLOPs':>10}{'s2h eff':>8}{'TP ms':>9}{'TP FLOPs':>9}"
             f"{'TP eff':>8}")
     lines = [head, "-" * len(head)]
     groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in rows:
-        key = (r["model"], r["budget"], r["divisor"], r["runtime"], r["batch"])
+        key = (r["model"], r["budget"], r["divisor"], rule_of(r), r["runtime"], r["batch"])
         groups.setdefault(key, {})[r["network"]] = r
 
     def cell(r: dict[str, Any] | None, field: str, fmt: str, width: int) -> str:
@@ -128,7 +141,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     for key, nets in groups.items():
         s2h, tp = nets.get("s2h-fx"), nets.get("torch-pruning")
-        lines.append(f"{key[0]:20}{key[1]:7g}{key[2]:4d} {key[3]:12}{key[4]:6d}"
+        lines.append(f"{key[0]:20}{key[1]:7g}{key[2]:4d} {key[3]:9}{key[4]:12}{key[5]:6d}"
                      + cell(nets.get("dense"), "median_ms", ".2f", 10)
                      + cell(s2h, "median_ms", ".2f", 9) + cell(s2h, "flops_ratio", ".3f", 10)
                      + cell(s2h, "efficiency", ".2f", 8) + cell(tp, "median_ms", ".2f", 9)
@@ -150,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     runtimes = args.runtimes or available(args.device)
     done = done_keys(read_rows(args.out)) if args.resume else set()
     failures = 0
-    for model, budget, divisor, rts, batches in todo(args, runtimes, done):
+    for model, budget, divisor, rule, rts, batches in todo(args, runtimes, done):
         cmd = [sys.executable, "-m", "s2h_fx",
-               *bench_argv(args, model, budget, divisor, rts, batches)]
-        print(f"# {model} budget {budget:g} divisor {divisor}: {', '.join(rts)} at batch "
+               *bench_argv(args, model, budget, divisor, rule, rts, batches)]
+        print(f"# {model} budget {budget:g} divisor {divisor} one-shot {rule}: "
+              f"{', '.join(rts)} at batch "
               f"{', '.join(map(str, batches))}", flush=True)
         try:
             result = subprocess.run(cmd, timeout=args.timeout)

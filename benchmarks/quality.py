@@ -24,7 +24,9 @@ order (a fresh loader with the seed's generator for each method):
   ranking, random weights). The closest trial is taken, whichever side; the row
   keeps every trial (``tp_trials``: [ratio, FLOPs ratio]) so a miss is visible.
 - ``oneshot-l1``: s2h-fx's one-shot widths (``prune_graph(...).export()``: L1
-  importance, least importance lost per FLOP), then ``fit_dense``.
+  importance, least importance lost per FLOP), then ``fit_dense``;
+  ``oneshot-share``: the same with ``one_shot="share"`` (least importance against the
+  rest of its group; not in the presets).
 - ``dense``: the E0 model trained E1 more epochs (``fit_dense``): E0 + E1 in all.
 - ``s2h:NAME``: S2H with a variant's S2HConfig (the ablation): the built-in
   :data:`VARIANTS` (``before``: the training settings before issue 12;
@@ -111,8 +113,9 @@ import torchvision
 from torch import nn
 
 Row = dict[str, Any]
-METHODS = ("s2h", "tp-magnitude", "tp-taylor", "oneshot-l1", "dense")
+METHODS = ("s2h", "tp-magnitude", "tp-taylor", "oneshot-l1", "dense")  # the presets'
 PRUNED = METHODS[:-1]
+EXTRA_METHODS = ("oneshot-share",)  # by --methods only
 DIVISOR = 8
 TP_TRIALS = 12      # bisection trials (zoo.py's bisect_tp) for Torch-Pruning's pruning_ratio
 TP_TOL = 0.005      # ... stopping once its FLOPs ratio is this close to the budget
@@ -403,17 +406,20 @@ def run_s2h(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int
                              "final_train_hard_acc": history[-1].hard_acc if history else None}
 
 
-def run_oneshot(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int,
-                device: torch.device) -> tuple[nn.Module, Row]:
-    import s2h_fx
+def run_oneshot(rule: str) -> Callable[..., tuple[nn.Module, Row]]:
+    """s2h-fx's one-shot widths by ``rule`` (``PruneConfig.one_shot``), fine-tuned."""
+    def run(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int,
+            device: torch.device) -> tuple[nn.Module, Row]:
+        import s2h_fx
 
-    pruner = s2h_fx.prune_graph(copy.deepcopy(dense), budget, (torch.zeros(2, *INPUT),),
-                                divisor=args.divisor)
-    net = pruner.export()
-    train_loader, _ = loaders(args, seed)
-    torch.manual_seed(seed)
-    return finetune(net, train_loader, args, device), {
-        "widths": {str(g): w for g, w in pruner.widths.items()}}
+        pruner = s2h_fx.prune_graph(copy.deepcopy(dense), budget, (torch.zeros(2, *INPUT),),
+                                    divisor=args.divisor, one_shot=rule)
+        net = pruner.export()
+        train_loader, _ = loaders(args, seed)
+        torch.manual_seed(seed)
+        return finetune(net, train_loader, args, device), {
+            "one_shot": rule, "widths": {str(g): w for g, w in pruner.widths.items()}}
+    return run
 
 
 def run_dense(dense: nn.Module, budget: float, args: argparse.Namespace, seed: int,
@@ -510,7 +516,8 @@ def run_tp(importance: str) -> Callable[..., tuple[nn.Module, Row]]:
 
 RUNNERS: dict[str, Callable[..., tuple[nn.Module, Row]]] = {
     "s2h": run_s2h, "tp-magnitude": run_tp("magnitude"), "tp-taylor": run_tp("taylor"),
-    "oneshot-l1": run_oneshot, "dense": run_dense,
+    "oneshot-l1": run_oneshot("per-cost"), "oneshot-share": run_oneshot("share"),
+    "dense": run_dense,
 }
 
 
@@ -748,7 +755,7 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(max(7.0, 5.5 * len(models)), 4.4),
                              squeeze=False)
     for ax, model in zip(axes[0], models):
-        for method in METHODS:
+        for method in (*METHODS, *EXTRA_METHODS):
             pts = sorted((mean_sd([r["flops_ratio"] for r in rs])[0],
                           *mean_sd([r["test_acc"] for r in rs]))
                          for (m, _, me, *_), rs in cells.items() if m == model and me == method)
@@ -825,7 +832,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         except (ValueError, SyntaxError) as e:
             p.error(str(e))
         args.variants[name] = fields
-    known_methods = (*METHODS, *(f"s2h:{v}" for v in args.variants))
+    known_methods = (*METHODS, *EXTRA_METHODS, *(f"s2h:{v}" for v in args.variants))
     for name, known in (("model", MODELS), ("method", known_methods)):
         unknown = [v for v in getattr(args, f"{name}s") if v not in known]
         if unknown:

@@ -33,7 +33,7 @@ from s2h_fx.cli import (
     _positive_int,
     _write_atomic,
 )
-from s2h_fx.config import DEFAULT_DIVISOR, PruneConfig, default_divisor
+from s2h_fx.config import DEFAULT_DIVISOR, ONE_SHOT_RULES, PruneConfig, default_divisor
 from s2h_fx.errors import BudgetError
 from s2h_fx.pruner import prune_graph
 
@@ -96,6 +96,9 @@ def add_parser(sub: Any) -> None:
                        help="widths are multiples of this, for both pruners (default: a multiple "
                             "of every runtime's own: 32 on CPU, 8 on a GPU; 8 where 32 leaves the "
                             "budget out of reach)")
+    bench.add_argument("--one-shot", choices=ONE_SHOT_RULES, default="per-cost",
+                       help="the one-shot rule of s2h-fx's widths (not with --pruned): "
+                            "per-cost (default) or share; see `s2h-fx prune --help`")
     bench.add_argument("--rounds", type=_positive_int, default=30,
                        help="interleaved timed rounds (default 30)")
     bench.add_argument("--warmup", type=_non_negative_int, default=5,
@@ -154,7 +157,8 @@ def _prune(dense: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> nn.Mo
     leaves the budget out of reach (a small network), steps of 8 instead, said in the
     log; a --divisor given is kept."""
     try:
-        return prune_graph(dense, args.budget, (x,), divisor=args.divisor).export()
+        return prune_graph(dense, args.budget, (x,), divisor=args.divisor,
+                           one_shot=args.one_shot).export()
     except BudgetError as exc:
         if getattr(args, "divisor_given", True) or args.divisor == DEFAULT_DIVISOR:
             raise
@@ -162,7 +166,8 @@ def _prune(dense: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> nn.Mo
                     "in steps of %d instead, for both pruners (--divisor chooses)",
                     args.budget, args.divisor, exc, DEFAULT_DIVISOR)
         args.divisor = DEFAULT_DIVISOR
-        return prune_graph(dense, args.budget, (x,), divisor=args.divisor).export()
+        return prune_graph(dense, args.budget, (x,), divisor=args.divisor,
+                           one_shot=args.one_shot).export()
 
 
 def _networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, Any]]:
@@ -217,6 +222,7 @@ def _time_group(args: argparse.Namespace, networks: dict[str, nn.Module], meta: 
             "precision": args.precision, "device": args.device,
             "input_size": list(args.input_size), "budget": args.budget,
             "divisor": args.divisor, "pruned_file": str(args.pruned) if args.pruned else None,
+            "one_shot": None if args.pruned else args.one_shot,
             "rounds": args.rounds, "warmup": args.warmup,
             "tolerance": TOLERANCE[args.precision]}
     deployed: dict[str, Deployed] = {}

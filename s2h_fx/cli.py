@@ -33,7 +33,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from s2h_fx.config import ATTENTION_MODES, PruneConfig
+from s2h_fx.config import ATTENTION_MODES, ONE_SHOT_RULES, PruneConfig
 from s2h_fx.data import FASHION_MNIST_ROOT
 from s2h_fx.errors import InputError, S2HError
 from s2h_fx.measure import count_flops
@@ -60,6 +60,11 @@ class CliError(Exception):
 ATTENTION_HELP = ("prune each attention head's width, whole heads, both (whole heads and the "
                   "width of those kept), or (auto, the default) both where whole heads prune "
                   "no less than widths")
+ONE_SHOT_HELP = ("how the one-shot widths (before training; the projection into the budget "
+                 "after it) choose the channels to drop: per-cost (default: least L1 "
+                 "importance per unit of cost saved; narrow residual streams go first) or "
+                 "share (least importance against the rest of its own group, whatever it "
+                 "costs; wider cuts of expansion layers)")
 DIVISOR_HELP = ("widths are multiples of this where a group allows (default 8; for a latency "
                 "budget its runtime's: 32 on CPU, 8 on a GPU)")
 
@@ -115,6 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help=DIVISOR_HELP)
     common.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
                         help=ATTENTION_HELP)
+    common.add_argument("--one-shot", choices=ONE_SHOT_RULES, default="per-cost",
+                        help=ONE_SHOT_HELP)
     common.add_argument("--strict", action="store_true",
                         help="fail on ops without a coupling rule instead of freezing their groups")
     common.add_argument("--seed", type=int, default=0,
@@ -165,7 +172,7 @@ def _budget_of(args: argparse.Namespace) -> float | dict[str, Any]:
                 budget["threads"] = args.threads
     try:
         config = PruneConfig(budget, args.divisor, args.strict,  # type: ignore[arg-type]
-                             attention=args.attention)
+                             attention=args.attention, one_shot=args.one_shot)
         if config.kind == "latency":
             from s2h_fx.deploy import check_runtime
 
@@ -248,6 +255,8 @@ def _add_prune_parser(sub: Any) -> None:
                        help=DIVISOR_HELP)
     prune.add_argument("--attention", choices=ATTENTION_MODES, default="auto",
                        help=ATTENTION_HELP)
+    prune.add_argument("--one-shot", choices=ONE_SHOT_RULES, default="per-cost",
+                       help=ONE_SHOT_HELP)
     prune.add_argument("--strict", action="store_true",
                        help="fail on ops without a coupling rule instead of freezing their groups")
     prune.add_argument("--workers", type=_non_negative_int, default=0,
@@ -298,7 +307,7 @@ def _build(args: argparse.Namespace,
     """The model with seeded random weights, an example input and its pruner (eval mode)."""
     try:
         PruneConfig(budget, args.divisor, args.strict,  # type: ignore[arg-type]  # fail early
-                    attention=args.attention)
+                    attention=args.attention, one_shot=args.one_shot)
     except ValueError as exc:  # BudgetError is a ValueError too
         raise CliError(str(exc)) from exc
     torch.manual_seed(args.seed)
@@ -306,7 +315,7 @@ def _build(args: argparse.Namespace,
     x = torch.randn(args.batch, *_example_size(args))
     log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
     pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict,
-                         attention=args.attention)
+                         attention=args.attention, one_shot=args.one_shot)
     return model, x, pruner.eval()
 
 
@@ -566,7 +575,7 @@ def _prune(args: argparse.Namespace) -> int:
 
     log.info("tracing %s on an input of shape %s", args.model, tuple(x.shape))
     pruner = prune_graph(model, budget, (x,), divisor=args.divisor, strict=args.strict,
-                         attention=args.attention)
+                         attention=args.attention, one_shot=args.one_shot)
     torch.manual_seed(args.seed)
     history = pruner.fit(train_loader, args.epochs, val_loader=val_loader, lr=args.lr,
                          device=device, progress=args.progress,

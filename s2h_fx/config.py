@@ -42,6 +42,8 @@ GRID_POINTS = 4  # grid points per axis of a latency table (smallest and full si
 # or both (whole heads and the width of those kept), or (auto) both where whole heads
 # leave no fewer channels prunable than widths (see PruneConfig)
 ATTENTION_MODES = ("auto", "width", "heads", "both")
+# how the one-shot widths value a step of channels (s2h_fx.one_shot.step_worth)
+ONE_SHOT_RULES = ("per-cost", "share")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ class PruneConfig:
     or whole heads alone where they prune more (rotary position embeddings keep the
     head width: their attention prunes by heads). With a latency budget ``"auto"``
     never picks both. ``pruner.grouping.attention`` says which was used.
+
+    ``one_shot``: how the one-shot widths (before training; also the projection into
+    the budget after it) choose the channels they drop: ``"per-cost"`` (default) least
+    L1 importance per unit of cost saved; ``"share"`` least importance against the
+    rest of its own group. See :mod:`s2h_fx.one_shot`.
     """
 
     budget: float
@@ -91,8 +98,14 @@ class PruneConfig:
     points: int = GRID_POINTS
     landing: int = LANDING_ROUNDS
     attention: str = "auto"
+    one_shot: str = "per-cost"
 
     def __post_init__(self) -> None:
+        if self.one_shot not in ONE_SHOT_RULES:
+            raise ValueError(
+                f"one_shot must be one of {', '.join(map(repr, ONE_SHOT_RULES))} (drop the "
+                "channels of least importance per unit of cost saved, or of least importance "
+                f"against the rest of their group); got {self.one_shot!r}")
         if self.attention not in ATTENTION_MODES:
             raise ValueError(
                 f"attention must be one of {', '.join(map(repr, ATTENTION_MODES))} (prune "

@@ -93,6 +93,7 @@ def prune_graph(
     attention: str = "auto",
     config: S2HConfig | None = None,
     latency_measure: Any = None,
+    one_shot: str = "per-cost",
 ) -> Pruner:
     """Trace ``model``, group its coupled channels, insert masks and choose widths.
 
@@ -114,9 +115,12 @@ def prune_graph(
     heads, ``"both"`` whole heads and the width of those kept, ``"auto"`` (default)
     both where whole heads prune no fewer channels than widths (see
     :class:`~s2h_fx.config.PruneConfig`).
+
+    ``one_shot``: how the one-shot widths choose the channels they drop:
+    ``"per-cost"`` (default) or ``"share"`` (see :mod:`s2h_fx.one_shot`).
     """
     prune_config = PruneConfig(budget, divisor, strict,  # type: ignore[arg-type]
-                               attention=attention)
+                               attention=attention, one_shot=one_shot)
     if example_inputs is None:
         raise InputError(
             "example_inputs is required to trace shapes, e.g. "
@@ -217,10 +221,18 @@ class Pruner(nn.Module):
         # recalibrate_latency times the hard network with them
         self.latency_probe: tuple[Any, torch.Tensor] | None = None
         scores = self.update_importance()
-        widths = choose_widths(self.cost_model, grouping,
-                               {g: s.cpu().numpy() for g, s in scores.items()}, config.budget,
-                               what=COST_NAMES[config.kind])
+        values = {g: s.cpu().numpy() for g, s in scores.items()}
+        widths = choose_widths(self.cost_model, grouping, values, config.budget,
+                               what=COST_NAMES[config.kind], rule=config.one_shot)
         self.set_widths(widths)
+        if config.kind != "latency":  # (a latency budget's landing searches one path)
+            # the last step of a wide group can land far below the budget: give back
+            # what still fits, as project() does after training
+            ranks = {g: m.rank.cpu().numpy() for g, m in self._masks.items()}
+            grown = grow_widths(self.cost_model, grouping, values, ranks, config.budget,
+                                start=widths, rule=config.one_shot)
+            if grown != widths:
+                self.set_widths(grown)
 
     def land_latency_budget(self, measure: Any, x: torch.Tensor,
                             rounds: int = 2) -> list[tuple[float, float]]:
@@ -266,7 +278,8 @@ class Pruner(nn.Module):
 
         def path(target: float) -> dict[int, int]:  # the chooser's network for a target
             return (smallest if target <= floor else
-                    choose_widths(model, self.grouping, scores, min(target, 1.0), what=what))
+                    choose_widths(model, self.grouping, scores, min(target, 1.0), what=what,
+                                  rule=self.config.one_shot))
 
         start = self.widths
         tried: list[tuple[float, dict[int, int], float, float]] = []  # target, widths, ...
@@ -311,7 +324,8 @@ class Pruner(nn.Module):
                 if refitted is model:  # no rising line: nothing says a smaller one is faster
                     raise BudgetError(out_of_reach + _UNMEASURED)
                 try:
-                    widths = choose_widths(refitted, self.grouping, scores, budget, what=what)
+                    widths = choose_widths(refitted, self.grouping, scores, budget, what=what,
+                                           rule=self.config.one_shot)
                 except BudgetError as exc:
                     raise BudgetError(f"{out_of_reach}, and with the latency model calibrated "
                                       f"through it, {exc}{_UNMEASURED}") from exc
@@ -640,9 +654,10 @@ class Pruner(nn.Module):
 
     def project(self, floor_margin: float = 0.03) -> bool:
         """Bring the hard network's FLOPs ratio into [budget - floor_margin, budget +
-        tolerance]: above it, shrink the widths that cost least importance per FLOP;
-        then (and when far below it) give back the channels that add most importance
-        per FLOP while the FLOPs stay within the budget. Returns whether it changed."""
+        tolerance]: above it, shrink by the steps worth least per unit of cost saved;
+        then (and when far below it) give back the steps worth most per unit of cost
+        while the cost stays within the budget (the one-shot rule,
+        ``PruneConfig.one_shot``). Returns whether it changed."""
         ratio = float(self.cost_ratio())
         budget, tol = self.config.budget, self.s2h.tolerance
         if budget - floor_margin <= ratio <= budget + tol:
@@ -652,11 +667,12 @@ class Pruner(nn.Module):
         widths = self.widths
         if ratio > budget + tol:
             widths = choose_widths(self.cost_model, self.grouping, scores, budget,
-                                   start=widths, what=COST_NAMES[self.config.kind])
+                                   start=widths, what=COST_NAMES[self.config.kind],
+                                   rule=self.config.one_shot)
         # one divisor step of a wide group can overshoot far below the budget: give
         # back what still fits (below the budget: the whole way up to it)
         widths = grow_widths(self.cost_model, self.grouping, scores, ranks, budget,
-                             start=widths)
+                             start=widths, rule=self.config.one_shot)
         what = COST_NAMES[self.config.kind]
         if widths == self.widths:  # below the band, and nothing more fits the budget
             log.info("hard network at %.4f of the %s, budget %.4f: no width can grow "

@@ -134,23 +134,32 @@ def test_latency_resume_runs_only_what_is_missing(tmp_path: Path,
     lat = _latency()
     out = tmp_path / "l.jsonl"
     row = {"budget": 0.5, "divisor": 8, "precision": "fp32", "device": "cpu", "median_ms": 2.0,
-           "flops_ratio": 1.0, "efficiency": 1.0}
+           "flops_ratio": 1.0, "efficiency": 1.0, "one_shot": "share"}
     rows = [{**row, "model": "resnet18", "runtime": "eager", "batch": 1, "network": "dense"},
             {**row, "model": "resnet18", "runtime": "eager", "batch": 1, "network": "s2h-fx",
              "median_ms": 1.0, "flops_ratio": 0.5, "efficiency": 1.0},
             {**row, "model": "resnet18", "runtime": "onnxruntime", "batch": 32,
              "network": "dense"}]
+    # a row written before the rule was a choice: the per-cost rule's
+    old = {k: v for k, v in row.items() if k != "one_shot"}
+    rows.append({**old, "model": "resnet50", "runtime": "eager", "batch": 1, "network": "dense"})
     out.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sho')
     args = lat.parse_args(["--models", "resnet18,resnet50", "--budgets", "0.5",
                            "--batches", "1,32", "--out", str(out), "--resume"])
-    jobs = lat.todo(args, ["eager", "onnxruntime"], lat.done_keys(lat.read_rows(out)))
-    # resnet18 lacks (eager, 32) and (onnxruntime, 1); resnet50 lacks everything
-    assert jobs == [("resnet18", 0.5, 8, ["eager", "onnxruntime"], [32, 1]),
-                    ("resnet50", 0.5, 8, ["eager", "onnxruntime"], [1, 32])]
+    done = lat.done_keys(lat.read_rows(out))
+    jobs = lat.todo(args, ["eager", "onnxruntime"], done)
+    # resnet18 lacks (eager, 32) and (onnxruntime, 1); resnet50 lacks everything of share
+    assert jobs == [("resnet18", 0.5, 8, "share", ["eager", "onnxruntime"], [32, 1]),
+                    ("resnet50", 0.5, 8, "share", ["eager", "onnxruntime"], [1, 32])]
+    both = lat.parse_args(["--models", "resnet50", "--budgets", "0.5", "--batches", "1",
+                           "--one-shot", "share,per-cost", "--out", str(out), "--resume"])
+    assert lat.todo(both, ["eager"], done) == [("resnet50", 0.5, 8, "share", ["eager"], [1])]
     argv = lat.bench_argv(args, *jobs[0])
     assert argv[:2] == ["bench", "resnet18"] and "--jsonl" in argv
-    assert cli._build_parser().parse_args(argv).batch == [32, 1]  # bench accepts it
+    parsed = cli._build_parser().parse_args(argv)  # bench accepts it
+    assert parsed.batch == [32, 1] and parsed.one_shot == "share"
     assert lat.main(["--table", "--out", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[2].split()[:9] == ["resnet18", "0.5", "8", "eager", "1", "2.00", "1.00",
-                                    "0.500", "1.00"]
+    assert table[2].split()[:10] == ["resnet18", "0.5", "8", "share", "eager", "1", "2.00",
+                                     "1.00", "0.500", "1.00"]
+    assert table[-1].split()[:5] == ["resnet50", "0.5", "8", "per-cost", "eager"]
