@@ -145,7 +145,8 @@ def test_latency_resume_runs_only_what_is_missing(tmp_path: Path,
     rows.append({**old, "model": "resnet50", "runtime": "eager", "batch": 1, "network": "dense"})
     out.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut sho')
     args = lat.parse_args(["--models", "resnet18,resnet50", "--budgets", "0.5",
-                           "--batches", "1,32", "--out", str(out), "--resume"])
+                           "--batches", "1,32", "--one-shot", "share", "--out", str(out),
+                           "--resume"])
     done = lat.done_keys(lat.read_rows(out))
     jobs = lat.todo(args, ["eager", "onnxruntime"], done)
     # resnet18 lacks (eager, 32) and (onnxruntime, 1); resnet50 lacks everything of share
@@ -154,6 +155,9 @@ def test_latency_resume_runs_only_what_is_missing(tmp_path: Path,
     both = lat.parse_args(["--models", "resnet50", "--budgets", "0.5", "--batches", "1",
                            "--one-shot", "share,per-cost", "--out", str(out), "--resume"])
     assert lat.todo(both, ["eager"], done) == [("resnet50", 0.5, 8, "share", ["eager"], [1])]
+    default = lat.parse_args(["--models", "resnet50", "--budgets", "0.5", "--batches", "1",
+                              "--out", str(out), "--resume"])
+    assert default.one_shot == ["per-cost"] and lat.todo(default, ["eager"], done) == []
     argv = lat.bench_argv(args, *jobs[0])
     assert argv[:2] == ["bench", "resnet18"] and "--jsonl" in argv
     parsed = cli._build_parser().parse_args(argv)  # bench accepts it
