@@ -39,6 +39,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import logging
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Callable
@@ -581,11 +582,13 @@ def _atoms(atom_of: np.ndarray, why: list[str]) -> tuple[int, np.ndarray]:
 
 
 def _divisor(size: int, atom: int, default: int) -> int:
-    units = size // atom
-    d = max(1, default // atom)
-    while units % d:
-        d -= 1
-    return d * atom
+    """The group's step: the run's divisor where it divides the size, else the largest
+    step that keeps every multiple of it below the size a width, gcd(size, divisor)
+    (in whole atoms). 184 channels at divisor 32 step by 8 (176, 160, ... stay
+    reachable), not by 23, a divisor of 184 that no hardware favours. A group smaller
+    than one step gets its own size (one width: kept whole, "too small")."""
+    units, step = size // atom, max(1, default // atom)
+    return size if units < step else math.gcd(units, step) * atom
 
 
 Places = list[tuple[int, str]]  # (order of first listing, node or space name)
