@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
-from s2h_fx import cli
+from s2h_fx import cli, prune_graph
 from s2h_fx.bench import _check_args
+from s2h_fx.channels import FreezeReason
 from s2h_fx.config import DEFAULT_DIVISOR, RUNTIME_DIVISORS, PruneConfig, default_divisor
 
 
@@ -46,3 +49,32 @@ def test_bench_default_divisor_suits_every_runtime_timed(runtimes: str, want: in
                               "--divisor", "16"])
     _check_args(args)
     assert args.divisor == 16
+
+
+class _Widths(nn.Module):
+    """Three conv groups: 184 channels (not a multiple of 32), 64 (one), 24 (below 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 184, 3, padding=1), nn.Conv2d(184, 64, 1)
+        self.c, self.head = nn.Conv2d(64, 24, 1), nn.Conv2d(24, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c(self.b(self.a(x).relu()).relu()).relu())
+
+
+def test_a_group_steps_by_what_keeps_the_runs_multiples() -> None:
+    """At divisor 32 a 184-channel group steps by gcd(184, 32) = 8, so 32, 64, ... 160
+    stay widths (the divisor lowered until it divides 184 would be 23: no multiple of
+    32 reachable); 64 keeps 32; 24, under one step of 32, stays whole."""
+    x = torch.randn(2, 3, 8, 8)
+    pruner = prune_graph(_Widths().eval(), 0.5, example_inputs=(x,), divisor=32)
+    by_member = {m: g for g in pruner.grouping.groups for m in g.members}
+    assert by_member["a:out"].divisor == 8 and by_member["a:out"].prunable
+    assert by_member["b:out"].divisor == 32
+    small = by_member["c:out"]
+    assert not small.prunable and any(FreezeReason.TOO_SMALL.value in w for w in small.frozen)
+    assert all(w % 8 == 0 for w in pruner.widths.values())
+    pruner.eval()
+    with torch.no_grad():
+        assert torch.allclose(pruner.export()(x), pruner(x), atol=1e-5)
