@@ -8,10 +8,12 @@ interleaved rounds at each batch size. Rows are appended to ``--out`` as JSON
 lines as soon as each (runtime, batch) is done; ``--resume`` skips what is
 already there. ``--table`` prints the efficiency table from the file.
 
-    python benchmarks/latency.py --out latency.jsonl                  # the grid
+    python benchmarks/latency.py --out latency.jsonl                  # the full grid
     python benchmarks/latency.py --models resnet50 --budgets 0.5 --batches 32 \\
         --runtimes onnxruntime --divisors 8,16,32 --out divisor.jsonl  # the divisor study
     python benchmarks/latency.py --device cuda --runtimes eager,compile --precision fp16
+    python benchmarks/latency.py --divisors 32 --one-shot per-cost,share \\
+        --out rules.jsonl                                             # both one-shot rules
     python benchmarks/latency.py --table --out latency.jsonl
 
 Measure on an idle machine: every figure records the load average and threads.
