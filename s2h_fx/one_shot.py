@@ -51,11 +51,25 @@ def step_worth(rule: str, step: float, kept: float, carried: float, change: floa
     """What a step of ``step`` importance is worth per unit of cost it changes
     (``change`` > 0), in a group whose kept channels (the step's included) hold
     ``kept`` importance and whose layers cost ``carried`` at the current widths."""
+    _check_rule(rule)
     if rule == "per-cost":
         return step / change
-    if rule == "share":
-        return step / max(kept, _TINY) * carried / change
-    raise ValueError(f"one-shot rule must be one of {', '.join(ONE_SHOT_RULES)}; got {rule!r}")
+    return step / max(kept, _TINY) * carried / change
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in ONE_SHOT_RULES:
+        raise ValueError(f"one-shot rule must be one of {', '.join(ONE_SHOT_RULES)}; "
+                         f"got {rule!r}")
+
+
+def _terms_of(flops: CostModel, groups: Any) -> dict[int, list[Any]]:
+    """Per group, the cost terms whose value depends on its width."""
+    terms_of: dict[int, list[Any]] = {g: [] for g in groups}
+    for t in flops.terms:
+        for g in t.groups:
+            terms_of[g].append(t)
+    return terms_of
 
 
 def _divisors(groups: Any) -> str:
@@ -70,7 +84,7 @@ def choose_widths(
     """Greedy: repeatedly shrink the group whose next step is worth least per unit of
     cost saved (``rule``, :func:`step_worth`), from ``start`` (default: full widths)
     until the cost fits the budget."""
-    step_worth(rule, 0.0, 1.0, 1.0, 1.0)  # an unknown rule fails before any work
+    _check_rule(rule)
     groups = {g.index: g for g in grouping.prunable}
     widths = {g: grp.size for g, grp in groups.items()}
     widths.update(start or {})
@@ -91,10 +105,7 @@ def choose_widths(
     for g in groups:
         atom_score = np.bincount(grouping.atom_of_class[g], weights=importance[g])
         order[g] = np.sort(atom_score)
-    terms_of: dict[int, list[Any]] = {g: [] for g in groups}
-    for t in flops.terms:
-        for g in t.groups:
-            terms_of[g].append(t)
+    terms_of = _terms_of(flops, groups)
     current = flops(widths)
 
     saves: dict[int, float] = {}  # FLOPs one more step of each group saves
@@ -141,12 +152,9 @@ def grow_widths(
     """Greedy inverse of :func:`choose_widths`: while the cost stays within ``ceiling``
     (a fraction of the full cost), give back the step worth most per unit of cost
     added (``rule``, :func:`step_worth`)."""
-    step_worth(rule, 0.0, 1.0, 1.0, 1.0)
+    _check_rule(rule)
     groups = {g.index: g for g in grouping.prunable}
-    terms_of: dict[int, list[Any]] = {g: [] for g in groups}
-    for t in flops.terms:
-        for g in t.groups:
-            terms_of[g].append(t)
+    terms_of = _terms_of(flops, groups)
     widths = dict(start)
     limit = ceiling * flops.total
     while True:
