@@ -97,8 +97,8 @@ def test_unknown_rule_is_a_clear_error() -> None:
 
 
 def test_cli_one_shot_option() -> None:
-    """`--one-shot` reaches the pruner (inspect shows the widths it chose) and a bad
-    value exits 2 naming the choices."""
+    """`--one-shot` parses on export (inspect defaults to per-cost) and a bad value
+    exits 2 naming the choices."""
     bad = subprocess.run([sys.executable, "-m", "s2h_fx", "export", "resnet18", "--budget",
                           "0.5", "--one-shot", "uniform", "-o", "x.pt2"],
                          capture_output=True, text=True, timeout=120)
