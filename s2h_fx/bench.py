@@ -39,6 +39,8 @@ from s2h_fx.pruner import prune_graph
 
 log = logging.getLogger(__name__)
 
+TP_MATCHED = "s2h-fx@tp"  # s2h-fx at Torch-Pruning's FLOPs, where the bisection missed
+
 def _comma_list(item: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         values = [item(part.strip()) for part in text.split(",") if part.strip()]
@@ -204,10 +206,41 @@ def _networks(args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str,
             networks["torch-pruning"] = tp.model
             flops["torch-pruning"] = _flops(tp.model, x)
             meta["tp_pruning_ratio"] = tp.pruning_ratio
+            _match_tp(dense, x, args, networks, flops)
     args.input_size = tuple(x.shape[1:])  # what every row is timed at
     meta["flops"] = flops
     meta["params"] = {name: _params(m) for name, m in networks.items()}
     return networks, meta
+
+
+def _match_tp(dense: nn.Module, x: torch.Tensor, args: argparse.Namespace,
+              networks: dict[str, nn.Module], flops: dict[str, float]) -> None:
+    """Where Torch-Pruning's bisection could not reach s2h-fx's FLOPs (it leaves grouped
+    convolutions whole, its steps are coarse), the two are not compared at the same
+    FLOPs: efficiency falls as FLOPs fall (the fixed costs stay), so the network with
+    more FLOPs would look better. Adds s2h-fx's one-shot network at Torch-Pruning's FLOPs,
+    ``s2h-fx@tp``, to time beside it (not for ``--pruned``: its widths were trained)."""
+    from s2h_fx.tp_match import MATCH_GAP
+
+    gap = flops["torch-pruning"] / flops["s2h-fx"] - 1.0
+    if abs(gap) <= MATCH_GAP:
+        return
+    reached = flops["torch-pruning"] / flops["dense"]
+    wanted = flops["s2h-fx"] / flops["dense"]
+    if args.pruned is not None or reached >= 1.0:
+        log.warning("Torch-Pruning reached FLOPs ratio %.3f, not s2h-fx's %.3f: their "
+                    "efficiencies are not at the same FLOPs", reached, wanted)
+        return
+    log.warning("Torch-Pruning reached FLOPs ratio %.3f, not s2h-fx's %.3f; timing s2h-fx "
+                "at %.3f too, as s2h-fx@tp", reached, wanted, reached)
+    try:
+        at_tp = prune_graph(dense, reached, (x,), divisor=args.divisor,
+                            one_shot=args.one_shot).export()
+    except BudgetError as exc:
+        log.warning("s2h-fx cannot prune to Torch-Pruning's FLOPs ratio %.3f: %s", reached, exc)
+        return
+    networks[TP_MATCHED] = at_tp.eval()
+    flops[TP_MATCHED] = _flops(at_tp, x)
 
 
 def _time_group(args: argparse.Namespace, networks: dict[str, nn.Module], meta: dict[str, Any],
@@ -249,6 +282,7 @@ def _time_group(args: argparse.Namespace, networks: dict[str, nn.Module], meta: 
                "params": meta["params"][name], "env": env}
         if name == "torch-pruning":
             row["tp_pruning_ratio"] = meta["tp_pruning_ratio"]
+            row["tp_flops_gap"] = meta["flops"][name] / meta["flops"]["s2h-fx"] - 1.0
         if name in timings:
             t = timings[name]
             row.update(t.summary(), max_rel_error=errors[name], info=deployed[name].info)
@@ -292,7 +326,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     low = min([r["flops_ratio"] for r in timed] + [0.2])
     grid = [low + (1 - low) * i / 50 for i in range(51)]
     ax.plot(grid, [1 / g for g in grid], "k--", lw=1, label="ideal: speed-up = 1 / FLOPs ratio")
-    markers = {"s2h-fx": "o", "torch-pruning": "s"}
+    markers = {"s2h-fx": "o", "torch-pruning": "s", TP_MATCHED: "^"}
     for i, runtime in enumerate(dict.fromkeys(r["runtime"] for r in timed)):
         for net, marker in markers.items():
             pts = [r for r in timed if r["runtime"] == runtime and r["network"] == net]

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 TRIALS = 8          # bisection trials for pruning_ratio
 RATIO_TOL = 0.01    # stop when |FLOPs ratio - target| is below this
 MAX_RATIO = 0.95    # upper end of the pruning_ratio search
+MATCH_GAP = 0.05    # FLOPs of the two pruned networks further apart (relative) than this:
+                    # not "the same FLOPs", and compared again at Torch-Pruning's
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from s2h_fx import cli, deploy
+from s2h_fx import bench, cli, deploy
 
 from helpers import load_benchmark
 
@@ -85,6 +85,28 @@ def test_bench_a_pruned_file(tmp_path: Path, threads: Any,
     assert "pass the --input-size it was pruned at" in capsys.readouterr().err
 
 
+def test_bench_times_s2h_fx_again_where_torch_pruning_misses_the_flops(
+        tmp_path: Path, threads: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """regnet_y_400mf at 0.2: Torch-Pruning leaves the grouped convolutions whole and its
+    bisection stops well above s2h-fx's FLOPs; efficiency falls with FLOPs, so the bench
+    adds s2h-fx at Torch-Pruning's FLOPs to compare with."""
+    out = tmp_path / "g.json"
+    argv = ["bench", "regnet_y_400mf", "--budget", "0.2", "--divisor", "8", "--runtime",
+            "eager", "--batch", "1", "--json", str(out), *FAST]
+    with caplog.at_level("WARNING", logger="s2h_fx.bench"):
+        assert cli.main(argv) == 0
+    rows = {r["network"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dense", "s2h-fx", "torch-pruning", bench.TP_MATCHED]
+    s2h, tp, again = rows["s2h-fx"], rows["torch-pruning"], rows[bench.TP_MATCHED]
+    assert s2h["flops_ratio"] <= 0.2 < 0.25 < tp["flops_ratio"]
+    assert tp["tp_flops_gap"] == pytest.approx(tp["flops"] / s2h["flops"] - 1)
+    # the second s2h-fx network is pruned to Torch-Pruning's FLOPs, from below
+    assert 0.95 * tp["flops_ratio"] <= again["flops_ratio"] <= tp["flops_ratio"]
+    assert again["efficiency"] == pytest.approx(again["speedup"] * again["flops_ratio"])
+    assert again["max_rel_error"] <= again["tolerance"]
+    assert f"timing s2h-fx at {tp['flops_ratio']:.3f} too" in caplog.text
+
+
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert cli.main(argv) == 2
     return capsys.readouterr().err
@@ -138,6 +160,12 @@ def test_latency_resume_runs_only_what_is_missing(tmp_path: Path,
     rows = [{**row, "model": "resnet18", "runtime": "eager", "batch": 1, "network": "dense"},
             {**row, "model": "resnet18", "runtime": "eager", "batch": 1, "network": "s2h-fx",
              "median_ms": 1.0, "flops_ratio": 0.5, "efficiency": 1.0},
+            {**row, "model": "resnet18", "runtime": "eager", "batch": 1,
+             "network": "torch-pruning", "median_ms": 1.5, "flops_ratio": 0.6,
+             "efficiency": 0.8},
+            {**row, "model": "resnet18", "runtime": "eager", "batch": 1,
+             "network": "s2h-fx@tp", "median_ms": 1.1, "flops_ratio": 0.59,
+             "efficiency": 1.07},
             {**row, "model": "resnet18", "runtime": "onnxruntime", "batch": 32,
              "network": "dense"}]
     # a row written before the rule was a choice: the per-cost rule's
@@ -164,6 +192,9 @@ def test_latency_resume_runs_only_what_is_missing(tmp_path: Path,
     assert parsed.batch == [32, 1] and parsed.one_shot == "share"
     assert lat.main(["--table", "--out", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[2].split()[:10] == ["resnet18", "0.5", "8", "share", "eager", "1", "2.00",
-                                     "1.00", "0.500", "1.00"]
+    assert table[2].split() == ["resnet18", "0.5", "8", "share", "eager", "1", "2.00",
+                                "1.00", "0.500", "1.00", "1.50", "0.600", "0.80"]
+    # where Torch-Pruning missed the FLOPs: s2h-fx at its FLOPs, on the next line
+    assert table[3].split() == ["resnet18", "0.5", "8", "share@tp", "eager", "1", "2.00",
+                                "1.10", "0.590", "1.07", "1.50", "0.600", "0.80"]
     assert table[-1].split()[:5] == ["resnet50", "0.5", "8", "per-cost", "eager"]
