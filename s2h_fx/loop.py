@@ -124,6 +124,11 @@ def split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.T
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+# settings that fit's checkpoints record since they began to (a checkpoint written
+# before that resumes with a warning instead of a refusal)
+RECORDED_LATER = frozenset({"budget", "budget_kind", "one_shot"})
+
+
 class Loop:
     """Runs epochs of a :class:`TrainStep` over one loader with one optimiser."""
 
@@ -164,6 +169,10 @@ class Loop:
         """Take up the run a checkpoint left off (RNG states at its next batch)."""
         for key in {**ckpt["meta"], **self.meta}:
             saved, value = ckpt["meta"].get(key), self.meta.get(key)
+            if key not in ckpt["meta"] and key in RECORDED_LATER:
+                log.warning("the checkpoint does not record %s (written by an earlier "
+                            "s2h-fx): resuming without checking it is %r", key, value)
+                continue
             if saved != value:
                 raise CheckpointError(
                     f"the checkpoint was written with {key}={saved!r}, this "

@@ -335,6 +335,10 @@ def fit(
     store = CheckpointStore(checkpoint, keep_checkpoints) if checkpoint is not None else None
     meta: dict[str, Any] = {"kind": "fit", "epochs": epochs, "warmup_epochs": warmup_epochs,
                             "method": method}
+    # what the masks were trained towards: resuming towards another budget, or projecting
+    # with another one-shot rule, would mix two runs without saying so
+    meta.update(budget=pruner.config.budget, budget_kind=pruner.config.kind,
+                one_shot=pruner.config.one_shot)
     # the phases are part of the run (only where used: checkpoints from before the
     # options, which had neither, still resume into a run without them)
     if settle:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -188,7 +189,8 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_run(killed: Path) -> N
     assert settle > 0 and descent > 0
     assert state["meta"] == {"kind": "fit", "epochs": EPOCHS, "warmup_epochs": 0,
                              "method": "s2h", "settle_epochs": settle, "settle_mode": "hard",
-                             "descent_epochs": descent}
+                             "descent_epochs": descent, "budget": 0.5, "budget_kind": "flops",
+                             "one_shot": "per-cost"}
 
 
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(
@@ -203,6 +205,40 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(
         pruner.fit(loader, 5, progress=False, checkpoint=ckpt, resume=True)
     with pytest.raises(ValueError, match="resume=True needs checkpoint"):
         pruner.fit(loader, 1, progress=False, resume=True)
+
+
+@pytest.mark.parametrize(("budget", "kwargs", "refused"), [
+    (0.4, {}, "budget=0.5, this run has budget=0.4"),
+    ({"params": 0.5}, {}, "budget_kind='flops', this run has budget_kind='params'"),
+    (0.5, {"one_shot": "share"}, "one_shot='per-cost', this run has one_shot='share'")])
+def test_resume_refuses_another_budget_or_one_shot_rule(
+        killed: Path, tmp_path: Path, budget: Any, kwargs: dict[str, Any], refused: str) -> None:
+    """The masks were trained towards the checkpoint's budget and its rule projects them:
+    going on towards another would mix two runs without saying so."""
+    ckpt = shutil.copytree(killed, tmp_path / "ckpt")
+    pruner = s2h_fx.prune_graph(Tiny(), budget, example_inputs=(torch.zeros(2, 3, 8, 8),),
+                                divisor=2, **kwargs)
+    with pytest.raises(CheckpointError, match=re.escape(refused)):
+        pruner.fit(DataLoader(Noisy(), batch_size=BATCH), EPOCHS, progress=False,
+                   checkpoint=ckpt, resume=True)
+
+
+def test_a_checkpoint_from_before_the_budget_was_recorded_resumes_with_a_warning(
+        killed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = shutil.copytree(killed, tmp_path / "ckpt")
+    for path in ckpt.glob("ckpt-*.pt"):  # as an earlier s2h-fx wrote them
+        state = torch.load(path, weights_only=True)
+        for key in ("budget", "budget_kind", "one_shot"):
+            del state["meta"][key]
+        torch.save(state, path)
+    pruner = s2h_fx.prune_graph(Tiny(), 0.4, example_inputs=(torch.zeros(2, 3, 8, 8),),
+                                divisor=2)
+    loader = DataLoader(Noisy(), batch_size=BATCH, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="s2h_fx.loop"):
+        pruner.fit(loader, EPOCHS, progress=False, checkpoint=ckpt, resume=True)
+    assert "does not record budget (written by an earlier s2h-fx)" in caplog.text
+    assert "resuming without checking it is 0.4" in caplog.text
 
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path: Path,
