@@ -110,3 +110,29 @@ def test_cli_one_shot_option() -> None:
                                            "--one-shot", "share", "-o", "x.pt2"])
     assert args.one_shot == "share"
     assert cli._build_parser().parse_args(["inspect", "resnet18"]).one_shot == "per-cost"
+
+
+def test_cli_export_emits_the_rules_widths(tmp_path) -> None:  # noqa: ANN001
+    """`export --one-shot RULE` writes the network prune_graph(..., one_shot=RULE) emits
+    from the same seeded weights, and the two rules' networks differ."""
+    import torchvision
+
+    from s2h_fx import cli
+    from s2h_fx.deploy import load_program
+
+    def widths(module: nn.Module) -> list[tuple[int, ...]]:
+        return [tuple(t.shape) for k, t in module.state_dict().items()
+                if k.endswith("weight") and t.dim() == 4]
+
+    x = torch.randn(1, 3, 32, 32)
+    written = {}
+    for rule in ("per-cost", "share"):
+        path = tmp_path / f"{rule}.pt2"
+        assert cli.main(["export", "resnet18", "--budget", "0.4", "--input-size", "3,32,32",
+                         "--one-shot", rule, "-o", str(path)]) == 0
+        written[rule] = widths(load_program(path))
+        torch.manual_seed(0)  # the CLI's default --seed
+        model = torchvision.models.resnet18()
+        assert written[rule] == widths(s2h_fx.prune_graph(model, 0.4, (x,),
+                                                          one_shot=rule).export())
+    assert written["per-cost"] != written["share"]
