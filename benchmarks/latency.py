@@ -2,7 +2,8 @@
 
 For each model and budget, one ``s2h-fx bench`` in its own process (a crash or a
 hang costs one model, not the run): dense, s2h-fx (one-shot widths at the
-budget) and Torch-Pruning (bisected to the same FLOPs, ``round_to`` = divisor),
+budget) and Torch-Pruning (bisected to the same FLOPs, ``round_to`` = divisor;
+where it misses them by more than 5 %, also s2h-fx at its FLOPs, ``s2h-fx@tp``),
 deployed on each runtime, checked against the eager network, timed in
 interleaved rounds at each batch size. Rows are appended to ``--out`` as JSON
 lines as soon as each (runtime, batch) is done; ``--resume`` skips what is
