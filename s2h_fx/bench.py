@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 TP_MATCHED = "s2h-fx@tp"  # s2h-fx at Torch-Pruning's FLOPs, where the bisection missed
 
+
 def _comma_list(item: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         values = [item(part.strip()) for part in text.split(",") if part.strip()]
@@ -232,7 +233,7 @@ def _match_tp(dense: nn.Module, x: torch.Tensor, args: argparse.Namespace,
                     "efficiencies are not at the same FLOPs", reached, wanted)
         return
     log.warning("Torch-Pruning reached FLOPs ratio %.3f, not s2h-fx's %.3f; timing s2h-fx "
-                "at %.3f too, as s2h-fx@tp", reached, wanted, reached)
+                "at %.3f too, as %s", reached, wanted, reached, TP_MATCHED)
     try:
         at_tp = prune_graph(dense, reached, (x,), divisor=args.divisor,
                             one_shot=args.one_shot).export()
