@@ -148,9 +148,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         tp = nets.get("torch-pruning")
         # s2h-fx at the budget; and, where Torch-Pruning's bisection missed those FLOPs,
         # s2h-fx at Torch-Pruning's FLOPs (rule marked "@tp"): the pair to compare
-        for s2h, rule in ((nets.get("s2h-fx"), key[3]), (nets.get(TP_MATCHED), key[3] + "@tp")):
-            if s2h is None and rule != key[3]:
-                continue
+        pairs = [(nets.get("s2h-fx"), key[3])]
+        if TP_MATCHED in nets:
+            pairs.append((nets[TP_MATCHED], key[3] + "@tp"))
+        for s2h, rule in pairs:
             lines.append(f"{key[0]:20}{key[1]:7g}{key[2]:4d} {rule:13}{key[4]:12}{key[5]:6d}"
                          + cell(nets.get("dense"), "median_ms", ".2f", 10)
                          + cell(s2h, "median_ms", ".2f", 9)

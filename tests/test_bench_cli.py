@@ -104,7 +104,31 @@ def test_bench_times_s2h_fx_again_where_torch_pruning_misses_the_flops(
     assert 0.95 * tp["flops_ratio"] <= again["flops_ratio"] <= tp["flops_ratio"]
     assert again["efficiency"] == pytest.approx(again["speedup"] * again["flops_ratio"])
     assert again["max_rel_error"] <= again["tolerance"]
-    assert f"timing s2h-fx at {tp['flops_ratio']:.3f} too" in caplog.text
+    assert f"timing s2h-fx at {again['flops_ratio']:.3f} too" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["pruned", "cannot prune", "unreached"])
+def test_no_second_s2h_fx_network_where_it_cannot_be_made(
+        case: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --pruned network's widths were trained (no one-shot twin); a prune that fails,
+    or Torch-Pruning left at full FLOPs, is a warning and the bench goes on."""
+    import argparse
+
+    def refuse(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("no prune here")
+
+    monkeypatch.setattr(bench, "_one_shot", refuse)
+    args = argparse.Namespace(pruned=Path("x.pt2") if case == "pruned" else None)
+    flops = {"dense": 100.0, "s2h-fx": 30.0,
+             "torch-pruning": 100.0 if case == "unreached" else 52.0}
+    networks: dict[str, Any] = {}
+    with caplog.at_level("WARNING", logger="s2h_fx.bench"):
+        bench._match_tp(torch.nn.Identity(), torch.zeros(1), args, networks, flops)
+    assert networks == {} and bench.TP_MATCHED not in flops
+    reached = "1.000" if case == "unreached" else "0.520"
+    assert f"Torch-Pruning reached FLOPs ratio {reached}, not s2h-fx's 0.300" in caplog.text
+    assert ("cannot be pruned to it: RuntimeError: no prune here" in caplog.text) == (
+        case == "cannot prune")
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
