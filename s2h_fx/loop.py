@@ -124,21 +124,19 @@ def split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.T
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-# settings that fit's checkpoints record since they began to (a checkpoint written
-# before that resumes with a warning instead of a refusal)
-RECORDED_LATER = frozenset({"budget", "budget_kind", "one_shot"})
-
-
 class Loop:
     """Runs epochs of a :class:`TrainStep` over one loader with one optimiser."""
 
     def __init__(self, module: nn.Module, loader: Iterable[Any], opt: torch.optim.Optimizer,
                  device: torch.device, settings: LoopSettings, *,
                  store: CheckpointStore | None = None, meta: dict[str, Any] | None = None,
-                 on_step: Callable[[Metrics], None] | None = None) -> None:
+                 on_step: Callable[[Metrics], None] | None = None,
+                 recorded_later: frozenset[str] = frozenset()) -> None:
         self.module, self.loader, self.opt, self.device = module, loader, opt, device
         self.settings, self.store, self.on_step = settings, store, on_step
         self.meta = meta or {}
+        # keys of meta that checkpoints of earlier versions lack: not checked there
+        self.recorded_later = recorded_later
         self.weights: list[nn.Parameter] = [p for g in opt.param_groups for p in g["params"]]
         length = settings.steps_per_epoch or loader_length(loader)
         if length == 0:
@@ -167,11 +165,15 @@ class Loop:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Take up the run a checkpoint left off (RNG states at its next batch)."""
+        unrecorded = {k: v for k, v in self.meta.items()
+                      if k in self.recorded_later and k not in ckpt["meta"]}
+        if unrecorded:
+            log.warning("the checkpoint does not record %s (written by an earlier s2h-fx): "
+                        "resuming without checking that it had %s", ", ".join(unrecorded),
+                        ", ".join(f"{k}={v!r}" for k, v in unrecorded.items()))
         for key in {**ckpt["meta"], **self.meta}:
             saved, value = ckpt["meta"].get(key), self.meta.get(key)
-            if key not in ckpt["meta"] and key in RECORDED_LATER:
-                log.warning("the checkpoint does not record %s (written by an earlier "
-                            "s2h-fx): resuming without checking it is %r", key, value)
+            if key in unrecorded:
                 continue
             if saved != value:
                 raise CheckpointError(

@@ -336,9 +336,13 @@ def fit(
     meta: dict[str, Any] = {"kind": "fit", "epochs": epochs, "warmup_epochs": warmup_epochs,
                             "method": method}
     # what the masks were trained towards: resuming towards another budget, or projecting
-    # with another one-shot rule, would mix two runs without saying so
-    meta.update(budget=pruner.config.budget, budget_kind=pruner.config.kind,
-                one_shot=pruner.config.one_shot)
+    # with another one-shot rule, would mix two runs without saying so (a latency
+    # budget's calibration belongs to its runtime, batch, device and threads)
+    cfg = pruner.config
+    meta.update(budget=cfg.budget, budget_kind=cfg.kind, one_shot=cfg.one_shot)
+    if cfg.kind == "latency":
+        meta.update(budget_runtime=cfg.runtime, budget_batch=cfg.batch,
+                    budget_device=cfg.device, budget_threads=cfg.threads)
     # the phases are part of the run (only where used: checkpoints from before the
     # options, which had neither, still resume into a run without them)
     if settle:
@@ -348,7 +352,7 @@ def fit(
     if pruner.grouping.attention == "both":  # more masks: a run of another mode cannot resume
         meta["attention"] = "both"
     loop = Loop(pruner, train_loader, opt, dev, settings, store=store, meta=meta,
-                on_step=on_step)
+                on_step=on_step, recorded_later=RECORDED_LATER)
     _start(loop, store, resume)
     warm = _PlainStep(pruner.graph_module, list(pruner.masks().values()))
     schedule = loop.sched if pruner.s2h.mask_lr_follows_schedule else None
@@ -430,6 +434,12 @@ def _descent(pruner: Pruner, epochs: float, sched: CosineSchedule, warmup_epochs
 def _from_full_width(pruner: Pruner) -> None:
     """S2H training starts from full width by design (not on a resume mid-run)."""
     pruner.reset_masks()
+
+
+# what fit's checkpoints record since they began to: a checkpoint from before resumes
+# with a warning that these were not checked, instead of a refusal
+RECORDED_LATER = frozenset({"budget", "budget_kind", "one_shot", "budget_runtime",
+                            "budget_batch", "budget_device", "budget_threads"})
 
 
 def _start(loop: Loop, store: CheckpointStore | None, resume: bool) -> None:

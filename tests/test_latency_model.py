@@ -575,3 +575,29 @@ def test_landing_option_is_checked() -> None:
     with pytest.raises(BudgetError, match="landing must be an integer >= 0"):
         PruneConfig({"latency": 0.5, "runtime": "eager", "landing": -1})
     assert PruneConfig({"latency": 0.5, "runtime": "eager"}).landing == 2
+
+
+def test_a_latency_run_resumes_only_with_its_runtime_and_batch(tmp_path: Path) -> None:
+    """The calibration a latency checkpoint holds belongs to its runtime and batch: a
+    resume with another batch is refused by name, with the same one it goes on."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from s2h_fx.errors import CheckpointError
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 8, 8, generator=g),
+                         torch.randint(0, 10, (8,), generator=g))
+
+    def run(batch: int, **kwargs: Any) -> None:
+        spec = {"latency": 0.5, "runtime": "eager", "batch": batch,
+                "cache_dir": str(tmp_path / "cache")}
+        torch.manual_seed(0)
+        pruner = s2h_fx.prune_graph(WideChain().eval(), spec, example_inputs=(X,),
+                                    latency_measure=CurvedMeasure())
+        pruner.fit(DataLoader(data, batch_size=4), epochs=2, progress=False,
+                   checkpoint=tmp_path / "ckpt", **kwargs)
+
+    run(1)
+    with pytest.raises(CheckpointError, match="budget_batch=1, this run has budget_batch=2"):
+        run(2, resume=True)
+    run(1, resume=True)
